@@ -102,9 +102,7 @@ def load_gsm8k(
     return _collect(rows, on_bad_line, limit)
 
 
-def _collect(
-    rows: Iterable[tuple[object, str]], on_bad_line: str, limit: int | None
-) -> tuple[list[Problem], int]:
+def _collect(rows: Iterable[tuple[object, str]], on_bad_line: str, limit: int | None) -> tuple[list[Problem], int]:
     """Validate rows (a decoding error arrives as a `DataError` in place of
     the row) into problems, raising or skipping bad ones."""
     if on_bad_line not in ON_BAD_LINE:

@@ -67,7 +67,10 @@ def answer_segments(answer: str, k: int, placement: str = "insert") -> list[str 
         pending += before[:cut]
         if pending:
             segments.append(pending)
-        segments.append(k)
+        if segments and isinstance(segments[-1], int):
+            segments[-1] += k  # the text between two marks was all expression
+        else:
+            segments.append(k)
         pending, cursor = spaces + lead.group(2), mark.end
     pending += answer[cursor:]
     if pending:
@@ -98,7 +101,7 @@ def _in_expression(text: str, j: int) -> bool:
     c = text[j]
     before = text[j - 1] if j > 0 else " "
     after = text[j + 1] if j + 1 < len(text) else " "
-    if c.isdigit() or c in " \t+-*/()$€£¢%×÷–":
+    if c.isdigit() or c in " \t+-*/()$€£¢%×÷–":  # noqa: RUF001 (GSM8K writes times signs, en dashes)
         return True
     if c == ",":
         return before.isdigit() and after.isdigit()
@@ -193,7 +196,7 @@ def render_example(input_ids: list[int], latent_mask: list[bool], tokenizer) -> 
     """The sequence as text with each latent slot shown as `[z]`, for logs and
     evaluation samples."""
     parts, run = [], []
-    for token_id, is_latent in zip(input_ids, latent_mask):
+    for token_id, is_latent in zip(input_ids, latent_mask, strict=True):
         if is_latent:
             if run:
                 parts.append(tokenizer.decode(run))

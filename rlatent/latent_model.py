@@ -116,7 +116,13 @@ class LatentModel(nn.Module):
             mean = embeddings.detach().mean(0)
             self.pause = nn.Parameter(mean.expand(settings.k, -1).clone())
         self.router = AdapterRouter(base, settings.adapter_name) if settings.trunk == "two" else None
-        self.to(device=embeddings.device, dtype=embeddings.dtype)
+        # Heads, projection and pause embeddings train in float32 even on a bf16/fp16 base (like PEFT's
+        # adapters); they are tiny, and their inputs and outputs are cast at the boundary.
+        self.head_dtype = torch.float32 if embeddings.dtype in (torch.bfloat16, torch.float16) else embeddings.dtype
+        for module in (self.start_head, self.stop_head, self.proj):
+            module.to(device=embeddings.device, dtype=self.head_dtype)
+        if self.pause is not None:
+            self.pause.data = self.pause.data.to(device=embeddings.device, dtype=self.head_dtype)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -173,18 +179,20 @@ class LatentModel(nn.Module):
         return logits
 
     def start_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.start_head(hidden)
+        """(..., H) -> (...,) logit of opening a block after each position."""
+        return self.start_head(hidden.to(self.head_dtype))
 
     def stop_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.stop_head(hidden)
+        """(..., H) -> (...,) logit of closing the block at each latent slot."""
+        return self.stop_head(hidden.to(self.head_dtype))
 
     def latent_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden state at the previous position -> input embedding of a latent slot."""
-        return self.proj(hidden)
+        """Hidden state at the previous position (..., H) -> input embedding of a latent slot."""
+        return self.proj(hidden.to(self.head_dtype)).to(self.dtype)
 
     def pause_inputs(self, index_in_block: torch.Tensor) -> torch.Tensor:
-        """(N,) index of each slot within its block -> (N, H) learned pause embeddings."""
-        return self.pause[index_in_block.clamp(max=self.pause.shape[0] - 1)]
+        """(...) index of each slot within its block -> (..., H) learned pause embeddings."""
+        return self.pause[index_in_block.clamp(max=self.pause.shape[0] - 1)].to(self.dtype)
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:

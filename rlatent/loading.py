@@ -141,7 +141,9 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"model.name_or_path: {EMBEDDED_MODEL} needs gguf; run `{_INSTALL_HINT}`")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=gguf_file, dtype=torch.float32
+    )
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from
     # its config (quantisation metadata dropped) and copy the weights over.
     config = loaded.config
@@ -181,7 +183,6 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"device: {name} requested but CUDA is not available")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
+            count = torch.cuda.device_count()
+            raise ConfigError(f"device: {name} requested but only {count} CUDA device(s) exist")
     return device

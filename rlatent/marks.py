@@ -26,9 +26,7 @@ _TOKEN = re.compile(rf"\s*(?:(?P<number>{_NUMBER})|(?P<op>//|[-+*/()%]))")
 
 # A signed number in free text. A "-" counts as a sign only where it cannot be
 # a dash between two things ("pages 10-20" ends in 20, not -20).
-_ANSWER_NUMBER = re.compile(
-    rf"(?:(?<![\w)])(?P<sign>-)\s*)?\$?\s*(?:(?<![\w)])(?P<sign2>-))?(?P<digits>{_NUMBER})"
-)
+_ANSWER_NUMBER = re.compile(rf"(?:(?<![\w)])(?P<sign>-)\s*)?\$?\s*(?:(?<![\w)])(?P<sign2>-))?(?P<digits>{_NUMBER})")
 
 
 @dataclass(frozen=True)
@@ -205,7 +203,7 @@ def extract_final_answer(text: str) -> str | None:
     GSM8K puts it after the last `####`; a model's generation may not, so
     without `####` the last number in the text is taken instead.
     """
-    head, sep, tail = text.rpartition("####")
+    _, sep, tail = text.rpartition("####")
     if sep:
         match = _ANSWER_NUMBER.search(tail)
     else:

@@ -22,6 +22,8 @@ from rlatent.data import Problem
 OPERATORS = "+-*/"
 # Multipliers and divisors stay small so that answers stay a few digits long.
 MAX_FACTOR = 5
+# Draws in a row that may get stuck before the settings are declared impossible.
+MAX_TRIES = 1000
 
 PEOPLE = [
     ("Tom", "he", "him", "his"),
@@ -76,11 +78,17 @@ def generate_problems(
     if not operators or set(operators) - set(OPERATORS):
         raise ValueError(f"operators must be a non-empty subset of {OPERATORS!r}, got {operators!r}")
     rng = random.Random(seed)
-    problems = []
+    problems, failures = [], 0
     while len(problems) < n:
         problem = _try_problem(rng, len(problems), min_steps, max_steps, max_operand, operators)
         if problem is not None:
             problems.append(problem)
+            failures = 0
+        elif (failures := failures + 1) == MAX_TRIES:  # e.g. operators="/" with max_operand=2
+            raise ValueError(
+                f"no {min_steps}-step chain with operators {operators!r} and max_operand {max_operand} "
+                f"found in {MAX_TRIES} tries"
+            )
     return problems
 
 
@@ -89,9 +97,16 @@ def _try_problem(rng, index, min_steps, max_steps, max_operand, operators) -> Pr
     and a prime amount); the caller then draws again."""
     person, friend = rng.sample(PEOPLE, 2)
     name, he, him, his = person
-    item = rng.choice(ITEMS + [MONEY])
-    words = {"name": name, "He": he.capitalize(), "he": he, "him": him, "his": his, "friend": friend[0],
-             "it": "it" if item == MONEY else "them"}
+    item = rng.choice([*ITEMS, MONEY])
+    words = {
+        "name": name,
+        "He": he.capitalize(),
+        "he": he,
+        "him": him,
+        "his": his,
+        "friend": friend[0],
+        "it": "it" if item == MONEY else "them",
+    }
 
     def amount(value: int) -> str:
         return f"${value}" if item == MONEY else f"{value} {item}"

