@@ -33,12 +33,19 @@ class ForwardOutput:
     num_passes: int
 
 
+def default_pass_cost(device: torch.device) -> float:
+    """What one extra pass costs, in positions per row: small on a CPU (compute-bound), large on a
+    GPU, where a pass over a small batch costs about as much as thousands of positions."""
+    return 16.0 if device.type == "cpu" else 2048.0
+
+
 def forward(model: LatentModel, batch: LatentBatch, gradient: str = "recurrent",
-            slot_inputs: torch.Tensor | None = None) -> ForwardOutput:
+            slot_inputs: torch.Tensor | None = None, pass_cost: float | None = None) -> ForwardOutput:
     """Forward a batch the way its latent mode requires.
 
     `gradient="detached"` computes the latents without gradient (or takes the stored
     `slot_inputs`) and then runs one parallel pass with gradient through the rest.
+    `pass_cost` tunes the wave plan (`plan_waves`); None = `default_pass_cost`.
     """
     mode = model.settings.mode
     if mode == "none" or not batch.latent_mask.any():
@@ -49,10 +56,10 @@ def forward(model: LatentModel, batch: LatentBatch, gradient: str = "recurrent",
         return parallel_forward(model, batch, inputs * batch.latent_mask[..., None])
     if slot_inputs is None and gradient == "detached":
         with torch.no_grad():
-            slot_inputs = recurrent_forward(model, batch).slot_inputs
+            slot_inputs = recurrent_forward(model, batch, pass_cost).slot_inputs
     if slot_inputs is not None:
         return parallel_forward(model, batch, slot_inputs)
-    return recurrent_forward(model, batch)
+    return recurrent_forward(model, batch, pass_cost)
 
 
 def parallel_forward(model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor) -> ForwardOutput:
@@ -63,30 +70,54 @@ def parallel_forward(model: LatentModel, batch: LatentBatch, slot_inputs: torch.
     return ForwardOutput(hidden, slot_inputs.detach(), num_passes=1)
 
 
-def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk boundaries per pass: `starts`, `ends`, each (P, B).
 
-    Row b's chunks are [0, l1), [l1, l2), ..., [ln, length) for its latent slots
-    l1 < ... < ln; a row with fewer chunks gets empty ones (start = end = length).
+    Every latent slot must start a chunk (its input needs the state before it).
+    Beyond that, long language stretches may be split: chunking each row up to
+    its next latent gives the fewest passes, but rows whose blocks sit at
+    different places then pad each other heavily (1.5-2x the positions with three
+    blocks per row). Capping chunks at a width trades padding for passes. The
+    plan minimises `rows * total width + pass_cost * passes` over a ladder of
+    caps; `pass_cost` is what one extra model call costs, in positions per row.
+    A row with fewer chunks gets empty ones (start = end = length).
     """
     rows = latent_mask.shape[0]
     cuts = [[0] + latent_mask[b, : int(lengths[b])].nonzero().flatten().tolist() + [int(lengths[b])]
             for b in range(rows)]
-    passes = max(len(c) - 1 for c in cuts)
+    longest = int(lengths.max())
+    best = None
+    for cap in sorted({longest} | {c for c in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if c < longest}):
+        plan = [_capped_chunks(c, cap) for c in cuts]
+        passes = max(len(p) for p in plan)
+        width = sum(max(p[w][1] - p[w][0] if w < len(p) else 0 for p in plan) for w in range(passes))
+        cost = rows * width + pass_cost * passes
+        if best is None or cost < best[0]:
+            best = (cost, plan, passes)
+    _, plan, passes = best
     starts = torch.empty(passes, rows, dtype=torch.long)
     ends = torch.empty(passes, rows, dtype=torch.long)
-    for b, c in enumerate(cuts):
-        padded = c + [c[-1]] * (passes + 1 - len(c))
-        starts[:, b] = torch.tensor(padded[:-1])
-        ends[:, b] = torch.tensor(padded[1:])
+    for b, chunks in enumerate(plan):
+        done = cuts[b][-1]
+        chunks = chunks + [(done, done)] * (passes - len(chunks))
+        starts[:, b] = torch.tensor([c[0] for c in chunks])
+        ends[:, b] = torch.tensor([c[1] for c in chunks])
     return starts, ends
 
 
-def recurrent_forward(model: LatentModel, batch: LatentBatch) -> ForwardOutput:
+def _capped_chunks(cuts: list[int], cap: int) -> list[tuple[int, int]]:
+    """Chunks between consecutive cuts, each at most `cap` long."""
+    return [(start, min(start + cap, end)) for a, end in zip(cuts[:-1], cuts[1:]) for start in range(a, end, cap)]
+
+
+def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float | None = None) -> ForwardOutput:
     """Exact forward with gradient through the latent recurrence (one pass per latent wave)."""
     rows, length = batch.input_ids.shape
     device = batch.input_ids.device
-    starts, ends = (t.to(device) for t in plan_waves(batch.latent_mask.cpu(), batch.lengths.cpu()))
+    pass_cost = default_pass_cost(device) if pass_cost is None else pass_cost
+    plan = plan_waves(batch.latent_mask.cpu(), batch.lengths.cpu(), pass_cost)
+    starts, ends = (t.to(device) for t in plan)
     row_index = torch.arange(rows, device=device)
     slot_inputs = torch.zeros(rows, length, model.hidden_size, device=device, dtype=model.dtype)
     location = torch.zeros(rows, length, dtype=torch.long, device=device)  # column of each position in `pieces`

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import tempfile
@@ -247,7 +248,7 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
                 loss = loss_of(model, which, out.hidden)
                 if backward:
                     loss.backward()
-            return out.num_passes, float(loss)
+            return out.num_passes, float(loss.detach())
         return run
 
     cases = [
@@ -319,16 +320,18 @@ def main(argv=None) -> dict:
     report = dict(
         model=description,
         config={k: v for k, v in vars(args).items() if k not in ("json", "profile", "skip")},
-        machine=dict(cpu_count=__import__("os").cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+        machine=dict(cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                      python=platform.python_version(), platform=platform.platform()),
         parameters=sum(p.numel() for p in model.parameters()),
     )
+    report["machine"]["load_average_before"] = os.getloadavg()
     start = time.perf_counter()
     if "sampler" not in args.skip:
         report["sampler"] = bench_sampler(model, tokenizer, args)
     if "training" not in args.skip:
         report["training"] = bench_training(model, tokenizer, args)
     report["wall_seconds"] = time.perf_counter() - start
+    report["machine"]["load_average_after"] = os.getloadavg()
     print_tables(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

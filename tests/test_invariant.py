@@ -137,8 +137,22 @@ def test_caps_force_decisions_without_logprobs(tiny_model_dir):
     assert (traj.start_decided.sum(1) == 2).all()
 
 
-def test_plan_waves_chunks_end_before_each_latent():
+@pytest.mark.parametrize("pass_cost, passes, width", [(1000.0, 3, 7), (0.0, 4, 7)])
+def test_plan_waves_tiles_rows_and_starts_a_chunk_at_every_latent(pass_cost, passes, width):
     latent = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0]], dtype=torch.bool)
-    starts, ends = plan_waves(latent, torch.tensor([6, 6]))
-    assert starts.tolist() == [[0, 0], [2, 4], [3, 6]]
-    assert ends.tolist() == [[2, 4], [3, 6], [6, 6]]
+    starts, ends = plan_waves(latent, torch.tensor([6, 6]), pass_cost=pass_cost)
+    # Expensive passes: the fewest (1 + most latents in a row). Free passes: less padding (7 < 8 without caps).
+    assert starts.shape[0] == passes and (ends - starts).max(1).values.sum() == width
+    for row in range(2):
+        chunks = [(s, e) for s, e in zip(starts[:, row].tolist(), ends[:, row].tolist()) if e > s]
+        assert [s for s, _ in chunks] == [0] + [e for _, e in chunks[:-1]] and chunks[-1][1] == 6
+        assert set(latent[row].nonzero().flatten().tolist()) <= {s for s, _ in chunks}
+
+
+@pytest.mark.parametrize("pass_cost", [0.0, 1e6])
+def test_every_wave_plan_is_exact(tiny_model_dir, pass_cost):
+    model, tokenizer = build_model(tiny_model_dir, "two")
+    traj = sample_batch(model, tokenizer)
+    out = forward(model, traj.batch, pass_cost=pass_cost)
+    computed = traj.batch.attention_mask & (traj.batch.positions() < traj.batch.lengths[:, None] - 1)
+    assert torch.allclose(out.hidden[computed], traj.hidden[computed], atol=TOLERANCE, rtol=0)
