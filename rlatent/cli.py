@@ -1,4 +1,4 @@
-"""`rlatent` command line: `sft`, `eval`, `tiny-model`.
+"""`rlatent` command line: `sft`, `eval`, `config`, `tiny-model`.
 
 Every user error ends as one line on stderr and exit status 2; what a run
 already wrote (checkpoints, metrics) stays on disk.
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("target", help="a run directory (evaluates its latest checkpoint) or a YAML config")
     ev.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. latent.start_threshold=0.8)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of the eval split")
+    commands.add_parser("config", help="print every config key with its default and meaning (markdown)")
     tiny = commands.add_parser("tiny-model", help="write a tiny random model + tokenizer directory (tests, demos)")
     tiny.add_argument("path")
     tiny.add_argument("--architecture", default="qwen2", choices=["qwen2", "llama"])
@@ -51,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             from rlatent.runs import run_eval
 
             run_eval(args.target, args.overrides, args.limit)
+        elif args.command == "config":
+            from rlatent.config import config_reference
+
+            print("| key | default | meaning |\n|---|---|---|")
+            for key, default, meaning in config_reference():
+                print(f"| `{key}` | `{default}` | {meaning} |")
         else:
             from rlatent.tiny import build_tiny_model
 

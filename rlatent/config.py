@@ -22,7 +22,7 @@ from rlatent.errors import ConfigError
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are re-validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
@@ -37,7 +37,9 @@ class ModelConfig(Section):
     lora_r: int = Field(16, ge=0)
     """LoRA rank. 0 = full fine-tuning (only allowed with `latent.trunk: shared`)."""
     lora_alpha: float = Field(32.0, gt=0)
+    """LoRA scale numerator (the update is scaled by alpha / r)."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch input."""
     lora_target_modules: str | list[str] = "all-linear"
     """PEFT `target_modules`; `all-linear` adapts every linear layer but the LM head."""
     head: Literal["linear", "mlp"] = "linear"
@@ -64,21 +66,37 @@ class LatentConfig(Section):
     """`recurrent`: exact gradients through the latent recurrence (one pass per latent wave).
     `detached`: latents computed without gradient, then one parallel pass (cheaper, biased)."""
     max_latents_per_block: int = Field(8, ge=1)
+    """Sampling cap: a block this long is closed (a forced decision, no log-prob)."""
     max_blocks: int = Field(16, ge=0)
+    """Sampling cap on blocks per answer; 0 disables latents at sampling time."""
     max_total_latents: int = Field(64, ge=0)
+    """Sampling cap on latents per answer."""
     start_threshold: float = Field(0.5, gt=0, lt=1)
     """Greedy decisions open a block when P(start) exceeds this: the test-time latent budget knob."""
     stop_threshold: float = Field(0.5, gt=0, lt=1)
+    """Greedy decisions close a block when P(stop) exceeds this."""
+    pass_cost: float | None = Field(None, ge=0)
+    """Cost of one extra pass of the recurrent forward, in positions per row; the wave planner splits long
+    language stretches when that saves more padding than the extra passes cost. null = 16 on CPU, 2048 on GPU."""
 
 
 class SyntheticConfig(Section):
+    """The seeded generator of GSM8K-format problems (`data.source: synthetic`)."""
+
     num_train: int = Field(2000, ge=1)
+    """Synthetic training problems."""
     num_eval: int = Field(100, ge=1)
+    """Synthetic evaluation problems (drawn from a separate seed stream)."""
     seed: int = 0
+    """Generator seed: same seed, same problems."""
     min_steps: int = Field(2, ge=1)
+    """Fewest calculator steps per problem."""
     max_steps: int = Field(3, ge=1)
+    """Most calculator steps per problem."""
     max_operand: int = Field(20, ge=2)
+    """Largest starting amount and added/subtracted amount (multipliers stay <= 5)."""
     operators: str = "+-*"
+    """Operators the steps draw from, a subset of `+-*/` (division only when exact)."""
 
     @model_validator(mode="after")
     def _steps_ordered(self) -> "SyntheticConfig":
@@ -91,14 +109,17 @@ class SyntheticConfig(Section):
 
 class DataConfig(Section):
     source: Literal["synthetic", "gsm8k"] = "synthetic"
+    """`gsm8k` (local JSONL or the hub) or `synthetic` (seeded GSM8K-format problems, no download)."""
     path: str | None = None
     """GSM8K: a directory with train.jsonl/test.jsonl, or null for the hub dataset `hub_name`."""
     hub_name: str = "openai/gsm8k"
+    """Hub dataset used when `path` is null."""
     hub_config: str = "main"
+    """Hub dataset configuration."""
     on_bad_line: Literal["raise", "skip"] = "raise"
     """A malformed JSONL line or mark: stop with file:line, or skip it and count it."""
     train_limit: int | None = Field(None, ge=1)
-    eval_limit: int | None = Field(None, ge=1)
+    """Use only the first N training problems (null = all)."""
     max_length: int = Field(512, ge=8)
     """Training examples longer than this (prompt + answer + latents) are dropped and counted."""
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -108,30 +129,44 @@ class SFTConfig(Section):
     steps: int = Field(100, ge=0)
     """Optimizer steps."""
     batch_size: int = Field(8, ge=1)
+    """Examples per micro-batch."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
     lr: float = Field(2e-4, gt=0)
+    """Peak AdamW learning rate (LoRA, heads, projection)."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(10, ge=0)
+    """Linear warm-up steps before the decay schedule."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up (transformers `get_scheduler` names)."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping by global norm."""
     lambda_start: float = Field(1.0, ge=0)
+    """Weight of the start-head BCE."""
     lambda_stop: float = Field(1.0, ge=0)
+    """Weight of the stop-head BCE."""
     start_pos_weight: float | Literal["auto"] = "auto"
     """BCE weight of the rare positive start label; `auto` = negatives/positives in each batch."""
     eval_every: int = Field(50, ge=1)
+    """Diagnostics (LM loss, classifier F1, latent gain, norms) every N steps and at the end."""
     save_every: int = Field(0, ge=0)
     """0 = checkpoint only at the end."""
     log_every: int = Field(1, ge=1)
+    """Training metrics to metrics.jsonl / TensorBoard every N steps."""
 
 
 class EvalConfig(Section):
     limit: int | None = Field(None, ge=1)
     """Evaluate on the first N problems of the eval split (null = all)."""
     batch_size: int = Field(16, ge=1)
+    """Prompts sampled together."""
     max_new_tokens: int = Field(256, ge=1)
+    """Token cap per answer (latents are capped by the latent section)."""
     temperature: float = Field(0.0, ge=0)
     """0 = greedy tokens."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling when temperature > 0."""
     decisions: Literal["greedy", "sample"] = "greedy"
     """Start/stop decisions: thresholded (`latent.start_threshold`) or sampled."""
     gain_batches: int = Field(2, ge=1)
@@ -146,12 +181,14 @@ class EvalConfig(Section):
 
 class OutputConfig(Section):
     dir: str = "runs"
+    """Parent directory of run directories."""
     name: str | None = None
     """Run directory name under `dir`; null = config file stem + timestamp."""
 
 
 class RunConfig(Section):
     seed: int = 0
+    """Seeds Python, NumPy and torch, and the data order."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     latent: LatentConfig = LatentConfig()
@@ -223,3 +260,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, where)) from None
+
+
+def config_reference(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, description) for every field, sections flattened: the README's reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += config_reference(annotation, f"{prefix}{name}.")
+        else:
+            default = "null" if field.default is None else str(field.default)
+            rows.append((f"{prefix}{name}", default, (field.description or "").replace("\n", " ")))
+    return rows

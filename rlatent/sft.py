@@ -10,7 +10,6 @@ precision/recall/F1, latent gain, latent norms) and atomic checkpoints.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 import warnings
@@ -90,7 +89,7 @@ class SFTTrainer:
         totals = {"loss": 0.0, "lm_loss": 0.0, "start_loss": 0.0, "stop_loss": 0.0}
         tokens = 0
         for batch in micro_batches:
-            out = forward(self.model, batch, self.cfg.latent.gradient)
+            out = forward(self.model, batch, self.cfg.latent.gradient, pass_cost=self.cfg.latent.pass_cost)
             loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight)
             if not torch.isfinite(loss.total):
                 raise TrainingError(f"sft step {self.step + 1}: loss is {loss.total.item()} (lm {loss.lm.item()}, "
@@ -116,7 +115,7 @@ class SFTTrainer:
         chunks = chunks[: self.cfg.eval.gain_batches]
         for index, examples in enumerate(chunks):
             batch = self.batch(examples)
-            out = forward(self.model, batch, "recurrent")
+            out = forward(self.model, batch, "recurrent", pass_cost=self.cfg.latent.pass_cost)
             loss = sft_loss(self.model, batch, out, 1.0, 1.0, self.cfg.sft.start_pos_weight)
             values = {"lm_loss": loss.lm.item(), "start_loss": loss.start.item(), "stop_loss": loss.stop.item()}
             values.update(latent_gain(self.model, batch, out, seed=self.cfg.seed + index))
@@ -152,6 +151,3 @@ class SFTTrainer:
             })
         return path
 
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

@@ -109,7 +109,11 @@ def test_full_finetuning_round_trip(tiny_model_dir, tmp_path):
         for name, param in model.base.named_parameters():
             param.add_(torch.randn_like(param) * 0.02)
     model.save(tmp_path)
-    loaded, _ = LatentModel.load(tmp_path, torch.float64, CPU)
+    loaded, loaded_tokenizer = LatentModel.load(tmp_path, torch.float64, CPU)
+    # The checkpoint must come back with the tokenizer the model was trained with.
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert loaded_tokenizer.eos_token_id == tokenizer.eos_token_id
+    assert loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
     assert_same_behaviour(model, loaded.eval(), tokenizer)
 
 
@@ -255,6 +259,18 @@ def test_corrupt_heads_name_the_file(saved_checkpoint, tmp_path, damage):
         heads.unlink()
     message = checkpoint_error(directory)
     assert str(heads) in message
+
+
+@pytest.mark.parametrize("damage", ["config_missing", "weights_garbage"])
+def test_corrupt_adapter_is_a_checkpoint_error(saved_checkpoint, tmp_path, damage):
+    directory = copy_checkpoint(saved_checkpoint, tmp_path)
+    adapter = directory / "adapter"
+    if damage == "config_missing":
+        (adapter / "adapter_config.json").unlink()
+    else:
+        (adapter / "adapter_model.safetensors").write_bytes(b"garbage" * 10)
+    message = checkpoint_error(directory)
+    assert str(adapter) in message
 
 
 def test_heads_of_another_kind_are_rejected(tiny_model_dir, tmp_path):
@@ -408,4 +424,4 @@ def test_sft_loss_text_mode_has_no_decision_losses(tiny_model_dir):
         out = forward(model, batch)
         loss = sft_loss(model, batch, out, 1.0, 1.0, "auto")
     assert loss.start.item() == 0.0 and loss.stop.item() == 0.0
-    assert torch.allclose(loss.total, loss.lm)
+    assert loss.total.item() == pytest.approx(loss.lm.item())
