@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from rlatent.errors import RlatentError
 
 EPILOG = """examples:
@@ -64,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             print(build_tiny_model(args.path, architecture=args.architecture))
     except RlatentError as error:
         print(f"rlatent: error: {error}", file=sys.stderr)
+        return 2
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        print(f"rlatent: error: out of memory on the device ({str(error).splitlines()[0][:120]}); lower "
+              "sft.batch_size, eval.batch_size or data.max_length; checkpoints written so far are kept",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rlatent: interrupted; checkpoints and metrics written so far are kept", file=sys.stderr)

@@ -156,3 +156,22 @@ def test_every_wave_plan_is_exact(tiny_model_dir, pass_cost):
     out = forward(model, traj.batch, pass_cost=pass_cost)
     computed = traj.batch.attention_mask & (traj.batch.positions() < traj.batch.lengths[:, None] - 1)
     assert torch.allclose(out.hidden[computed], traj.hidden[computed], atol=TOLERANCE, rtol=0)
+
+
+def test_pause_control_matches_sampler(tiny_model_dir):
+    """`pause`: learned embeddings at the slots, blocks exactly k long, no stop decisions."""
+    model, tokenizer = build_model(tiny_model_dir, "shared", mode="pause")
+    with torch.no_grad():
+        model.pause.normal_(0, 0.1)
+    traj = sample_batch(model, tokenizer)
+    batch = traj.batch
+    assert batch.latent_mask.any() and not traj.stop_decided.any()
+    assert (batch.block_index()[batch.latent_mask] < 2).all()  # every block is k = 2 long
+    out = forward(model, batch)
+    computed = batch.attention_mask & (batch.positions() < batch.lengths[:, None] - 1)
+    assert torch.allclose(out.hidden[computed], traj.hidden[computed], atol=TOLERANCE, rtol=0)
+    assert torch.allclose(out.slot_inputs, traj.slot_inputs, atol=TOLERANCE, rtol=0)
+    token_lp, start_lp, _ = recomputed_logprobs(model, traj, out)
+    assert torch.allclose(token_lp, traj.token_logprobs, atol=TOLERANCE, rtol=0)
+    decided = traj.start_decided
+    assert torch.allclose(start_lp[decided], traj.start_logprobs[decided], atol=TOLERANCE, rtol=0)
