@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from torch import nn
 
 from rlatent.atomic import load_tensors, save_tensors
@@ -227,12 +228,22 @@ class LatentModel(nn.Module):
         directory = Path(directory)
         settings = read_settings(directory)
         full = directory / FULL_MODEL_DIR
-        base, tokenizer = load_base_model(str(full) if full.is_dir() else settings.base_model,
-                                          dtype=dtype, cache_dir=cache_dir)
+        if full.is_dir():
+            base, tokenizer = load_base_model(str(full), dtype=dtype, cache_dir=cache_dir,
+                                              tokenizer_from=settings.base_model)
+        else:
+            base, tokenizer = load_base_model(settings.base_model, dtype=dtype, cache_dir=cache_dir)
         base = base.to(device)
-        if (directory / ADAPTER_DIR).is_dir():
-            base = PeftModel.from_pretrained(base, directory / ADAPTER_DIR, adapter_name=settings.adapter_name,
-                                             is_trainable=trainable)
+        adapter = directory / ADAPTER_DIR
+        if adapter.is_dir():
+            if settings.adapter_name != "default":  # PEFT saves a named adapter in a subfolder
+                adapter = adapter / settings.adapter_name
+            try:
+                base = PeftModel.from_pretrained(base, adapter, adapter_name=settings.adapter_name,
+                                                 is_trainable=trainable)
+            except (ValueError, OSError, SafetensorError) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(f"{adapter}: cannot load the LoRA adapter ({reason})") from None
         model = cls(base, settings)
         state = load_tensors(directory / HEADS_FILE)
         expected = model.head_state()

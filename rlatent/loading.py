@@ -55,26 +55,20 @@ def load_base_model(
     name_or_path: str,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | None = None,
+    tokenizer_from: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)`; the model is in eval mode, on the CPU.
 
     The tokenizer always has an EOS token (else `ModelError`) and a pad token
-    (EOS when the model defines none: padding is masked out anyway).
+    (EOS when the model defines none: padding is masked out anyway). It comes
+    from `tokenizer_from` when given (a fully fine-tuned checkpoint holds only
+    weights; its tokenizer is its base model's).
     `cache_dir` is only used for the embedded model (see `embedded_model_dir`).
     """
-    if name_or_path == EMBEDDED_MODEL:
-        source = str(embedded_model_dir(cache_dir))
-    elif Path(name_or_path).expanduser().is_dir():
-        source = str(Path(name_or_path).expanduser())
-    elif _HUB_ID.match(name_or_path) and ".." not in name_or_path:
-        source = name_or_path
-    else:
-        raise ModelError(
-            f"model.name_or_path: {name_or_path} is neither a local directory nor a hub id"
-        )
-
+    source = _resolve_source(name_or_path, cache_dir)
+    tokenizer_source = source if tokenizer_from is None else _resolve_source(tokenizer_from, cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -86,6 +80,17 @@ def load_base_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _resolve_source(name_or_path: str, cache_dir: str | None) -> str:
+    """What `from_pretrained` should read: the embedded model's cache, a local directory or a hub id."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(embedded_model_dir(cache_dir))
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    if _HUB_ID.match(name_or_path) and ".." not in name_or_path:
+        return name_or_path
+    raise ModelError(f"model.name_or_path: {name_or_path} is neither a local directory nor a hub id")
 
 
 def embedded_model_dir(cache_dir: str | None = None) -> Path:

@@ -79,9 +79,9 @@ def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
     """Evaluate a run directory's latest checkpoint (or `eval.checkpoint`) on its eval split."""
     target_path = Path(target)
     is_run = target_path.is_dir()
-    cfg = load_config(target_path / "config.yaml" if is_run else target_path, overrides)
     if limit is not None:
-        cfg.eval.limit = limit
+        overrides = [*overrides, f"eval.limit={limit}"]
+    cfg = load_config(target_path / "config.yaml" if is_run else target_path, overrides)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     dtype = model_dtype(cfg.model.dtype, device)

@@ -11,8 +11,8 @@ precision/recall/F1, latent gain, latent norms) and atomic checkpoints.
 from __future__ import annotations
 
 import random
+import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -135,8 +135,8 @@ class SFTTrainer:
         if gains:
             sums["latents_ignored"] = float(max(gains) < self.cfg.eval.gain_warn_below)
             if sums["latents_ignored"]:
-                warnings.warn(f"step {self.step}: latent gain is ~0 ({', '.join(f'{g:+.4f}' for g in gains)} nats for "
-                              "zeros/noise/shuffle): the model is IGNORING its latents", stacklevel=2)
+                tqdm.write(f"WARNING step {self.step}: latent gain is ~0 ({', '.join(f'{g:+.4f}' for g in gains)} nats "
+                           "for zeros/noise/shuffle): the model is IGNORING its latents", file=sys.stderr)
         self.logger.log(self.step, sums, phase="eval")
         return sums
 

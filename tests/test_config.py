@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from rlatent.config import RunConfig, load_config
 from rlatent.errors import ConfigError
@@ -162,7 +163,7 @@ def test_several_errors_are_summarised_on_one_line(tmp_path):
 
 def test_assignment_is_validated():
     cfg = RunConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.sft.steps = "abc"
 
 

@@ -24,6 +24,8 @@ from rlatent.splits import sft_examples
 from rlatent.synthetic import generate_problems
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["Tom has 3 apples", "12 + 7 =", "She buys 4 pens and 5 more"]
 
 
@@ -41,11 +43,12 @@ def build_model(model_dir, trunk="shared", mode="latent", proj="norm_match", lor
                 param.normal_(0, 0.05)
         if model.pause is not None:
             model.pause.add_(torch.randn_like(model.pause) * 0.1)
-        model.start_head.net.bias.fill_(-0.3) if head == "linear" else model.start_head.net[-1].bias.fill_(-0.3)
+        last = model.start_head.net if head == "linear" else model.start_head.net[-1]
+        last.bias.fill_(-0.3)  # eager enough to open blocks at the test's start threshold
     return model.eval(), tokenizer
 
 
-def greedy(model, tokenizer, **overrides):
+def generate(model, tokenizer, **overrides):
     prompts = [tokenizer(text).input_ids for text in PROMPTS]
     settings = dict(max_new_tokens=10, decisions="greedy", start_threshold=0.4, stop_threshold=0.5,
                     max_latents_per_block=3, max_blocks=3, max_total_latents=6, record_hidden=True)
@@ -54,11 +57,11 @@ def greedy(model, tokenizer, **overrides):
 
 
 def assert_same_behaviour(model, loaded, tokenizer):
-    for overrides in ({}, {"decisions": "sample", "temperature": 1.0}):
+    for overrides in ({}, {"decisions": "sample", "temperature": 1.0}):  # greedy, then seeded sampling
         torch.manual_seed(1)
-        before = greedy(model, tokenizer, **overrides)
+        before = generate(model, tokenizer, **overrides)
         torch.manual_seed(1)
-        after = greedy(loaded, tokenizer, **overrides)
+        after = generate(loaded, tokenizer, **overrides)
         assert torch.equal(before.batch.input_ids, after.batch.input_ids)
         assert torch.equal(before.batch.latent_mask, after.batch.latent_mask)
         assert torch.equal(before.batch.attention_mask, after.batch.attention_mask)
@@ -76,7 +79,7 @@ def assert_same_behaviour(model, loaded, tokenizer):
 @pytest.mark.parametrize("proj", ["identity", "norm_match", "mlp"])
 def test_save_load_round_trip(tiny_model_dir, tmp_path, proj, mode, trunk):
     model, tokenizer = build_model(tiny_model_dir, trunk=trunk, mode=mode, proj=proj)
-    traj = greedy(model, tokenizer)
+    traj = generate(model, tokenizer)
     assert traj.batch.latent_mask.any(), "the test needs latents to be meaningful"
     model.save(tmp_path)
     loaded, loaded_tokenizer = LatentModel.load(tmp_path, torch.float64, CPU)
