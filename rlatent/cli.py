@@ -1,4 +1,4 @@
-"""`rlatent` command line: `sft`, `eval`, `config`, `tiny-model`.
+"""`rlatent` command line: `sft`, `grpo`, `train`, `eval`, `config`, `tiny-model`.
 
 Every user error ends as one line on stderr and exit status 2; what a run
 already wrote (checkpoints, metrics) stays on disk.
@@ -11,12 +11,15 @@ import sys
 
 import torch
 
-from rlatent.errors import RlatentError
+from rlatent.errors import ConfigError, RlatentError
 
 EPILOG = """examples:
   rlatent sft configs/quickstart.yaml
   rlatent sft configs/gsm8k_smollm2.yaml data.path=../shared/data/gsm8k sft.steps=50
   rlatent sft configs/quickstart.yaml latent.mode=none          # text-only baseline
+  rlatent train configs/quickstart.yaml                          # phase 1 then phase 2 (GRPO)
+  rlatent grpo configs/gsm8k_smollm2.yaml grpo.init_checkpoint=runs/x/checkpoints/step_000200
+  rlatent train --resume runs/quickstart-20261122-120000        # continue a killed run
   rlatent eval runs/quickstart-20261122-120000 --limit 50
   rlatent eval runs/quickstart-20261122-120000 latent.start_threshold=0.8   # fewer latents
 overrides are key.sub=value (value parsed as YAML); unknown keys are errors."""
@@ -28,9 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune language models that reason with interleaved latent thoughts.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sft = commands.add_parser("sft", help="phase 1: supervised warm start at calculator marks, then evaluate")
-    sft.add_argument("config", help="YAML config (see configs/)")
-    sft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    for name, text in (("sft", "phase 1: supervised warm start at calculator marks, then evaluate"),
+                       ("grpo", "phase 2: GRPO with verifiable rewards (from grpo.init_checkpoint or the base)"),
+                       ("train", "phase 1 then phase 2 in one run directory, evaluating after each")):
+        stage = commands.add_parser(name, help=text)
+        stage.add_argument("config", nargs="?", help="YAML config (see configs/)")
+        stage.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        stage.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
     ev = commands.add_parser("eval", help="sample answers and report accuracy, latents and tokens per answer")
     ev.add_argument("target", help="a run directory (evaluates its latest checkpoint) or a YAML config")
     ev.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. latent.start_threshold=0.8)")
@@ -56,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
-        if args.command == "sft":
+        if args.command in ("sft", "grpo", "train"):
             from rlatent.config import load_config
-            from rlatent.runs import run_sft
+            from rlatent.runs import run_phases
 
-            run_sft(load_config(args.config, args.overrides), args.config)
+            if args.resume is None and args.config is None:
+                raise ConfigError(f"rlatent {args.command}: give a CONFIG, or --resume RUN_DIR")
+            if args.resume is not None and (args.config or args.overrides):
+                raise ConfigError("--resume continues a run with its own config.yaml; give no CONFIG or overrides")
+            cfg = None if args.resume else load_config(args.config, args.overrides)
+            run_phases(args.command, cfg, args.config, resume=args.resume)
         elif args.command == "eval":
             from rlatent.runs import run_eval
 

@@ -179,6 +179,58 @@ class EvalConfig(Section):
     """`rlatent eval`: checkpoint directory to load (null: the base model with fresh heads)."""
 
 
+class RewardSpec(Section):
+    function: str
+    """A registered reward name (built-ins in `rewards/`, or an entry point in group `rlatent.rewards`)
+    or a dotted path `package.module:function`."""
+    weight: float = 1.0
+    """Weight of this reward in the total (the advantage is computed on the weighted sum)."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments passed to the reward on every call."""
+
+
+class GRPOConfig(Section):
+    """Phase 2: GRPO with verifiable rewards on the latent policy."""
+
+    init_checkpoint: str | None = None
+    """Phase-1 checkpoint to start from; null = the base model with fresh heads (`rlatent train` fills
+    in phase 1's final checkpoint)."""
+    steps: int = Field(50, ge=0)
+    """Optimizer steps (each: one batch of rollouts, `num_iterations` updates on it)."""
+    prompts_per_step: int = Field(4, ge=1)
+    group_size: int = Field(4, ge=2)
+    """Completions per prompt (G); the group mean is the baseline."""
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    latent_noise_std: float = Field(0.0, ge=0)
+    """Gaussian exploration on latents, z ~ N(proj(h), std^2 I); 0 = off. Its log-density joins the log-prob."""
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    """Aggregation: `dapo` token-level over the batch, `grpo` per-sequence mean then mean, `dr_grpo` sum over
+    actions divided by a constant (max_new_tokens + latent.max_total_latents)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's reward std (GRPO), the batch's, or not at all (Dr. GRPO)."""
+    epsilon_low: float = Field(0.2, ge=0)
+    epsilon_high: float = Field(0.28, ge=0)
+    """Asymmetric clipping of the importance ratio to [1 - eps_low, 1 + eps_high] (DAPO's clip-higher)."""
+    beta: float = Field(0.0, ge=0)
+    """k3 KL to the reference (the base with adapters off); 0 skips the reference forward."""
+    num_iterations: int = Field(1, ge=1)
+    """Updates per batch of rollouts; ratios are taken against the stored sampling log-probs."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Rollouts per forward/backward during the update (gradient accumulation over the batch)."""
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    reward_errors: Literal["raise", "zero"] = "raise"
+    """A reward that raises or returns NaN/inf/wrong length: stop naming it and the sample, or score 0 and count."""
+    rewards: list[RewardSpec] = [RewardSpec(function="gsm8k_correct"), RewardSpec(function="gsm8k_format", weight=0.1)]
+    log_every: int = Field(1, ge=1)
+    save_every: int = Field(0, ge=0)
+    """0 = checkpoint only at the end."""
+
+
 class OutputConfig(Section):
     dir: str = "runs"
     """Parent directory of run directories."""
@@ -194,6 +246,7 @@ class RunConfig(Section):
     latent: LatentConfig = LatentConfig()
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
+    grpo: GRPOConfig = GRPOConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

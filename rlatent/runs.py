@@ -1,4 +1,4 @@
-"""The stages a user runs, top to bottom: `sft` (phase 1 + final evaluation) and `eval`.
+"""The stages a user runs, top to bottom: `sft`, `grpo`, `train` (both phases) and `eval`.
 
 Each stage builds its pieces from the config, runs, and leaves a run directory:
 resolved config, metrics.jsonl, TensorBoard events, checkpoints, plots,
@@ -23,11 +23,15 @@ from rlatent.latent_model import LatentModel
 from rlatent.loading import model_dtype, resolve_device
 from rlatent.run_dir import MetricsLogger, RunDir, metrics_table, plot_metrics, read_metrics, write_report
 from rlatent.sampler import SamplingSettings
+from rlatent.checkpoint import checkpoint_phase
+from rlatent.grpo import GRPOTrainer
 from rlatent.sft import SFTTrainer
 from rlatent.splits import load_split, sft_examples
 
 GENERATION_COLUMNS = ["accuracy", "latents_per_answer", "blocks_per_answer", "tokens_per_answer",
                       "forward_passes_per_answer", "truncated", "wall_seconds", "problems"]
+GRPO_COLUMNS = ["step", "reward_mean", "accuracy", "latents_per_completion", "blocks_per_completion",
+                "tokens_per_completion", "start_rate", "stop_rate", "clip_fraction", "kl", "entropy"]
 DIAGNOSTIC_COLUMNS = ["step", "lm_loss", "start_f1", "stop_f1", "next_step_loss", "latent_gain_zeros",
                       "latent_gain_noise", "latent_gain_shuffle", "latent_norm", "embedding_norm"]
 
@@ -47,32 +51,78 @@ def new_run_dir(cfg: RunConfig, config_path: str | None, suffix: str = "") -> Ru
     return RunDir(path)
 
 
-def run_sft(cfg: RunConfig, config_path: str | None) -> RunDir:
-    """Phase 1 on the configured data, then a sampled evaluation; returns the run directory."""
+PHASES = {"sft": ("sft",), "grpo": ("grpo",), "train": ("sft", "grpo")}
+RUN_FILE = "run.json"
+
+
+def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, resume: str | None = None) -> RunDir:
+    """Run `sft`, `grpo` or `train` (both) in one run directory; `resume` continues a killed run.
+
+    Resuming reads the run's own config.yaml and its latest checkpoint: a phase-1
+    checkpoint before its last step resumes phase 1; one at its last step starts
+    phase 2 from it; a phase-2 checkpoint resumes phase 2. Optimizer, scheduler,
+    RNG and step come from the checkpoint, and the data position follows from the
+    step, so a resumed seeded run matches an uninterrupted one.
+    """
+    if resume is not None:
+        run = RunDir(resume)
+        if not run.config_path.is_file():
+            raise ConfigError(f"{resume}: not a run directory (config.yaml missing)")
+        cfg = load_config(run.config_path)
+        command = json.loads((run.path / RUN_FILE).read_text())["command"] if (run.path / RUN_FILE).is_file() else command
+    else:
+        run = new_run_dir(cfg, config_path)
+        run.save_config(cfg.to_yaml())
+        atomic_write_json(run.path / RUN_FILE, {"command": command})
+    phases = PHASES[command]
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
-    run = new_run_dir(cfg, config_path)
-    run.save_config(cfg.to_yaml())
-    train_problems, skipped_train = load_split(cfg.data, "train", cfg.data.train_limit)
-    eval_problems, skipped_eval = load_split(cfg.data, "test", cfg.eval.limit)
-    model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, model_dtype(cfg.model.dtype, device), device)
-    train, dropped = sft_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length)
-    evaluation, _ = sft_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length)
-    print(f"run directory: {run.path}")
-    print(f"train: {len(train)} examples ({dropped} longer than data.max_length dropped, {skipped_train} bad rows "
-          f"skipped); eval: {len(eval_problems)} problems ({skipped_eval} skipped)")
+    dtype = model_dtype(cfg.model.dtype, device)
+    latest = run.latest_checkpoint() if resume is not None else None
+    done_phase, done_step = checkpoint_phase(latest) if latest is not None else (None, 0)
+    init = latest or (cfg.grpo.init_checkpoint if phases == ("grpo",) else None)
+    if init is not None:
+        model, tokenizer = LatentModel.load(init, dtype, device, trainable=True, cache_dir=cfg.model.cache_dir)
+    else:
+        model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
+    train_problems, skipped = load_split(cfg.data, "train", cfg.data.train_limit)
+    eval_problems, _ = load_split(cfg.data, "test", cfg.eval.limit)
+    print(f"run directory: {run.path}" + (f" (resuming from {latest})" if latest else ""))
+    results: dict[str, dict[str, float]] = {}
     with MetricsLogger(run) as logger:
-        logger.log(0, {"train_examples": len(train), "dropped_too_long": dropped, "skipped_rows": skipped_train,
-                       "eval_problems": len(eval_problems),
-                       "trainable_parameters": sum(p.numel() for p in model.trainable_parameters())}, phase="data")
-        trainer = SFTTrainer(cfg, model, tokenizer, train, evaluation, run, logger)
-        checkpoint = trainer.train()
-        print(f"checkpoint: {checkpoint}")
-        results = evaluate_problems(model, tokenizer, eval_problems, SamplingSettings.from_config(cfg.latent, cfg.eval),
-                                    cfg.eval.batch_size, run.samples_dir / "eval_samples.jsonl", cfg.eval.num_samples)
-        logger.log(trainer.step, results, phase="test")
+        offset = 0
+        if "sft" in phases:
+            train, dropped = sft_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length)
+            evaluation, _ = sft_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length)
+            if latest is None:
+                logger.log(0, {"train_examples": len(train), "dropped_too_long": dropped, "skipped_rows": skipped,
+                               "eval_problems": len(eval_problems),
+                               "trainable_parameters": sum(p.numel() for p in model.trainable_parameters())},
+                           phase="data")
+            trainer = SFTTrainer(cfg, model, tokenizer, train, evaluation, run, logger)
+            if done_phase == "sft":
+                trainer.resume(latest)
+            if done_phase != "grpo":
+                print(f"phase 1 checkpoint: {trainer.train()}")
+                results["sft"] = evaluate(cfg, model, tokenizer, eval_problems, run,
+                                          "eval_samples_sft.jsonl" if "grpo" in phases else "eval_samples.jsonl")
+                logger.log(trainer.step, results["sft"], phase="test_sft" if "grpo" in phases else "test")
+            offset = cfg.sft.steps
+        if "grpo" in phases:
+            trainer = GRPOTrainer(cfg, model, tokenizer, train_problems, run, logger, checkpoint_offset=offset)
+            if done_phase == "grpo":
+                trainer.resume(latest)
+            print(f"phase 2 checkpoint: {trainer.train()}")
+            results["grpo"] = evaluate(cfg, model, tokenizer, eval_problems, run, "eval_samples.jsonl")
+            logger.log(trainer.step, results["grpo"], phase="test")
     finish_run(run, cfg, results)
     return run
+
+
+def evaluate(cfg: RunConfig, model, tokenizer, problems, run: RunDir, samples_file: str) -> dict[str, float]:
+    settings = SamplingSettings.from_config(cfg.latent, cfg.eval)
+    return evaluate_problems(model, tokenizer, problems, settings, cfg.eval.batch_size,
+                             run.samples_dir / samples_file, cfg.eval.num_samples)
 
 
 def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
@@ -105,7 +155,7 @@ def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
     return out_dir
 
 
-def finish_run(run: RunDir, cfg: RunConfig, results: dict[str, float]) -> None:
+def finish_run(run: RunDir, cfg: RunConfig, results: dict[str, dict[str, float]]) -> None:
     """Plots and report.md from what the run logged."""
     plot_metrics(run.metrics_path, run.plots_dir)
     records = read_metrics(run.metrics_path)
@@ -123,12 +173,23 @@ def finish_run(run: RunDir, cfg: RunConfig, results: dict[str, float]) -> None:
         "Run": (f"- model: `{cfg.model.name_or_path}` (LoRA r={cfg.model.lora_r})\n"
                 f"- latent: mode `{cfg.latent.mode}`, trunk `{cfg.latent.trunk}`, proj `{cfg.latent.proj}`, "
                 f"k={cfg.latent.k}, placement `{cfg.latent.placement}`, gradient `{cfg.latent.gradient}`\n"
-                f"- data: `{cfg.data.source}`; sft: {cfg.sft.steps} steps x {cfg.sft.batch_size} x {cfg.sft.grad_accum}"),
+                f"- data: `{cfg.data.source}`; sft: {cfg.sft.steps} steps x {cfg.sft.batch_size} x {cfg.sft.grad_accum}; "
+                f"grpo: {cfg.grpo.steps} steps x {cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size}, "
+                f"loss `{cfg.grpo.loss_type}`, rewards {[r.function for r in cfg.grpo.rewards]}"),
+        "Phase 2 (last logged step)": grpo_summary(run),
         "Phase 1 diagnostics": metrics_table(diagnostics, DIAGNOSTIC_COLUMNS) if diagnostics else "none logged",
         "Latent use": verdict,
-        "Evaluation (sampled answers)": metrics_table([results], GENERATION_COLUMNS),
+        "Evaluation (sampled answers)": metrics_table([{"after": phase, **r} for phase, r in results.items()],
+                                                      ["after"] + GENERATION_COLUMNS),
         "Files": ("`config.yaml`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `plots/`, "
-                  "`samples/eval_samples.jsonl` (latents shown as nearest tokens)"),
+                  "`samples/eval_samples.jsonl` (after phase 1 of a two-phase run: `eval_samples_sft.jsonl`; latents shown as nearest tokens)"),
     }
     report = write_report(run, f"rlatent run {run.path.name}", sections)
     print(f"report: {report}")
+
+
+def grpo_summary(run: RunDir) -> str:
+    steps = [r for r in read_metrics(run.metrics_path) if r["phase"] == "grpo"]
+    if not steps:
+        return "no phase 2 in this run"
+    return metrics_table([steps[0], steps[-1]], GRPO_COLUMNS)

@@ -21,6 +21,7 @@ two tensors (the invariant).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ class SamplingSettings:
     max_latents_per_block: int = 8
     max_blocks: int = 16
     max_total_latents: int = 64
+    latent_noise_std: float = 0.0  # Gaussian exploration on latents: z ~ N(proj(h), std^2 I)
     record_hidden: bool = False
 
     @classmethod
@@ -69,6 +71,7 @@ class Trajectories:
     start_decided: torch.Tensor  # (B, T) bool: a free start decision was taken at t
     stop_logprobs: torch.Tensor  # (B, T) log-prob of the stop decision taken at t (a latent slot)
     stop_decided: torch.Tensor  # (B, T) bool
+    latent_logprobs: torch.Tensor  # (B, T) log-density of each sampled latent (0 without exploration noise)
     slot_inputs: torch.Tensor  # (B, T, H) input of each latent slot
     finished: torch.Tensor  # (B,) bool: ended with EOS (False: truncated)
     hidden: torch.Tensor | None  # (B, T, H) when `record_hidden`
@@ -99,6 +102,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> tor
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
+def gaussian_logprob(sample: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """Log-density of `sample` under N(mean, std^2 I), summed over the last dim: (..., H) -> (...)."""
+    dims = sample.shape[-1]
+    squared = (sample.double() - mean.double()).pow(2).sum(-1)
+    return -squared / (2 * std**2) - dims * (math.log(std) + 0.5 * math.log(2 * math.pi))
+
+
 def _decide(logits: torch.Tensor, threshold: float, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary decisions from logits; returns (decision bool, its log-prob)."""
     if sample:
@@ -121,7 +131,8 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
     ids = torch.full((rows, capacity), pad_id, dtype=torch.long, device=device)
     latent = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
     precise = torch.promote_types(dtype, torch.float32)  # log-probs in at least float32
-    token_lp, start_lp, stop_lp = (torch.zeros(rows, capacity, device=device, dtype=precise) for _ in range(3))
+    token_lp, start_lp, stop_lp, latent_lp = (torch.zeros(rows, capacity, device=device, dtype=precise)
+                                              for _ in range(4))
     start_dec, stop_dec = (torch.zeros(rows, capacity, dtype=torch.bool, device=device) for _ in range(2))
     slot_inputs = torch.zeros(rows, capacity, model.hidden_size, device=device, dtype=dtype)
     hidden_out = torch.zeros_like(slot_inputs) if settings.record_hidden else None
@@ -204,6 +215,11 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
             latent_input = model.pause_inputs((block_len[active] - 1).clamp_min(0))
         else:
             latent_input = model.latent_inputs(h)
+            if settings.latent_noise_std > 0:
+                mean = latent_input
+                latent_input = mean + settings.latent_noise_std * torch.randn_like(mean)
+                density = gaussian_logprob(latent_input, mean, settings.latent_noise_std).to(precise)
+                latent_lp[active[go_latent], next_position[go_latent]] = density[go_latent]
         embeds = torch.where(go_latent[:, None], latent_input, model.embed(token))[:, None, :]  # (A, 1, H)
         slot_inputs[active[go_latent], next_position[go_latent]] = embeds[go_latent, 0]
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
@@ -221,6 +237,7 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
     return Trajectories(
         batch=batch, token_logprobs=token_lp[:, :used], start_logprobs=start_lp[:, :used],
         start_decided=start_dec[:, :used], stop_logprobs=stop_lp[:, :used], stop_decided=stop_dec[:, :used],
+        latent_logprobs=latent_lp[:, :used],
         slot_inputs=slot_inputs[:, :used], finished=finished,
         hidden=None if hidden_out is None else hidden_out[:, :used], forward_passes=forward_passes,
     )

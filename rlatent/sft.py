@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from rlatent.atomic import atomic_directory, capture_rng_state, save_state
+from rlatent.checkpoint import restore_training_state, save_checkpoint
 from rlatent.batch import LatentBatch, collate
 from rlatent.config import RunConfig
 from rlatent.errors import TrainingError
@@ -29,9 +29,6 @@ from rlatent.latent_forward import forward
 from rlatent.latent_model import LatentModel
 from rlatent.run_dir import MetricsLogger, RunDir
 from rlatent.sft_losses import classifier_scores, latent_gain, latent_norms, sft_loss
-
-TRAINER_STATE_FILE = "trainer_state.pt"
-
 
 def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
     """Endless batches, reshuffled each epoch from `seed` (same seed, same order)."""
@@ -65,7 +62,9 @@ class SFTTrainer:
         """Run all steps; returns the final checkpoint directory."""
         sft = self.cfg.sft
         micro_batches = epoch_batches(self.train_examples, sft.batch_size, self.cfg.seed)
-        progress = tqdm(total=sft.steps, desc="sft", dynamic_ncols=True)
+        for _ in range(self.step * sft.grad_accum):  # a resumed run continues at its data position
+            next(micro_batches)
+        progress = tqdm(total=sft.steps, initial=self.step, desc="sft", dynamic_ncols=True)
         while self.step < sft.steps:
             started = time.perf_counter()
             metrics = self.train_step([self.batch(next(micro_batches)) for _ in range(sft.grad_accum)])
@@ -140,14 +139,12 @@ class SFTTrainer:
         self.logger.log(self.step, sums, phase="eval")
         return sums
 
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint of this phase (the caller loads the model); the data position
+        follows from the step."""
+        self.step = restore_training_state(checkpoint, "sft", self.optimizer, self.scheduler)
+
     def save_checkpoint(self) -> Path:
-        """Adapter + heads + settings + optimizer/scheduler/RNG state, written atomically."""
         path = self.run.checkpoint_path(self.step)
-        with atomic_directory(path) as tmp:
-            self.model.save(tmp)
-            save_state(tmp / TRAINER_STATE_FILE, {
-                "phase": "sft", "step": self.step, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": capture_rng_state(),
-            })
-        return path
+        return save_checkpoint(path, self.model, "sft", self.step, self.optimizer, self.scheduler)
 

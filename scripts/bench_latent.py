@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import sys
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 
 from rlatent.batch import LatentBatch
 from rlatent.config import LatentConfig, ModelConfig
-from rlatent.latent_forward import forward, plan_waves
+from rlatent.latent_forward import default_pass_cost, forward, plan_waves
 from rlatent.latent_model import LatentModel
 from rlatent.sampler import SamplingSettings, sample
 from rlatent.tiny import build_tiny_model
@@ -65,12 +66,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-len", type=int, default=2, help="latents per training block (default 2)")
     p.add_argument("--p-start", type=float, default=0.1, help="P(open a block) at each language position")
     p.add_argument("--p-stop", type=float, default=0.5, help="P(close the block) at each latent (0.5: mean 2 per block)")
+    p.add_argument("--pass-cost", type=float, default=None,
+                   help="wave-plan pass cost given to forward/plan_waves (default: the library's default for the device)")
+    p.add_argument("--sweep-pass-cost", type=str, default=None, metavar="C1,C2,...",
+                   help="also time the recurrent step with each of these pass costs")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--skip", choices=["sampler", "training"], action="append", default=[],
                    help="leave a benchmark out (repeatable)")
+    p.add_argument("--max-wait", type=float, default=30.0,
+                   help="before each timing round, wait up to this many seconds for other processes to go quiet")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step of each kind")
     p.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
     return p.parse_args(argv)
@@ -79,15 +86,51 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float], object]:
-    """Run `fn` once to warm up, then `repeats` times; returns (median seconds, all times, last result)."""
-    result = fn()
-    times = []
+def busy_cores(interval: float = 0.5) -> float | None:
+    """CPU cores kept busy by the whole machine over `interval` (we sleep meanwhile); None off Linux."""
+    def read():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+    try:
+        busy0, total0 = read()
+        time.sleep(interval)
+        busy1, total1 = read()
+    except OSError:
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.5) -> float | None:
+    """Wait (at most `max_wait` s) until other processes use less than `threshold` cores; return that load."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy = busy_cores()
+        if busy is None or busy < threshold or time.monotonic() > deadline:
+            return busy
+
+
+def interleaved(cases: dict, repeats: int, max_wait: float) -> tuple[dict, dict, list]:
+    """Time every case once per round, round-robin, after one warm-up round.
+
+    Interleaving makes a slow spell (other processes on a shared machine) hit every case of a round
+    alike, so per-round ratios stay meaningful. Returns ({case: [seconds per round]},
+    {case: last result}, [background busy cores measured before each round]).
+    """
+    results = {name: fn() for name, fn in cases.items()}  # warm-up
+    times = {name: [] for name in cases}
+    background = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
+        background.append(wait_for_quiet(max_wait))
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return times, results, background
+
+
+median = statistics.median
 
 
 def load_model(args, workdir: Path) -> tuple[LatentModel, object, str]:
@@ -128,6 +171,8 @@ def random_ids(rows: int, length: int, tokenizer, generator: torch.Generator) ->
 
 
 def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
+    from transformers import GenerationConfig
+
     model.eval()
     generator = torch.Generator().manual_seed(args.seed)
     prompt_ids = random_ids(args.batch, args.prompt_len, tokenizer, generator)
@@ -135,58 +180,56 @@ def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
     pad = tokenizer.pad_token_id
     settings = SamplingSettings(max_new_tokens=args.new_tokens, temperature=0.0, decisions="sample",
                                 max_latents_per_block=8, max_blocks=16, max_total_latents=64)
-    results = {}
 
-    def run_rlatent():
-        torch.manual_seed(args.seed)  # the same decisions in every repeat
-        with torch.inference_mode():
-            return sample(model, prompts, NEVER, pad, settings)
-
-    for label, p_start in (("rlatent, latents on", args.p_start), ("rlatent, text only", 0.0)):
-        set_head(model.start_head, p_start)
-        set_head(model.stop_head, args.p_stop)
-        median, times, traj = timed(run_rlatent, args.repeats)
-        counts = traj.counts()
-        tokens, latents = int(counts["tokens"].sum()), int(counts["latents"].sum())
-        assert (counts["tokens"] == args.new_tokens).all(), counts
-        results[label] = dict(
-            seconds=median, times=times, tokens=tokens, latents=latents, generated=tokens + latents,
-            latents_per_row=latents / args.batch, blocks_per_row=float(counts["blocks"].float().mean()),
-            max_latents_in_a_row=int(counts["latents"].max()), forward_passes=traj.forward_passes,
-            rate=(tokens + latents) / median, ms_per_pass=1000 * median / traj.forward_passes,
-        )
-    model.start_head.net.bias.data.fill_(math.log(0.05 / 0.95))  # leave the model as built (prior 0.05)
+    def rlatent(p_start: float):
+        def run():
+            set_head(model.start_head, p_start)
+            set_head(model.stop_head, args.p_stop)
+            torch.manual_seed(args.seed)  # the same decisions in every round
+            with torch.inference_mode():
+                return sample(model, prompts, NEVER, pad, settings)
+        return run
 
     # Hugging Face generate: text only, greedy, exactly --new-tokens tokens per row.
-    from transformers import GenerationConfig
-
-    eos = tokenizer.eos_token_id
     gen_config = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                                  eos_token_id=eos, pad_token_id=pad)
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
     attention = torch.ones_like(prompt_ids)
 
-    def run_hf():
+    def hf():
         with torch.inference_mode():
             return model.base.generate(input_ids=prompt_ids, attention_mask=attention, generation_config=gen_config)
 
-    median, times, out = timed(run_hf, args.repeats)
-    produced = out.shape[1] - args.prompt_len
-    assert produced == args.new_tokens, produced
-    tokens = args.batch * produced
-    results["HF generate, text only"] = dict(
-        seconds=median, times=times, tokens=tokens, latents=0, generated=tokens, latents_per_row=0.0,
-        blocks_per_row=0.0, max_latents_in_a_row=0, forward_passes=produced,  # prefill + produced-1 decode steps
-        rate=tokens / median, ms_per_pass=1000 * median / produced,
-    )
-    hf = results["HF generate, text only"]["rate"]
-    for row in results.values():
-        row["ratio_to_hf"] = row["rate"] / hf
+    HF = "HF generate, text only"
+    cases = {"rlatent, latents on": rlatent(args.p_start), "rlatent, text only": rlatent(0.0), HF: hf}
+    times, outputs, background = interleaved(cases, args.repeats, args.max_wait)
+
+    results = {}
+    for label, out in outputs.items():
+        if label == HF:
+            produced = out.shape[1] - args.prompt_len
+            assert produced == args.new_tokens, produced
+            tokens, latents, blocks, most, passes = args.batch * produced, 0, 0.0, 0, produced  # prefill + N-1 steps
+        else:
+            counts = out.counts()
+            assert (counts["tokens"] == args.new_tokens).all(), counts
+            tokens, latents = int(counts["tokens"].sum()), int(counts["latents"].sum())
+            blocks, most, passes = float(counts["blocks"].float().mean()), int(counts["latents"].max()), out.forward_passes
+        seconds = median(times[label])
+        results[label] = dict(
+            seconds=seconds, times=times[label], tokens=tokens, latents=latents, generated=tokens + latents,
+            latents_per_row=latents / args.batch, blocks_per_row=blocks, max_latents_in_a_row=most,
+            forward_passes=passes, rate=(tokens + latents) / seconds, ms_per_pass=1000 * seconds / passes,
+        )
+    for label, row in results.items():
+        # Median over rounds of (rate / HF rate in the same round).
+        row["ratio_to_hf"] = median(
+            (row["generated"] / t) / (results[HF]["generated"] / h) for t, h in zip(times[label], times[HF]))
     if args.profile:
-        set_head(model.start_head, args.p_start)
-        profile("sampler, latents on", run_rlatent)
-        profile("HF generate", run_hf)
-        model.start_head.net.bias.data.fill_(math.log(0.05 / 0.95))
-    return results
+        profile("sampler, latents on", cases["rlatent, latents on"])
+        profile("HF generate", hf)
+    set_head(model.start_head, 0.05)  # back to the prior the model is built with
+    set_head(model.stop_head, 1.0 / 3.0)
+    return dict(cases=results, background_busy_cores=background)
 
 
 # ---- 2. training step ---------------------------------------------------------------------------
@@ -232,46 +275,63 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
     batch = training_batch(args, tokenizer, generator)
     plain = LatentBatch(batch.input_ids, torch.zeros_like(batch.latent_mask), batch.attention_mask,
                         batch.prompt_lengths)
-    starts, ends = plan_waves(batch.latent_mask, batch.lengths)
-    widths = (ends - starts).max(1).values
+    pass_cost = default_pass_cost(model.device) if args.pass_cost is None else args.pass_cost
     real = int(batch.lengths.sum())
-    padding = float(widths.sum()) * args.batch / real
+
+    def plan(cost: float) -> dict:
+        starts, ends = plan_waves(batch.latent_mask, batch.lengths, cost)
+        widths = (ends - starts).max(1).values
+        return dict(passes=len(widths), widths=widths.tolist(), padding=float(widths.sum()) * args.batch / real)
     params = model.trainable_parameters()
 
-    def step(which: LatentBatch, gradient: str, backward: bool):
+    def step(which: LatentBatch, gradient: str, backward: bool, cost: float = pass_cost):
         def run():
             for p in params:
                 p.grad = None
-            context = nullcontext() if backward else torch.no_grad()
-            with context:
-                out = forward(model, which, gradient=gradient)
-                loss = loss_of(model, which, out.hidden)
-                if backward:
-                    loss.backward()
+            out = forward(model, which, gradient=gradient, pass_cost=cost)  # with autograd recording, as in training
+            loss = loss_of(model, which, out.hidden)
+            if backward:
+                loss.backward()
             return out.num_passes, float(loss.detach())
         return run
 
-    cases = [
-        ("plain (no latents)", plain, "recurrent"),
-        ("recurrent", batch, "recurrent"),
-        ("detached", batch, "detached"),
-    ]
+    batches = {"plain (no latents)": (plain, "recurrent"), "recurrent": (batch, "recurrent"),
+               "detached": (batch, "detached")}
+    cases = {}
+    for label, (which, gradient) in batches.items():
+        cases[f"{label}|forward"] = step(which, gradient, backward=False)
+        cases[f"{label}|step"] = step(which, gradient, backward=True)
+    times, outputs, background = interleaved(cases, args.repeats, args.max_wait)
+
     results = {}
-    for label, which, gradient in cases:
-        fwd, _, (passes, loss) = timed(step(which, gradient, backward=False), args.repeats)
-        both, times, _ = timed(step(which, gradient, backward=True), args.repeats)
-        results[label] = dict(forward_seconds=fwd, step_seconds=both, step_times=times, passes=passes, loss=loss)
-    base = results["plain (no latents)"]
-    for row in results.values():
-        row["step_ratio"] = row["step_seconds"] / base["step_seconds"]
-        row["forward_ratio"] = row["forward_seconds"] / base["forward_seconds"]
+    for label in batches:
+        fwd, both = times[f"{label}|forward"], times[f"{label}|step"]
+        passes, loss = outputs[f"{label}|step"]
+        results[label] = dict(
+            forward_seconds=median(fwd), step_seconds=median(both), backward_seconds=median(both) - median(fwd),
+            forward_times=fwd, step_times=both, passes=passes, loss=loss,
+            forward_ratio=median(f / b for f, b in zip(fwd, times["plain (no latents)|forward"])),
+            step_ratio=median(f / b for f, b in zip(both, times["plain (no latents)|step"])),
+        )
+    sweep = {}
+    if args.sweep_pass_cost:
+        costs = [float(c) for c in args.sweep_pass_cost.split(",")]
+        sweep_cases = {"plain": cases["plain (no latents)|step"]}
+        sweep_cases.update({f"{c:g}": step(batch, "recurrent", True, c) for c in costs})
+        sweep_times, sweep_out, _ = interleaved(sweep_cases, args.repeats, args.max_wait)
+        for c in costs:
+            key = f"{c:g}"
+            sweep[key] = dict(plan(c), step_seconds=median(sweep_times[key]), step_ratio=median(
+                t / b for t, b in zip(sweep_times[key], sweep_times["plain"])), passes_run=sweep_out[key][0])
     if args.profile:
-        profile("training step, recurrent", step(batch, "recurrent", True))
-        profile("training step, plain", step(plain, "recurrent", True))
+        profile("training step, recurrent", cases["recurrent|step"])
+        profile("training step, plain", cases["plain (no latents)|step"])
+    chosen = plan(pass_cost)
     return dict(
-        cases=results, chunk_widths=widths.tolist(), padding_overhead=padding, real_positions=real,
+        cases=results, pass_cost=pass_cost, chunk_widths=chosen["widths"], padding_overhead=chosen["padding"],
+        real_positions=real, pass_cost_sweep=sweep,
         latents_per_row=float(batch.latent_mask.sum(1).float().mean()),
-        trainable_parameters=sum(p.numel() for p in params),
+        trainable_parameters=sum(p.numel() for p in params), background_busy_cores=background,
     )
 
 
@@ -290,25 +350,49 @@ def profile(label: str, fn) -> None:
 
 def print_tables(report: dict) -> None:
     cfg = report["config"]
-    print(f"\nmodel: {report['model']}; batch {cfg['batch']}, prompt {cfg['prompt_len']}, "
-          f"new tokens {cfg['new_tokens']}, seq-len {cfg['seq_len']}, LoRA r={cfg['lora_r']}, float32, "
-          f"{report['machine']['threads']} threads, median of {cfg['repeats']}")
+    print(f"\nmodel: {report['model']} ({report['parameters'] / 1e6:.1f}M parameters); batch {cfg['batch']}, "
+          f"prompt {cfg['prompt_len']}, new tokens {cfg['new_tokens']}, seq-len {cfg['seq_len']}, "
+          f"LoRA r={cfg['lora_r']}, float32, {report['machine']['threads']} threads, "
+          f"median of {cfg['repeats']} interleaved rounds after a warm-up")
     if "sampler" in report:
+        s = report["sampler"]
+        on = s["cases"]["rlatent, latents on"]
+        print(f"\nsampler: P(start)={cfg['p_start']}, P(stop)={cfg['p_stop']} (decisions drawn, tokens greedy); "
+              f"{on['latents_per_row']:.2f} latents/row in {on['blocks_per_row']:.2f} blocks, "
+              f"at most {on['max_latents_in_a_row']} in a row; background load before rounds "
+              f"{_cores(s['background_busy_cores'])} cores")
         print("\n| sampler | tokens+latents | latents/row | passes | seconds | items/s | ms/pass | vs HF |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for label, r in report["sampler"].items():
+        for label, r in s["cases"].items():
             print(f"| {label} | {r['generated']} | {r['latents_per_row']:.2f} | {r['forward_passes']} | "
                   f"{r['seconds']:.3f} | {r['rate']:.1f} | {r['ms_per_pass']:.1f} | {r['ratio_to_hf']:.2f} |")
     if "training" in report:
         t = report["training"]
-        print(f"\ntraining rows: {cfg['batch']} x {cfg['seq_len']} positions, {t['latents_per_row']:.0f} latents/row "
-              f"({cfg['blocks']} blocks of {cfg['block_len']}); chunk widths {t['chunk_widths']}; "
-              f"padding overhead {t['padding_overhead']:.2f}x")
-        print("\n| training | passes | forward s | fwd+bwd s | fwd ratio | fwd+bwd ratio |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(f"\ntraining: {cfg['batch']} rows x {cfg['seq_len']} positions, {t['latents_per_row']:.0f} latents/row "
+              f"({cfg['blocks']} blocks of {cfg['block_len']}); pass cost {t['pass_cost']:g}: "
+              f"{len(t['chunk_widths'])} passes, chunk widths {_widths(t['chunk_widths'])}; "
+              f"padding overhead {t['padding_overhead']:.2f}x; background load before rounds "
+              f"{_cores(t['background_busy_cores'])} cores")
+        print("\n| training | passes | forward s | backward s | fwd+bwd s | fwd ratio | fwd+bwd ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for label, r in t["cases"].items():
-            print(f"| {label} | {r['passes']} | {r['forward_seconds']:.3f} | {r['step_seconds']:.3f} | "
-                  f"{r['forward_ratio']:.2f} | {r['step_ratio']:.2f} |")
+            print(f"| {label} | {r['passes']} | {r['forward_seconds']:.3f} | {r['backward_seconds']:.3f} | "
+                  f"{r['step_seconds']:.3f} | {r['forward_ratio']:.2f} | {r['step_ratio']:.2f} |")
+        if t["pass_cost_sweep"]:
+            print("\n| pass cost | passes | sum of widths | padding | fwd+bwd s | fwd+bwd ratio |")
+            print("|---:|---:|---:|---:|---:|---:|")
+            for cost, r in t["pass_cost_sweep"].items():
+                print(f"| {cost} | {r['passes']} | {sum(r['widths'])} | {r['padding']:.2f}x | "
+                      f"{r['step_seconds']:.3f} | {r['step_ratio']:.2f} |")
+    print(f"\npeak RSS {report['machine']['peak_rss_gib']:.2f} GiB; benchmark wall time {report['wall_seconds']:.0f} s")
+
+
+def _widths(widths: list[int]) -> str:
+    return str(widths) if len(widths) <= 12 else f"{widths[:10]}... ({len(widths)} values)"
+
+
+def _cores(values) -> str:
+    return "/".join("?" if v is None else f"{v:.1f}" for v in values)
 
 
 def main(argv=None) -> dict:
@@ -332,6 +416,7 @@ def main(argv=None) -> dict:
         report["training"] = bench_training(model, tokenizer, args)
     report["wall_seconds"] = time.perf_counter() - start
     report["machine"]["load_average_after"] = os.getloadavg()
+    report["machine"]["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print_tables(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

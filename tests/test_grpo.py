@@ -1,0 +1,120 @@
+"""Phase 2 end to end on the tiny model: stored vs recomputed log-probs, learning, kill-and-resume."""
+
+import json
+
+import pytest
+import torch
+
+from rlatent.actions import recompute_actions, stored_actions
+from rlatent.cli import main
+from rlatent.grpo import GRPOTrainer
+from rlatent.run_dir import read_metrics
+from rlatent.sampler import SamplingSettings, sample
+from test_invariant import build_model
+
+CONFIG = "configs/tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def repo_root(monkeypatch, request):
+    monkeypatch.chdir(request.config.rootpath)
+
+
+@pytest.mark.parametrize("trunk", ["shared", "two"])
+@pytest.mark.parametrize("gradient", ["recurrent", "detached"])
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_stored_logprobs_equal_recomputed(tiny_model_dir, trunk, gradient, noise):
+    model, tokenizer = build_model(tiny_model_dir, trunk)
+    prompts = [tokenizer(t).input_ids for t in ["Tom has 3 apples", "12 + 7 =", "She buys 4 pens"]]
+    torch.manual_seed(0)
+    settings = SamplingSettings(max_new_tokens=12, temperature=0.7, top_p=0.9, decisions="sample",
+                                max_latents_per_block=3, max_blocks=4, max_total_latents=8, latent_noise_std=noise)
+    traj = sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, settings)
+    stored = stored_actions(traj, noise > 0)
+    assert stored.mask[..., 1].any() and stored.mask[..., 2].any()  # start and stop decisions were taken
+    assert stored.mask[..., 3].any() == (noise > 0)  # latent densities are actions only with noise
+    recomputed, entropy = recompute_actions(model, traj.batch, traj.slot_inputs, stored.mask, 0.7, noise, gradient)
+    assert torch.allclose(recomputed.logprobs, stored.logprobs.to(recomputed.logprobs.dtype), atol=1e-9, rtol=0)
+    assert entropy.shape[0] == int(stored.mask[..., 0].sum()) and (entropy > 0).all()
+
+
+def run_cli(tmp_path, name, *overrides):
+    args = ["train", CONFIG, f"output.dir={tmp_path}", f"output.name={name}", *overrides]
+    assert main(args) == 0
+    return tmp_path / name
+
+
+def tiny_overrides(model_dir, *extra):
+    return [f"model.name_or_path={model_dir}", "sft.steps=2", "sft.eval_every=2", *extra]
+
+
+def phase_metric(run_dir, phase, name):
+    rows = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if r["phase"] == phase}  # last per step
+    return [rows[s].get(name) for s in sorted(rows)]
+
+
+def test_a_learnable_reward_rises_and_a_zero_weighted_one_does_not(tiny_model_dir, tmp_path):
+    """Paying 0.1 per latent teaches the start head to open blocks; at weight 0 nothing moves."""
+    pay = "grpo.rewards=[{function: latent_cost, weight: %s, kwargs: {cost: -0.1}}]"
+    common = ["grpo.steps=12", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.lr=0.05",
+              "grpo.max_new_tokens=12", "grpo.micro_batch_size=16", "eval.limit=2"]
+    paid = run_cli(tmp_path, "paid", *tiny_overrides(tiny_model_dir, pay % 1.0, *common))
+    unpaid = run_cli(tmp_path, "unpaid", *tiny_overrides(tiny_model_dir, pay % 0.0, *common))
+    paid_latents = phase_metric(paid, "grpo", "latents_per_completion")
+    unpaid_latents = phase_metric(unpaid, "grpo", "latents_per_completion")
+    assert len(paid_latents) == len(unpaid_latents) == 12
+    early, late = sum(paid_latents[:3]) / 3, sum(paid_latents[-3:]) / 3
+    assert late > early + 1.0, paid_latents
+    assert sum(unpaid_latents[-3:]) / 3 < late - 1.0, (unpaid_latents, paid_latents)
+    assert phase_metric(unpaid, "grpo", "advantage_abs_max") == [0.0] * 12  # zero weight: no signal at all
+
+
+def test_kill_and_resume_reaches_the_same_metrics(tiny_model_dir, tmp_path, monkeypatch):
+    overrides = tiny_overrides(tiny_model_dir, "sft.steps=4", "sft.save_every=2", "grpo.steps=4", "grpo.save_every=2",
+                               "eval.limit=2")
+    whole = run_cli(tmp_path, "whole", *overrides)
+
+    original = GRPOTrainer.train_step
+
+    def killed_at_step_3(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(GRPOTrainer, "train_step", killed_at_step_3)
+    assert main(["train", CONFIG, f"output.dir={tmp_path}", "output.name=killed", *overrides]) == 130
+    killed = tmp_path / "killed"
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000002", "step_000004", "step_000006"]
+    monkeypatch.setattr(GRPOTrainer, "train_step", original)
+    assert main(["train", "--resume", str(killed)]) == 0
+
+    for phase, name in [("grpo", "reward_mean"), ("grpo", "loss"), ("grpo", "latents_per_completion"),
+                        ("sft", "loss"), ("test", "accuracy"), ("test", "tokens_per_answer")]:
+        phase_name = "train" if phase == "sft" else phase
+        assert phase_metric(killed, phase_name, name) == phase_metric(whole, phase_name, name), (phase, name)
+    assert json.loads((killed / "run.json").read_text())["command"] == "train"
+
+
+def test_resume_of_a_run_killed_in_phase_1(tiny_model_dir, tmp_path, monkeypatch):
+    from rlatent.sft import SFTTrainer
+
+    overrides = tiny_overrides(tiny_model_dir, "sft.steps=4", "sft.save_every=2", "grpo.steps=2", "eval.limit=2")
+    whole = run_cli(tmp_path, "whole", *overrides)
+    original = SFTTrainer.train_step
+
+    def killed_at_step_3(self, batches):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return original(self, batches)
+
+    monkeypatch.setattr(SFTTrainer, "train_step", killed_at_step_3)
+    assert main(["train", CONFIG, f"output.dir={tmp_path}", "output.name=killed", *overrides]) == 130
+    monkeypatch.setattr(SFTTrainer, "train_step", original)
+    assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
+    for phase, name in [("train", "loss"), ("eval", "lm_loss"), ("grpo", "reward_mean"), ("test", "accuracy")]:
+        assert phase_metric(tmp_path / "killed", phase, name) == phase_metric(whole, phase, name), (phase, name)
+
+
+def test_resume_needs_a_run_directory(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "config.yaml missing" in capsys.readouterr().err
