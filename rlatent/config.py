@@ -198,16 +198,20 @@ class GRPOConfig(Section):
     steps: int = Field(50, ge=0)
     """Optimizer steps (each: one batch of rollouts, `num_iterations` updates on it)."""
     prompts_per_step: int = Field(4, ge=1)
+    """Prompts per step; each is sampled `group_size` times."""
     group_size: int = Field(4, ge=2)
     """Completions per prompt (G); the group mean is the baseline."""
     temperature: float = Field(1.0, gt=0)
+    """Rollout token temperature; token log-probs are taken at it."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Rollout nucleus sampling."""
     max_new_tokens: int = Field(256, ge=1)
+    """Token cap per rollout completion."""
     latent_noise_std: float = Field(0.0, ge=0)
     """Gaussian exploration on latents, z ~ N(proj(h), std^2 I); 0 = off. Its log-density joins the log-prob."""
     loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
     """Aggregation: `dapo` token-level over the batch, `grpo` per-sequence mean then mean, `dr_grpo` sum over
-    actions divided by a constant (max_new_tokens + latent.max_total_latents)."""
+    actions divided by a constant, B * (2 * max_new_tokens + 1 + 2 * latent.max_total_latents)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the group's reward std (GRPO), the batch's, or not at all (Dr. GRPO)."""
     epsilon_low: float = Field(0.2, ge=0)
@@ -220,12 +224,14 @@ class GRPOConfig(Section):
     micro_batch_size: int = Field(8, ge=1)
     """Rollouts per forward/backward during the update (gradient accumulation over the batch)."""
     lr: float = Field(1e-5, gt=0)
+    """AdamW learning rate (constant after warm-up)."""
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     reward_errors: Literal["raise", "zero"] = "raise"
     """A reward that raises or returns NaN/inf/wrong length: stop naming it and the sample, or score 0 and count."""
     rewards: list[RewardSpec] = [RewardSpec(function="gsm8k_correct"), RewardSpec(function="gsm8k_format", weight=0.1)]
+    """Reward functions and weights (see README, Rewards); the advantage uses their weighted sum."""
     log_every: int = Field(1, ge=1)
     save_every: int = Field(0, ge=0)
     """0 = checkpoint only at the end."""
@@ -323,6 +329,9 @@ def config_reference(model: type[BaseModel] = RunConfig, prefix: str = "") -> li
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows += config_reference(annotation, f"{prefix}{name}.")
         else:
-            default = "null" if field.default is None else str(field.default)
+            default = field.default
+            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                default = [item.model_dump(exclude_defaults=True) for item in default]
+            default = "null" if default is None else str(default)
             rows.append((f"{prefix}{name}", default, (field.description or "").replace("\n", " ")))
     return rows
