@@ -45,8 +45,9 @@ class Actions:
         rows = self.logprobs.shape[0]
         return self.logprobs.reshape(rows, -1), self.mask.reshape(rows, -1)
 
-    def select(self, rows: torch.Tensor) -> "Actions":
-        return Actions(self.logprobs[rows], self.mask[rows])
+    def select(self, rows: torch.Tensor, width: int) -> "Actions":
+        """The actions of `rows` at the first `width` positions (a trimmed micro-batch)."""
+        return Actions(self.logprobs[rows, :width], self.mask[rows, :width])
 
 
 def stored_actions(traj: Trajectories, noisy_latents: bool) -> Actions:

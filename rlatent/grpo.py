@@ -149,7 +149,7 @@ class GRPOTrainer:
         self.model.train()
         batch = traj.batch
         old = stored_actions(traj, g.latent_noise_std > 0)
-        old_flat, mask_flat = old.flat()
+        _, mask_flat = old.flat()
         limit = max_actions(self.cfg)
         norm = normaliser(mask_flat, g.loss_type, limit)
         advantages = advantages.to(self.model.device)
@@ -158,13 +158,15 @@ class GRPOTrainer:
         for _ in range(g.num_iterations):
             for rows in torch.arange(len(advantages), device=self.model.device).split(g.micro_batch_size):
                 sub = select_rows(batch, rows)
+                width = sub.input_ids.shape[1]  # micro-batches are trimmed to their own longest row
+                sub_old = old.select(rows, width)
                 new, entropy = recompute_actions(
-                    self.model, sub, traj.slot_inputs[rows], old.mask[rows], g.temperature, g.latent_noise_std,
-                    self.cfg.latent.gradient, self.cfg.latent.pass_cost)
-                new_flat, _ = new.flat()
-                ref_flat = None if reference is None else reference.select(rows).flat()[0]
+                    self.model, sub, traj.slot_inputs[rows, :width], sub_old.mask, g.temperature,
+                    g.latent_noise_std, self.cfg.latent.gradient, self.cfg.latent.pass_cost)
+                old_flat, mask_flat_sub = sub_old.flat()
+                ref_flat = None if reference is None else reference.select(rows, width).flat()[0]
                 loss, stats = grpo_loss(
-                    new_flat, old_flat[rows], ref_flat, advantages[rows], mask_flat[rows], loss_type=g.loss_type,
+                    new.flat()[0], old_flat, ref_flat, advantages[rows], mask_flat_sub, loss_type=g.loss_type,
                     epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta=g.beta, max_actions=limit,
                     normaliser=norm)
                 if not torch.isfinite(loss):

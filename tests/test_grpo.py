@@ -118,3 +118,45 @@ def test_resume_of_a_run_killed_in_phase_1(tiny_model_dir, tmp_path, monkeypatch
 def test_resume_needs_a_run_directory(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "config.yaml missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, loss_type):
+    """1 x 8 accumulation equals 8 x 1: micro-batches are trimmed and use the full batch's normaliser."""
+    from rlatent.config import load_config
+    from rlatent.latent_model import LatentModel
+    from rlatent.run_dir import MetricsLogger, RunDir
+    from rlatent.splits import load_split
+
+    cfg = load_config(CONFIG, [f"model.name_or_path={tiny_model_dir}", "model.dtype=float64", "grpo.group_size=4",
+                               "grpo.prompts_per_step=2", "grpo.max_new_tokens=12", f"grpo.loss_type={loss_type}",
+                               "grpo.rewards=[{function: latent_cost, kwargs: {cost: -0.1}}]"])
+    torch.manual_seed(0)
+    model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, torch.float64, torch.device("cpu"))
+    with torch.no_grad():
+        model.start_head.net.bias.fill_(-1.0)
+    problems, _ = load_split(cfg.data, "train")
+    run = RunDir(tmp_path / "run")
+    with MetricsLogger(run) as logger:
+        trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger)
+        chosen = [problems[i] for i in range(2) for _ in range(4)]
+        traj = trainer.rollout(chosen)
+        assert len(set(traj.batch.lengths.tolist())) > 1  # rows of different lengths: trimming matters
+        rewards, _ = trainer.score(chosen, traj)
+        from rlatent.grpo_losses import group_advantages
+
+        advantages = group_advantages(rewards, 4, "group")
+        assert advantages.abs().sum() > 0
+        grads = []
+
+        def record_gradients():
+            grads.append([p.grad.clone() for p in trainer.params])
+
+        trainer.optimizer.step = record_gradients
+        for micro in (8, 3, 1):
+            trainer.cfg.grpo.micro_batch_size = micro
+            trainer.update(traj, advantages)
+    for full, split in zip(grads[0], grads[1]):
+        assert torch.allclose(full, split, atol=1e-12)
+    for full, split in zip(grads[0], grads[2]):
+        assert torch.allclose(full, split, atol=1e-12)
