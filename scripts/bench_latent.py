@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", choices=["sampler", "training"], action="append", default=[],
                    help="leave a benchmark out (repeatable)")
     p.add_argument("--max-wait", type=float, default=120.0,
-                   help="before each timing round, wait up to this many seconds for other processes to go quiet")
+                   help="before each timing round, wait up to this many seconds for other processes to go quiet "
+                        "(rounds during which they were busy are discarded and rerun)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step of each kind")
     p.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
     return p.parse_args(argv)
@@ -86,52 +87,69 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def busy_cores(interval: float = 0.5) -> float | None:
-    """CPU cores kept busy by the whole machine over `interval` (we sleep meanwhile); None off Linux."""
-    def read():
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has been busy, CPU seconds this process has used); None off Linux."""
+    try:
         with open("/proc/stat") as f:
             values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + values[4]  # idle + iowait
-        return sum(values) - idle, sum(values)
-    try:
-        busy0, total0 = read()
-        time.sleep(interval)
-        busy1, total1 = read()
     except OSError:
         return None
-    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+    busy = sum(values[:8]) - values[3] - values[4]  # all but idle and iowait (guest time is counted in user)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
 
 
-def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> float | None:
-    """Wait (at most `max_wait` s) until other processes use less than `threshold` cores; return that load."""
+def others_load(before, after, seconds: float) -> float | None:
+    """Cores other processes kept busy on average between two `_cpu_seconds()` readings."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / seconds)
+
+
+def wait_for_quiet(max_wait: float, threshold: float) -> None:
+    """Wait (at most `max_wait` s) until other processes use less than `threshold` cores."""
     deadline = time.monotonic() + max_wait
-    while True:
-        busy = busy_cores()
-        if busy is None or busy < threshold or time.monotonic() > deadline:
-            return busy
+    while time.monotonic() < deadline:
+        before = _cpu_seconds()
+        time.sleep(0.5)
+        load = others_load(before, _cpu_seconds(), 0.5)
+        if load is None or load < threshold:
+            return
 
 
-def interleaved(cases: dict, repeats: int, max_wait: float) -> tuple[dict, dict, list]:
+def interleaved(cases: dict, repeats: int, max_wait: float, threshold: float = 0.25) -> tuple[dict, dict, dict]:
     """Time every case once per round, round-robin, after one warm-up round.
 
-    Interleaving makes a slow spell (other processes on a shared machine) hit every case of a round
-    alike, so per-round ratios stay meaningful. Returns ({case: [seconds per round]},
-    {case: last result}, [background busy cores measured before each round]).
+    Interleaving makes a slow spell hit every case of a round alike, so per-round ratios stay
+    meaningful. On a shared machine, other processes' CPU use is measured during every timed call
+    (from /proc/stat minus this process's own CPU time); a round during which they kept more than
+    `threshold` cores busy is discarded and run again, up to 2 * `repeats` extra rounds (after
+    that, the contended rounds are kept and flagged). Returns ({case: [seconds per kept round]},
+    {case: last result}, contention record).
     """
     results = {name: fn() for name, fn in cases.items()}  # warm-up
     times = {name: [] for name in cases}
-    background = []
-    for _ in range(repeats):
-        busy = wait_for_quiet(max_wait)
-        background.append(busy)
-        if busy is not None and busy >= 0.3:
-            print(f"warning: other processes keep {busy:.1f} cores busy; timings of this round are unreliable",
-                  file=sys.stderr, flush=True)
+    record = dict(discarded_rounds=0, kept_round_max_other_load=[], threshold=threshold)
+    spare = 2 * repeats
+    while len(record["kept_round_max_other_load"]) < repeats:
+        wait_for_quiet(max_wait, threshold)
+        round_times, worst = {}, 0.0
         for name, fn in cases.items():
-            start = time.perf_counter()
+            before, start = _cpu_seconds(), time.perf_counter()
             results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return times, results, background
+            elapsed = time.perf_counter() - start
+            load = others_load(before, _cpu_seconds(), elapsed)
+            round_times[name] = elapsed
+            worst = max(worst, load or 0.0)
+        if worst > threshold and spare > 0:
+            spare -= 1
+            record["discarded_rounds"] += 1
+            print(f"round discarded: other processes kept {worst:.1f} cores busy", file=sys.stderr, flush=True)
+            continue
+        for name, elapsed in round_times.items():
+            times[name].append(elapsed)
+        record["kept_round_max_other_load"].append(round(worst, 3))
+    return times, results, record
 
 
 median = statistics.median
@@ -205,7 +223,7 @@ def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
 
     HF = "HF generate, text only"
     cases = {"rlatent, latents on": rlatent(args.p_start), "rlatent, text only": rlatent(0.0), HF: hf}
-    times, outputs, background = interleaved(cases, args.repeats, args.max_wait)
+    times, outputs, contention = interleaved(cases, args.repeats, args.max_wait)
 
     results = {}
     for label, out in outputs.items():
@@ -233,7 +251,7 @@ def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
         profile("HF generate", hf)
     set_head(model.start_head, 0.05)  # back to the prior the model is built with
     set_head(model.stop_head, 1.0 / 3.0)
-    return dict(cases=results, background_busy_cores=background)
+    return dict(cases=results, contention=contention)
 
 
 # ---- 2. training step ---------------------------------------------------------------------------
@@ -320,7 +338,7 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
     for label, (which, gradient) in batches.items():
         cases[f"{label}|forward"] = step(which, gradient, backward=False) if gradient else step_stored(False)
         cases[f"{label}|step"] = step(which, gradient, backward=True) if gradient else step_stored(True)
-    times, outputs, background = interleaved(cases, args.repeats, args.max_wait)
+    times, outputs, contention = interleaved(cases, args.repeats, args.max_wait)
 
     results = {}
     for label in batches:
@@ -337,11 +355,12 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
         costs = [float(c) for c in args.sweep_pass_cost.split(",")]
         sweep_cases = {"plain": cases["plain (no latents)|step"]}
         sweep_cases.update({f"{c:g}": step(batch, "recurrent", True, c) for c in costs})
-        sweep_times, sweep_out, _ = interleaved(sweep_cases, args.repeats, args.max_wait)
+        sweep_times, sweep_out, sweep_contention = interleaved(sweep_cases, args.repeats, args.max_wait)
         for c in costs:
             key = f"{c:g}"
             sweep[key] = dict(plan(c), step_seconds=median(sweep_times[key]), step_ratio=median(
-                t / b for t, b in zip(sweep_times[key], sweep_times["plain"])), passes_run=sweep_out[key][0])
+                t / b for t, b in zip(sweep_times[key], sweep_times["plain"])), passes_run=sweep_out[key][0],
+                              contention=sweep_contention)
     # `forward(..., "detached")` reports the one pass with gradient; it first runs the recurrent plan without.
     results["detached"]["passes"] = f"{plan(pass_cost)['passes']} no-grad + 1"
     if args.profile:
@@ -352,7 +371,7 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
         cases=results, pass_cost=pass_cost, chunk_widths=chosen["widths"], padding_overhead=chosen["padding"],
         real_positions=real, pass_cost_sweep=sweep,
         latents_per_row=float(batch.latent_mask.sum(1).float().mean()),
-        trainable_parameters=sum(p.numel() for p in params), background_busy_cores=background,
+        trainable_parameters=sum(p.numel() for p in params), contention=contention,
     )
 
 
@@ -380,8 +399,7 @@ def print_tables(report: dict) -> None:
         on = s["cases"]["rlatent, latents on"]
         print(f"\nsampler: P(start)={cfg['p_start']}, P(stop)={cfg['p_stop']} (decisions drawn, tokens greedy); "
               f"{on['latents_per_row']:.2f} latents/row in {on['blocks_per_row']:.2f} blocks, "
-              f"at most {on['max_latents_in_a_row']} in a row; background load before rounds "
-              f"{_cores(s['background_busy_cores'])} cores")
+              f"at most {on['max_latents_in_a_row']} in a row; {_contention(s['contention'])}")
         print("\n| sampler | tokens+latents | latents/row | passes | seconds | items/s | ms/pass | vs HF |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for label, r in s["cases"].items():
@@ -392,8 +410,7 @@ def print_tables(report: dict) -> None:
         print(f"\ntraining: {cfg['batch']} rows x {cfg['seq_len']} positions, {t['latents_per_row']:.0f} latents/row "
               f"({cfg['blocks']} blocks of {cfg['block_len']}); pass cost {t['pass_cost']:g}: "
               f"{len(t['chunk_widths'])} passes, chunk widths {_widths(t['chunk_widths'])}; "
-              f"padding overhead {t['padding_overhead']:.2f}x; background load before rounds "
-              f"{_cores(t['background_busy_cores'])} cores")
+              f"padding overhead {t['padding_overhead']:.2f}x; {_contention(t['contention'])}")
         print("\n| training | passes | forward s | backward s | fwd+bwd s | fwd ratio | fwd+bwd ratio |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for label, r in t["cases"].items():
@@ -412,8 +429,9 @@ def _widths(widths: list[int]) -> str:
     return str(widths) if len(widths) <= 12 else f"{widths[:10]}... ({len(widths)} values)"
 
 
-def _cores(values) -> str:
-    return "/".join("?" if v is None else f"{v:.1f}" for v in values)
+def _contention(record: dict) -> str:
+    loads = "/".join(f"{v:.2f}" for v in record["kept_round_max_other_load"])
+    return f"other processes' load in kept rounds {loads} cores, {record['discarded_rounds']} rounds discarded"
 
 
 def main(argv=None) -> dict:
