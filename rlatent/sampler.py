@@ -89,11 +89,12 @@ class Trajectories:
         return {"latents": latents.sum(1), "blocks": starts.sum(1), "tokens": self.batch.target_mask().sum(1)}
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """(N, V) logits -> (N,) tokens: argmax at temperature 0, else nucleus sampling."""
+def sample_tokens(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(N, V) log-probs at the sampling temperature -> (N,) tokens: argmax at temperature 0, else nucleus
+    sampling. Taking the log-probs the sampler stores anyway saves a second softmax over the vocabulary."""
     if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.double() / temperature, -1)
+        return logprobs.argmax(-1)
+    probs = logprobs.exp()
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
@@ -151,7 +152,9 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
         for b, prompt in enumerate(prompts):
             hidden_out[b, : len(prompt)] = hidden[b, width - len(prompt):]
     h = hidden[:, -1]  # (A, H) state of each active row's last position
-    attention = left_mask
+    attention = torch.zeros(rows, width + capacity, dtype=torch.bool, device=device)  # grows by one column a step
+    attention[:, :width] = left_mask
+    columns = width
     active = torch.arange(rows, device=device)  # rows still generating, in cache order
     position = prompt_lengths - 1  # (A,) index of each active row's last position
     in_block = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -184,9 +187,9 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
             go_latent |= in_latent & ~must_stop & keeps_going
 
         # 2. Tokens for rows that continue in language.
-        logits = model.token_logits(h)
-        token = sample_tokens(logits, settings.temperature, settings.top_p)
-        logprob = torch.log_softmax(logits.to(precise) / settings.logprob_temperature, -1).gather(1, token[:, None])[:, 0]
+        logprobs = torch.log_softmax(model.token_logits(h).to(precise) / settings.logprob_temperature, -1)  # (A, V)
+        token = sample_tokens(logprobs, settings.temperature, settings.top_p)
+        logprob = logprobs.gather(1, token[:, None])[:, 0]
         next_position = position + 1
         speaks = ~go_latent
         ids[active[speaks], next_position[speaks]] = token[speaks]
@@ -222,8 +225,9 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
                 latent_lp[active[go_latent], next_position[go_latent]] = density[go_latent]
         embeds = torch.where(go_latent[:, None], latent_input, model.embed(token))[:, None, :]  # (A, 1, H)
         slot_inputs[active[go_latent], next_position[go_latent]] = embeds[go_latent, 0]
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
-        hidden, cache = model.trunk(embeds, attention, next_position[:, None], go_latent[:, None], cache,
+        attention[:, columns] = True
+        columns += 1
+        hidden, cache = model.trunk(embeds, attention[:, :columns], next_position[:, None], go_latent[:, None], cache,
                                     use_cache=True)
         forward_passes += 1
         h = hidden[:, 0]

@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny-layers", type=int, default=4, help="layers of the tiny model (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["both", "rlatent", "trl"], default="both", help="run one side only")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both sides (0: torch's default)")
     p.add_argument("--trl-first", action="store_true", help="run TRL before rlatent (to check order effects)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -338,6 +339,8 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result: dict = {
         "model": args.model, "prompts": args.prompts, "group_size": args.group_size,
         "max_new_tokens": args.max_new_tokens, "steps": args.steps, "lr": args.lr,

