@@ -166,7 +166,7 @@ def rlatent_config(args, path: str):
 def run_rlatent(args, path: str, workdir: Path) -> dict:
     import torch
 
-    from rlatent.grpo import GRPOTrainer, prompt_order
+    from rlatent.grpo import GRPOTrainer
     from rlatent.latent_model import LatentModel
     from rlatent.run_dir import MetricsLogger, RunDir
     from rlatent.runs import seed_everything
