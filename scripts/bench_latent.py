@@ -12,7 +12,17 @@ Two measurements on one model, one batch size and one set of lengths:
 2. Training step: `forward(model, batch, "recurrent")` + loss + backward on rows
    of `--seq-len` positions carrying 3 blocks of 2 latents at random positions
    (different per row), against the same step on the same batch with no latent
-   slots (one parallel pass), and against `detached` mode.
+   slots (one parallel pass), against `detached` mode (latents recomputed without
+   gradient, then one parallel pass) and against `detached` with stored slot
+   inputs (what GRPO has from the sampler). Reports passes, chunk widths and the
+   padding overhead of the wave plan (sum of widths x B / real positions);
+   `--sweep-pass-cost` also times the plans other `pass_cost` values give.
+
+Timing: one warm-up round, then `--repeats` interleaved rounds (every case once
+per round; ratios are medians of per-round ratios). Other processes' CPU use is
+measured during every call; a round during which they kept more than 0.25 cores
+busy is discarded and rerun (2-thread torch sharing 2 cores with a busy process
+stalls by several times, which would swamp the effects measured).
 
 The model is built the way training builds it: `LatentModel.from_config` with
 LoRA (`--lora-r`, default 16), float32, `model.train()` for the training step and
