@@ -56,7 +56,10 @@ def forward(model: LatentModel, batch: LatentBatch, gradient: str = "recurrent",
         return parallel_forward(model, batch, inputs * batch.latent_mask[..., None])
     if slot_inputs is None and gradient == "detached":
         with torch.no_grad():
-            slot_inputs = recurrent_forward(model, batch, pass_cost).slot_inputs
+            latents = recurrent_forward(model, batch, pass_cost)
+        out = parallel_forward(model, batch, latents.slot_inputs)
+        out.num_passes += latents.num_passes
+        return out
     if slot_inputs is not None:
         return parallel_forward(model, batch, slot_inputs)
     return recurrent_forward(model, batch, pass_cost)
@@ -70,7 +73,7 @@ def parallel_forward(model: LatentModel, batch: LatentBatch, slot_inputs: torch.
     return ForwardOutput(hidden, slot_inputs.detach(), num_passes=1)
 
 
-def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: float = 0.0
+def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: float | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk boundaries per pass: `starts`, `ends`, each (P, B).
 
@@ -81,8 +84,10 @@ def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: floa
     blocks per row). Capping chunks at a width trades padding for passes. The
     plan minimises `rows * total width + pass_cost * passes` over a ladder of
     caps; `pass_cost` is what one extra model call costs, in positions per row.
-    A row with fewer chunks gets empty ones (start = end = length).
+    A row with fewer chunks gets empty ones (start = end = length). None = the
+    default for the mask's device (`default_pass_cost`).
     """
+    pass_cost = default_pass_cost(latent_mask.device) if pass_cost is None else pass_cost
     rows = latent_mask.shape[0]
     cuts = [[0] + latent_mask[b, : int(lengths[b])].nonzero().flatten().tolist() + [int(lengths[b])]
             for b in range(rows)]
@@ -116,7 +121,7 @@ def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float |
     rows, length = batch.input_ids.shape
     device = batch.input_ids.device
     pass_cost = default_pass_cost(device) if pass_cost is None else pass_cost
-    plan = plan_waves(batch.latent_mask.cpu(), batch.lengths.cpu(), pass_cost)
+    plan = plan_waves(batch.latent_mask.cpu(), batch.lengths.cpu(), pass_cost)  # cost already resolved for `device`
     starts, ends = (t.to(device) for t in plan)
     row_index = torch.arange(rows, device=device)
     slot_inputs = torch.zeros(rows, length, model.hidden_size, device=device, dtype=model.dtype)
