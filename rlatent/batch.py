@@ -51,10 +51,9 @@ class LatentBatch:
 
     def block_index(self) -> torch.Tensor:
         """(B, T) index of each latent slot within its block (0, 1, ...); 0 elsewhere."""
-        run = torch.zeros_like(self.input_ids)
-        for t in range(1, self.input_ids.shape[1]):
-            run[:, t] = torch.where(self.latent_mask[:, t - 1], run[:, t - 1] + 1, 0)
-        return run * self.latent_mask
+        index = torch.arange(self.input_ids.shape[1], device=self.input_ids.device).expand_as(self.input_ids)
+        last_language = torch.where(self.latent_mask, -1, index).cummax(1).values  # (B, T)
+        return (index - last_language - 1).clamp_min(0) * self.latent_mask
 
     def decision_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Start/stop labels and where they apply.

@@ -257,24 +257,17 @@ def run_trl(args, path: str, workdir: Path) -> dict:
 
     steps: list[dict] = []
     current: dict = {}
-    generate = trainer._generate_and_score_completions
+    def timed(fn, key):
+        """Wrap a trainer method so its seconds add up under `current[key]` for the step."""
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            current[key] = current.get(key, 0.0) + time.perf_counter() - t0
+            return out
+        return wrapper
 
-    def timed_generate(*a, **kw):
-        t0 = time.perf_counter()
-        out = generate(*a, **kw)
-        current["rollout_reward"] = current.get("rollout_reward", 0.0) + time.perf_counter() - t0
-        return out
-
-    trainer._generate_and_score_completions = timed_generate
-    sample_only = trainer._generate
-
-    def timed_sample(*a, **kw):
-        t0 = time.perf_counter()
-        out = sample_only(*a, **kw)
-        current["generate"] = current.get("generate", 0.0) + time.perf_counter() - t0
-        return out
-
-    trainer._generate = timed_sample
+    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, "rollout_reward")
+    trainer._generate = timed(trainer._generate, "generate")
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_a, **_k):
