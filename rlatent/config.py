@@ -179,6 +179,8 @@ class EvalConfig(Section):
     """Samples (with latents decoded to nearest tokens) written to the samples JSONL."""
     checkpoint: str | None = None
     """`rlatent eval`: checkpoint directory to load (null: the base model with fresh heads)."""
+    engine: Literal["rlatent", "vllm"] = "rlatent"
+    """Sampler for evaluation: rlatent's, or vLLM for text-only policies (`latent.mode: none`)."""
 
 
 class RewardSpec(Section):
@@ -237,6 +239,61 @@ class GRPOConfig(Section):
     log_every: int = Field(1, ge=1)
     save_every: int = Field(0, ge=0)
     """0 = checkpoint only at the end."""
+    engine: Literal["rlatent", "vllm"] = "rlatent"
+    """Rollout engine: rlatent's latent-aware sampler, or vLLM for text-only policies (`latent.mode: none`;
+    needs the `vllm` extra). vLLM cannot feed hidden states back, so latent policies always use rlatent's."""
+    rollout_chunks: int | None = Field(None, ge=1)
+    """The step's prompts are split into this many chunks, each sampled with its own seed (seed, step,
+    chunk): the unit a Ray rollout worker takes, and redoes if it dies. Equal chunks give equal rollouts on
+    either backend. null = 1 locally, `distributed.rollout_workers` with Ray."""
+
+
+class DistributedConfig(Section):
+    """Phase 2 orchestration (phase 1 always runs in the driver process)."""
+
+    backend: Literal["local", "ray"] = "local"
+    """`local`: everything in this process. `ray`: rollout and reward workers and the learner are Ray actors
+    driven by the same GRPO loop."""
+    address: str | None = None
+    """null starts a Ray instance on this machine; `auto` joins the cluster this machine is part of;
+    `host:port` or `ray://host:port` joins that cluster."""
+    num_cpus: float | None = Field(None, gt=0)
+    """Logical CPUs a locally started Ray advertises (null: Ray counts the cores). Ignored when joining."""
+    rollout_workers: int = Field(2, ge=1)
+    """Rollout worker actors; each holds the base model and the synced trainable weights."""
+    rollout_cpus: float = Field(0.5, ge=0)
+    """CPUs reserved per rollout worker. Fractions avoid Ray's hang on small machines (ENVIRONMENT.md)."""
+    rollout_gpus: float = Field(0.0, ge=0)
+    """GPUs per rollout worker (fractions share a GPU)."""
+    reward_workers: int = Field(1, ge=1)
+    """Reward worker actors; each scores whole prompt groups."""
+    reward_cpus: float = Field(0.25, ge=0)
+    """CPUs reserved per reward worker."""
+    learner_cpus: float = Field(0.5, ge=0)
+    """CPUs reserved for the learner actor."""
+    learner_gpus: float = Field(0.0, ge=0)
+    """GPUs for the learner actor."""
+    async_rollouts: bool = False
+    """One-step-off: step n+1's rollouts are sampled (with the weights before step n) while the learner
+    trains on step n; the ratio is taken against the sampling policy's stored log-probs. Same semantics on
+    the local backend, where the two simply run in turn."""
+    max_restarts: int = Field(3, ge=0)
+    """Dead rollout/reward workers restarted per run before the run stops; each restart redoes the chunk."""
+    timeout_s: float = Field(1800.0, gt=0)
+    """Longest wait on one worker call; a worker that takes longer is treated as dead."""
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed ZeRO for the optimizer step of both phases (needs the `deepspeed` extra)."""
+
+    enabled: bool = False
+    """Train with a DeepSpeed engine instead of a plain torch AdamW."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters partitioned across ranks."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the step) on the CPU (stages 1-3)."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses (stage 3 only)."""
 
 
 class OutputConfig(Section):
@@ -255,13 +312,32 @@ class RunConfig(Section):
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
     grpo: GRPOConfig = GRPOConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         if self.latent.trunk == "two" and self.model.lora_r == 0:
             raise ValueError("latent.trunk 'two' needs LoRA (model.lora_r > 0): the latent trunk is the base + adapter")
+        if self.grpo.engine == "vllm" and self.latent.mode != "none":
+            raise ValueError("grpo.engine 'vllm' samples text only: it needs latent.mode 'none'")
+        if self.eval.engine == "vllm" and self.latent.mode != "none":
+            raise ValueError("eval.engine 'vllm' samples text only: it needs latent.mode 'none'")
+        if self.grpo.rollout_chunks is not None and self.grpo.rollout_chunks > self.grpo.prompts_per_step:
+            raise ValueError(f"grpo.rollout_chunks {self.grpo.rollout_chunks} exceeds grpo.prompts_per_step "
+                             f"{self.grpo.prompts_per_step}: a chunk holds whole prompt groups")
+        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage 3")
         return self
+
+    def rollout_chunks(self) -> int:
+        """Chunks a step's prompts are split into (see `grpo.rollout_chunks`)."""
+        if self.grpo.rollout_chunks is not None:
+            return self.grpo.rollout_chunks
+        if self.distributed.backend == "ray":
+            return min(self.distributed.rollout_workers, self.grpo.prompts_per_step)
+        return 1
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -130,10 +130,16 @@ class LatentModel(nn.Module):
     @classmethod
     def from_config(cls, model_cfg, latent_cfg, dtype: torch.dtype, device: torch.device):
         """Load the base model named in the config and wrap it; returns (model, tokenizer)."""
-        base, tokenizer = load_base_model(model_cfg.name_or_path, dtype=dtype, cache_dir=model_cfg.cache_dir)
-        settings = LatentSettings.from_config(model_cfg, latent_cfg)
-        model = cls(_with_adapter(base.to(device), settings), settings)
-        return model, tokenizer
+        return cls.from_settings(LatentSettings.from_config(model_cfg, latent_cfg), dtype, device,
+                                 model_cfg.cache_dir)
+
+    @classmethod
+    def from_settings(cls, settings: LatentSettings, dtype: torch.dtype, device: torch.device,
+                      cache_dir: str | None = None):
+        """A fresh model of this shape (base + new adapter and heads): what a Ray worker builds before
+        the learner's trainable weights are synced into it. Returns (model, tokenizer)."""
+        base, tokenizer = load_base_model(settings.base_model, dtype=dtype, cache_dir=cache_dir)
+        return cls(_with_adapter(base.to(device), settings), settings), tokenizer
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

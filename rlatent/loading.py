@@ -65,8 +65,8 @@ def load_base_model(
     weights; its tokenizer is its base model's).
     `cache_dir` is only used for the embedded model (see `embedded_model_dir`).
     """
-    source = _resolve_source(name_or_path, cache_dir)
-    tokenizer_source = source if tokenizer_from is None else _resolve_source(tokenizer_from, cache_dir)
+    source = resolve_source(name_or_path, cache_dir)
+    tokenizer_source = source if tokenizer_from is None else resolve_source(tokenizer_from, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -82,7 +82,7 @@ def load_base_model(
     return model, tokenizer
 
 
-def _resolve_source(name_or_path: str, cache_dir: str | None) -> str:
+def resolve_source(name_or_path: str, cache_dir: str | None) -> str:
     """What `from_pretrained` should read: the embedded model's cache, a local directory or a hub id."""
     if name_or_path == EMBEDDED_MODEL:
         return str(embedded_model_dir(cache_dir))

@@ -27,6 +27,7 @@ from rlatent.errors import TrainingError
 from rlatent.examples import SFTExample
 from rlatent.latent_forward import forward
 from rlatent.latent_model import LatentModel
+from rlatent.optim import build_optimizer
 from rlatent.run_dir import MetricsLogger, RunDir
 from rlatent.sft_losses import classifier_scores, latent_gain, latent_norms, sft_loss
 
@@ -49,10 +50,11 @@ class SFTTrainer:
         self.cfg, self.model, self.run, self.logger = cfg, model, run, logger
         self.pad_id = tokenizer.pad_token_id
         self.train_examples, self.eval_examples = train, evaluation
-        self.params = model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay)
-        self.scheduler = get_scheduler(cfg.sft.schedule, self.optimizer, num_warmup_steps=cfg.sft.warmup_steps,
-                                       num_training_steps=max(cfg.sft.steps, 1))
+        sft = cfg.sft
+        self.optimizer = build_optimizer(
+            cfg, model, sft.lr, sft.weight_decay, sft.max_grad_norm,
+            lambda opt: get_scheduler(sft.schedule, opt, num_warmup_steps=sft.warmup_steps,
+                                      num_training_steps=max(sft.steps, 1)))
         self.step = 0
 
     def batch(self, examples: list[SFTExample]) -> LatentBatch:
@@ -93,15 +95,12 @@ class SFTTrainer:
             if not torch.isfinite(loss.total):
                 raise TrainingError(f"sft step {self.step + 1}: loss is {loss.total.item()} (lm {loss.lm.item()}, "
                                     f"start {loss.start.item()}, stop {loss.stop.item()}); lower sft.lr or check the data")
-            (loss.total / len(micro_batches)).backward()
+            self.optimizer.backward(loss.total / len(micro_batches))
             for name, value in zip(totals, (loss.total, loss.lm, loss.start, loss.stop)):
                 totals[name] += value.item() / len(micro_batches)
             tokens += int(batch.attention_mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, sft.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {**totals, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "positions": tokens}
+        grad_norm = self.optimizer.step()
+        return {**totals, "grad_norm": grad_norm, "lr": self.optimizer.lr, "positions": tokens}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -142,9 +141,10 @@ class SFTTrainer:
     def resume(self, checkpoint: Path) -> None:
         """Continue from a checkpoint of this phase (the caller loads the model); the data position
         follows from the step."""
-        self.step = restore_training_state(checkpoint, "sft", self.optimizer, self.scheduler)
+        self.step = restore_training_state(checkpoint, "sft", self.optimizer)
 
     def save_checkpoint(self) -> Path:
         path = self.run.checkpoint_path(self.step)
-        return save_checkpoint(path, self.model, "sft", self.step, self.optimizer, self.scheduler)
+        with self.optimizer.full_parameters():
+            return save_checkpoint(path, self.model, "sft", self.step, self.optimizer.state_dict())
 

@@ -7,6 +7,7 @@ import torch
 
 from rlatent.actions import recompute_actions, stored_actions
 from rlatent.cli import main
+from rlatent.examples import format_prompt
 from rlatent.grpo import GRPOTrainer
 from rlatent.run_dir import read_metrics
 from rlatent.sampler import SamplingSettings, sample
@@ -76,10 +77,10 @@ def test_kill_and_resume_reaches_the_same_metrics(tiny_model_dir, tmp_path, monk
 
     original = GRPOTrainer.train_step
 
-    def killed_at_step_3(self):
+    def killed_at_step_3(self, launched):
         if self.step == 2:
             raise KeyboardInterrupt
-        return original(self)
+        return original(self, launched)
 
     monkeypatch.setattr(GRPOTrainer, "train_step", killed_at_step_3)
     assert main(["train", CONFIG, f"output.dir={tmp_path}", "output.name=killed", *overrides]) == 130
@@ -139,8 +140,9 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, l
     run = RunDir(tmp_path / "run")
     with MetricsLogger(run) as logger:
         trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger)
+        learner = trainer.backend.learner
         chosen = [problems[i] for i in range(2) for _ in range(4)]
-        traj = trainer.rollout(chosen)
+        traj = trainer.backend.engine.sample([format_prompt(p.question, tokenizer) for p in chosen], seed=0)
         assert len(set(traj.batch.lengths.tolist())) > 1  # rows of different lengths: trimming matters
         rewards, _ = trainer.score(chosen, traj)
         from rlatent.grpo_losses import group_advantages
@@ -150,12 +152,14 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, l
         grads = []
 
         def record_gradients():
-            grads.append([p.grad.clone() for p in trainer.params])
+            grads.append([p.grad.clone() for p in learner.optimizer.params])
+            learner.optimizer.optimizer.zero_grad(set_to_none=True)
+            return 0.0
 
-        trainer.optimizer.step = record_gradients
+        learner.optimizer.step = record_gradients
         for micro in (8, 3, 1):
             trainer.cfg.grpo.micro_batch_size = micro
-            trainer.update(traj, advantages)
+            learner.update(traj, advantages, step=1)
     for full, split in zip(grads[0], grads[1]):
         assert torch.allclose(full, split, atol=1e-12)
     for full, split in zip(grads[0], grads[2]):
