@@ -28,3 +28,7 @@ class CheckpointError(RlatentError):
 
 class TrainingError(RlatentError):
     """Training cannot continue (NaN loss, out of memory); names the step."""
+
+
+class LearnerFailure(TrainingError):
+    """The learner (a Ray actor) died or raised; the run stops with a resumable checkpoint."""

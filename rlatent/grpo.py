@@ -28,7 +28,7 @@ from tqdm import tqdm
 from rlatent.actions import ACTION_KINDS, stored_actions
 from rlatent.config import RunConfig
 from rlatent.data import Problem
-from rlatent.errors import TrainingError
+from rlatent.errors import LearnerFailure, TrainingError
 from rlatent.examples import format_prompt, special_token_ids
 from rlatent.grpo_losses import group_advantages
 from rlatent.latent_model import LatentModel
@@ -90,6 +90,8 @@ class GRPOTrainer:
                     checkpoint = self.save_checkpoint()
             checkpoint = checkpoint or self.save_checkpoint()
             self.backend.finish(self.model)
+        except LearnerFailure as exc:
+            raise TrainingError(f"{exc}; the run stopped at step {self.step}. {self.rescue_checkpoint()}") from None
         finally:
             progress.close()
             self.backend.close()
@@ -178,6 +180,17 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path:
         return self.backend.save_checkpoint(self.run.checkpoint_path(self.checkpoint_offset + self.step), self.step)
+
+    def rescue_checkpoint(self) -> str:
+        """After a learner failure: a checkpoint of the last completed step (from the learner's snapshot)
+        where possible, and how to continue."""
+        try:
+            path = self.save_checkpoint()
+        except TrainingError:
+            path = self.run.latest_checkpoint()
+        if path is None:
+            return f"No checkpoint was written; start again, or resume from phase 1 with `--resume {self.run.path}`."
+        return f"Latest checkpoint: {path}; continue with the same command and `--resume {self.run.path}`."
 
     def resume(self, checkpoint: Path) -> None:
         """Continue from a checkpoint of this phase (the caller loads the model); the data position

@@ -1,0 +1,319 @@
+"""Phase 2 on Ray: rollout workers, reward workers and the learner are actors.
+
+The GRPO loop (`rlatent.grpo`) is the same as on the local backend; this
+module decides where its stages run and keeps them honest:
+
+- weight sync: after each update the learner's trainable tensors (LoRA, heads,
+  projection; never the frozen base) are put in the object store once and
+  loaded by every rollout worker, with a version number (learner steps). Bytes
+  and seconds are logged.
+- versions: every chunk comes back with the version it was sampled with; a
+  chunk older than the loop allows (0 steps behind, 1 with async rollouts) is
+  refused, counted, and sampled again with current weights.
+- faults: a call on a dead or unresponsive rollout/reward worker restarts that
+  worker (a fresh actor, the last weights replayed) and runs the same call
+  again; chunks are seeded, so a redone chunk is the same sample and nothing is
+  lost or counted twice. A learner that dies stops the run: the loop writes a
+  checkpoint from the learner's last snapshot and names the resume command.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rlatent.checkpoint import read_training_state, save_checkpoint
+from rlatent.config import RunConfig
+from rlatent.errors import ConfigError, LearnerFailure, TrainingError
+from rlatent.latent_model import LatentModel
+from rlatent.rollout import RolloutChunk
+from rlatent.sampler import SamplingSettings, Trajectories
+from rlatent.atomic import restore_rng_state
+from rlatent.weight_sync import load_trainable_state, model_bytes, state_bytes, trainable_state
+
+try:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+except ImportError:  # the `ray` extra is optional; the backend says so when chosen
+    ray = None
+
+
+# ---- the actors (plain classes; `ray.remote` wraps them when the backend starts) ---------------
+
+class RolloutWorker:
+    """A model built from the learner's settings plus an engine; weights arrive by `load_trainable`."""
+
+    def __init__(self, cfg: RunConfig, settings, dtype: torch.dtype, sampling: SamplingSettings):
+        from rlatent.loading import resolve_device
+        from rlatent.local_backend import make_engine
+
+        model, tokenizer = LatentModel.from_settings(settings, dtype, resolve_device(cfg.model.device),
+                                                     cfg.model.cache_dir)
+        self.engine = make_engine(cfg.grpo.engine, model, tokenizer, sampling, cfg.model.cache_dir)
+        self.version = -1
+
+    def load_trainable(self, state: dict[str, torch.Tensor], version: int) -> int:
+        self.engine.load_trainable(state, version)
+        self.version = version
+        return version
+
+    def sample(self, chunk: RolloutChunk) -> tuple[Trajectories, int]:
+        from rlatent.learner import to_device
+
+        return to_device(self.engine.sample(chunk.prompts, chunk.seed), torch.device("cpu")), self.version
+
+    def pid(self) -> int:
+        """For health checks and fault-injection tests."""
+        return os.getpid()
+
+
+class RewardWorker:
+    def __init__(self, cfg: RunConfig):
+        from rlatent.reward_fns import RewardSet
+
+        self.rewards = RewardSet(cfg.grpo.rewards, cfg.grpo.reward_errors)
+
+    def score(self, prompts: list[str], completions: list[str], facts: dict):
+        return self.rewards.score(prompts, completions, facts)
+
+    pid = RolloutWorker.pid
+
+
+class LearnerWorker:
+    def __init__(self, cfg: RunConfig, settings, dtype: torch.dtype, initial: dict[str, torch.Tensor]):
+        from rlatent.learner import GRPOLearner
+        from rlatent.loading import resolve_device
+
+        model, _ = LatentModel.from_settings(settings, dtype, resolve_device(cfg.model.device), cfg.model.cache_dir)
+        self.learner = GRPOLearner(cfg, model)
+        self.learner.load_trainable(initial)
+
+    def update(self, traj: Trajectories, advantages: torch.Tensor, step: int) -> dict[str, float]:
+        return self.learner.update(traj, advantages, step)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.learner.trainable_state()
+
+    def checkpoint_state(self) -> dict:
+        return self.learner.checkpoint_state()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.learner.load_optimizer_state(state)
+
+
+# ---- restarting pools -----------------------------------------------------------------------
+
+class WorkerPool:
+    """Actors of one role. A call whose actor died (or timed out) restarts that actor, replays the last
+    broadcast on it, and runs again on it; Python errors inside a call are not retried."""
+
+    def __init__(self, role: str, make: Callable[[int], Any], count: int, cfg: RunConfig):
+        self.role, self.make, self.cfg = role, make, cfg
+        self.actors = [make(i) for i in range(count)]
+        self.setup: tuple[str, tuple] | None = None  # the last broadcast, replayed on restarted actors
+        self.restarts = 0
+
+    def submit(self, calls: list[tuple[int, str, tuple]]) -> list[tuple]:
+        """Start calls (worker index, method, args); returns handles for `gather`."""
+        return [(index, method, args, self.actors[index], getattr(self.actors[index], method).remote(*args))
+                for index, method, args in calls]
+
+    def gather(self, handles: list[tuple]) -> list[Any]:
+        results: list[Any] = [None] * len(handles)
+        pending = {handle[-1]: (i, handle) for i, handle in enumerate(handles)}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.distributed.timeout_s)
+            if not ready:  # the oldest call is stuck: treat its actor as dead
+                ready = [next(iter(pending))]
+                ray.kill(pending[ready[0]][1][3], no_restart=True)
+            for ref in ready:
+                i, (index, method, args, actor, _) = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref, timeout=self.cfg.distributed.timeout_s)
+                except RayTaskError as exc:
+                    raise TrainingError(f"{self.role} worker {index}: {method} failed: {first_line(exc)}") from None
+                except (RayActorError, GetTimeoutError) as exc:
+                    if self.actors[index] is actor:
+                        self.restart(index, exc)
+                    retry = self.submit([(index, method, args)])[0]
+                    pending[retry[-1]] = (i, retry)
+        return results
+
+    def run(self, calls: list[tuple[int, str, tuple]]) -> list[Any]:
+        return self.gather(self.submit(calls))
+
+    def broadcast(self, method: str, *args) -> list[Any]:
+        """The same call on every actor; remembered and replayed on actors started later."""
+        self.setup = (method, args)
+        return self.run([(i, method, args) for i in range(len(self.actors))])
+
+    def restart(self, index: int, cause: Exception) -> None:
+        self.restarts += 1
+        if self.restarts > self.cfg.distributed.max_restarts:
+            raise TrainingError(f"{self.role} worker {index} died ({first_line(cause)}) and distributed.max_restarts "
+                                f"({self.cfg.distributed.max_restarts}) restarts are used up")
+        print(f"{self.role} worker {index} died ({first_line(cause)}); restarting it", file=sys.stderr)
+        self.actors[index] = self.make(index)
+        if self.setup is not None:
+            method, args = self.setup
+            self.run([(index, method, args)])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        text = f"{type(cause).__name__}: {cause}"
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+# ---- the backend --------------------------------------------------------------------------
+
+class RayBackend:
+    def __init__(self, cfg: RunConfig, model: LatentModel, tokenizer, settings: SamplingSettings):
+        if ray is None:
+            raise ConfigError("distributed.backend: ray is not installed (pip install -e '.[ray]')")
+        self.cfg, self.model = cfg, model
+        d = cfg.distributed
+        self.owns_ray = start_ray(d)
+        initial = trainable_state(model)
+        self.full_bytes = model_bytes(model)
+        options = dict(num_cpus=d.rollout_cpus, num_gpus=d.rollout_gpus, max_restarts=0)
+        rollout = ray.remote(RolloutWorker).options(**options)
+        reward = ray.remote(RewardWorker).options(num_cpus=d.reward_cpus, max_restarts=0)
+        learner = ray.remote(LearnerWorker).options(num_cpus=d.learner_cpus, num_gpus=d.learner_gpus, max_restarts=0)
+        self.rollouts = WorkerPool("rollout", lambda i: rollout.remote(cfg, model.settings, model.dtype, settings),
+                                   d.rollout_workers, cfg)
+        self.rewards = WorkerPool("reward", lambda i: reward.remote(cfg), d.reward_workers, cfg)
+        self.learner = learner.remote(cfg, model.settings, model.dtype, initial)
+        self.snapshot: tuple[int, Any] | None = None  # (step, ref to the learner's checkpoint_state)
+        self.stale_refused = 0
+
+    # ---- rollouts -----------------------------------------------------------------------
+
+    def launch(self, chunks: list[RolloutChunk], version: int):
+        calls = [(i % len(self.rollouts.actors), "sample", (chunk,)) for i, chunk in enumerate(chunks)]
+        return calls, self.rollouts.submit(calls)
+
+    def collect(self, launched, version: int) -> tuple[list[Trajectories], dict[str, float]]:
+        """Results in chunk order. A chunk sampled with weights older than `version` is refused, counted and
+        redone after a resync; newer ones (a worker restarted during async rollouts gets the latest weights)
+        are accepted: the ratio is taken against the log-probs they were sampled with."""
+        calls, handles = launched
+        results = self.rollouts.gather(handles)
+        for i, (traj, sampled_with) in enumerate(results):
+            if sampled_with < version:
+                self.stale_refused += 1
+                print(f"rollout chunk {i} was sampled with weights v{sampled_with}, expected v{version}: refused, "
+                      "resampling", file=sys.stderr)
+                self.rollouts.run([(calls[i][0], *self.rollouts.setup)])
+                results[i] = self.rollouts.run([calls[i]])[0]
+                if results[i][1] < version:
+                    raise TrainingError(f"rollout worker {calls[i][0]} still samples with v{results[i][1]} after a "
+                                        f"resync to v{version}")
+        rows = sum(traj.batch.input_ids.shape[0] for traj, _ in results)
+        return [traj for traj, _ in results], {"rollout_samples": float(rows), "stale_refused": float(self.stale_refused)}
+
+    # ---- rewards --------------------------------------------------------------------------
+
+    def score(self, prompts: list[str], completions: list[str], facts: dict, group_size: int):
+        """Each reward worker scores whole groups; the parts are joined in order."""
+        groups = len(prompts) // group_size
+        parts = min(len(self.rewards.actors), groups)
+        bounds = [round(i * groups / parts) * group_size for i in range(parts + 1)]
+        calls = [(i, "score", (prompts[a:b], completions[a:b], {k: list(v[a:b]) for k, v in facts.items()}))
+                 for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        total: list[float] = []
+        per_reward: dict[str, list[float]] = {}
+        zeroed: dict[str, int] = {}
+        for part_total, part_rewards, part_zeroed in self.rewards.run(calls):
+            total += part_total
+            for name, values in part_rewards.items():
+                per_reward.setdefault(name, []).extend(values)
+            for name, n in part_zeroed.items():
+                zeroed[name] = zeroed.get(name, 0) + n
+        return total, per_reward, zeroed
+
+    # ---- learner ------------------------------------------------------------------------
+
+    def call_learner(self, method: str, *args, step: int):
+        try:
+            return ray.get(getattr(self.learner, method).remote(*args), timeout=self.cfg.distributed.timeout_s)
+        except RayTaskError as exc:
+            raise LearnerFailure(f"learner failed in grpo step {step} ({first_line(exc)})") from None
+        except (RayActorError, GetTimeoutError) as exc:
+            raise LearnerFailure(f"learner died in grpo step {step} ({first_line(exc)})") from None
+
+    def update(self, traj: Trajectories, advantages: torch.Tensor, step: int) -> dict[str, float]:
+        metrics = self.call_learner("update", traj, advantages, step, step=step)
+        self.snapshot = (step, self.learner.checkpoint_state.remote())
+        return metrics
+
+    def sync(self, version: int) -> dict[str, float]:
+        """Send the learner's trainable weights to every rollout worker, as `version`. Called at the end of
+        each step, so the restart counts it reports include the step's."""
+        started = time.perf_counter()
+        state = self.call_learner("trainable_state", step=version)
+        ref = ray.put(state)
+        self.rollouts.broadcast("load_trainable", ref, version)
+        size = state_bytes(state)
+        return {"sync_bytes": float(size), "sync_fraction": size / self.full_bytes,
+                "sync_seconds": time.perf_counter() - started, "rollout_restarts": float(self.rollouts.restarts),
+                "reward_restarts": float(self.rewards.restarts)}
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Path, step: int) -> Path:
+        """Written by the driver from the learner's state (from the last snapshot when the learner is gone)."""
+        if self.snapshot is not None and self.snapshot[0] == step:
+            try:
+                state = ray.get(self.snapshot[1], timeout=self.cfg.distributed.timeout_s)
+            except (RayActorError, GetTimeoutError, RayTaskError):
+                state = self.call_learner("checkpoint_state", step=step)
+        else:
+            state = self.call_learner("checkpoint_state", step=step)
+        load_trainable_state(self.model, state["trainable"])
+        return save_checkpoint(path, self.model, "grpo", step, state["optimizer"])
+
+    def restore(self, checkpoint: Path) -> int:
+        """The driver loaded the checkpoint's weights (and gave them to the learner at start); the optimizer
+        state goes to the learner."""
+        state = read_training_state(checkpoint, "grpo")
+        self.call_learner("load_optimizer_state", state["optimizer"], step=int(state["step"]))
+        restore_rng_state(state["rng"])
+        return int(state["step"])
+
+    def finish(self, model: LatentModel) -> None:
+        """Bring the final weights into the driver's model, for evaluation."""
+        load_trainable_state(model, self.call_learner("trainable_state", step=-1))
+
+    def close(self) -> None:
+        self.rollouts.shutdown()
+        self.rewards.shutdown()
+        ray.kill(self.learner, no_restart=True)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def start_ray(d) -> bool:
+    """Connect to Ray as configured; True when this run started the instance (and shuts it down)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if d.address is not None:
+        ray.init(address=d.address, include_dashboard=False, log_to_driver=True)
+    else:
+        # Workers import rlatent, `rewards` and user reward modules exactly as the driver does.
+        path = os.pathsep.join([os.getcwd(), *sys.path])
+        ray.init(num_cpus=d.num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled"}})
+    return True
