@@ -108,6 +108,7 @@ class LatentModel(nn.Module):
         self.logit_softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         embeddings = hf_model.get_input_embeddings().weight
         hidden_size = embeddings.shape[1]
+        self.hidden_size = hidden_size  # kept: DeepSpeed ZeRO-3 leaves the weights of idle modules empty
         self.embedding_norm = float(embeddings.detach().float().norm(dim=-1).mean())
         self.start_head = Head(hidden_size, settings.head, prior=0.05)
         self.stop_head = Head(hidden_size, settings.head, prior=1.0 / (settings.k + 1))
@@ -145,10 +146,6 @@ class LatentModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ---- the pieces the forward and the sampler call ------------------------------------
-
-    @property
-    def hidden_size(self) -> int:
-        return self.lm_head.weight.shape[1]
 
     @property
     def device(self) -> torch.device:

@@ -74,9 +74,14 @@ class TorchOptimizer:
                 saved = state["moments"][name]
                 self.optimizer.state[p] = {"step": torch.tensor(float(state["adam_step"])),
                                            **{key: saved[key].to(p.device, p.dtype).clone() for key in MOMENTS}}
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr  # the scheduler sets it only at its next step
+        load_schedule(self.scheduler, state["scheduler"])
+
+
+def load_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """Restore a scheduler and the learning rate it last set (loading alone sets it only at the next step)."""
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
 
 
 def check_moments(moments: dict[str, dict[str, torch.Tensor]], named: list[tuple[str, nn.Parameter]]) -> None:
