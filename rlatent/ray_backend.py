@@ -71,6 +71,10 @@ class RolloutWorker:
         """For health checks and fault-injection tests."""
         return os.getpid()
 
+    def node(self) -> str:
+        """The Ray node this actor landed on."""
+        return ray.get_runtime_context().get_node_id()
+
 
 class RewardWorker:
     def __init__(self, cfg: RunConfig):
@@ -81,7 +85,7 @@ class RewardWorker:
     def score(self, prompts: list[str], completions: list[str], facts: dict):
         return self.rewards.score(prompts, completions, facts)
 
-    pid = RolloutWorker.pid
+    pid, node = RolloutWorker.pid, RolloutWorker.node
 
 
 class LearnerWorker:
@@ -104,6 +108,8 @@ class LearnerWorker:
 
     def load_optimizer_state(self, state: dict) -> None:
         self.learner.load_optimizer_state(state)
+
+    node = RolloutWorker.node
 
 
 # ---- restarting pools -----------------------------------------------------------------------
@@ -197,6 +203,9 @@ class RayBackend:
         self.learner = learner.remote(cfg, model.settings, model.dtype, initial)
         self.snapshot: tuple[int, Any] | None = None  # (step, ref to the learner's checkpoint_state)
         self.stale_refused = 0
+        actors = [*self.rollouts.actors, *self.rewards.actors, self.learner]
+        self.nodes = len(set(ray.get([actor.node.remote() for actor in actors], timeout=d.timeout_s)))
+        print(f"ray: {len(actors)} actors on {self.nodes} node(s)")
 
     # ---- rollouts -----------------------------------------------------------------------
 
@@ -268,7 +277,7 @@ class RayBackend:
         size = state_bytes(state)
         return {"sync_bytes": float(size), "sync_fraction": size / self.full_bytes,
                 "sync_seconds": time.perf_counter() - started, "rollout_restarts": float(self.rollouts.restarts),
-                "reward_restarts": float(self.rewards.restarts)}
+                "reward_restarts": float(self.rewards.restarts), "ray_nodes": float(self.nodes)}
 
     # ---- checkpoints --------------------------------------------------------------------
 
