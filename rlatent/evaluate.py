@@ -58,11 +58,13 @@ def _row_record(model, tokenizer, problem: Problem, traj: Trajectories, row: int
 
 @torch.no_grad()
 def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], settings: SamplingSettings,
-                      batch_size: int, samples_path: Path | None = None, num_samples: int = 20) -> dict[str, float]:
+                      batch_size: int, samples_path: Path | None = None, num_samples: int = 20,
+                      engine=None) -> dict[str, float]:
     """Sample an answer to every problem; accuracy, latents/blocks/tokens per answer, timing.
 
     `forward_passes_per_answer` counts the positions an answer generated (tokens +
-    latents): each is one sequential model step, however rows are batched.
+    latents): each is one sequential model step, however rows are batched. `engine`
+    (a vLLM engine for text-only policies) samples instead of rlatent's sampler.
     """
     model.eval()
     eos_id, pad_id = special_token_ids(tokenizer)
@@ -72,7 +74,9 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
     started = time.perf_counter()
     for offset in range(0, len(problems), batch_size):
         chunk = problems[offset : offset + batch_size]
-        traj = sample(model, [format_prompt(p.question, tokenizer) for p in chunk], eos_id, pad_id, settings)
+        prompts = [format_prompt(p.question, tokenizer) for p in chunk]
+        traj = (sample(model, prompts, eos_id, pad_id, settings) if engine is None
+                else engine.sample(prompts, seed=offset, sampling=settings))
         counts = traj.counts()
         model_calls += traj.forward_passes
         for row, problem in enumerate(chunk):

@@ -80,7 +80,9 @@ class GRPOTrainer:
             self.backend.sync(self.step)
             launched = self.launch(self.step, version=self.step) if self.step < g.steps else None
             while self.step < g.steps:
+                started = time.perf_counter()
                 metrics, launched = self.train_step(launched)
+                metrics["step_seconds"] = time.perf_counter() - started  # with async rollouts: overlapped
                 self.step += 1
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}")

@@ -120,9 +120,25 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
 
 
 def evaluate(cfg: RunConfig, model, tokenizer, problems, run: RunDir, samples_file: str) -> dict[str, float]:
+    return evaluate_with_engine(cfg, model, tokenizer, problems, run.samples_dir / samples_file)
+
+
+def evaluate_with_engine(cfg: RunConfig, model, tokenizer, problems, samples_path: Path) -> dict[str, float]:
+    """Evaluate with `eval.engine`: rlatent's sampler, or vLLM holding the model's current weights."""
     settings = SamplingSettings.from_config(cfg.latent, cfg.eval)
-    return evaluate_problems(model, tokenizer, problems, settings, cfg.eval.batch_size,
-                             run.samples_dir / samples_file, cfg.eval.num_samples)
+    engine = None
+    if cfg.eval.engine == "vllm":
+        from rlatent.local_backend import make_engine
+        from rlatent.weight_sync import trainable_state
+
+        engine = make_engine("vllm", model, tokenizer, settings, cfg.model.cache_dir)
+        engine.load_trainable(trainable_state(model), version=0)
+    try:
+        return evaluate_problems(model, tokenizer, problems, settings, cfg.eval.batch_size, samples_path,
+                                 cfg.eval.num_samples, engine)
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
@@ -139,15 +155,16 @@ def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
     if is_run and checkpoint is None:
         raise ConfigError(f"{target_path}: run directory has no checkpoint to evaluate")
     if checkpoint is not None:
-        model, tokenizer = LatentModel.load(checkpoint, dtype, device, cache_dir=cfg.model.cache_dir)
+        # A vLLM engine is handed the weights that train (`trainable_state`), so keep them marked trainable.
+        model, tokenizer = LatentModel.load(checkpoint, dtype, device, trainable=cfg.eval.engine == "vllm",
+                                            cache_dir=cfg.model.cache_dir)
     else:
         model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
     problems, _ = load_split(cfg.data, "test", cfg.eval.limit)
     out_dir = (target_path if is_run else Path(cfg.output.dir)) / "evals" / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"evaluating {checkpoint or cfg.model.name_or_path} on {len(problems)} problems")
-    results = evaluate_problems(model, tokenizer, problems, SamplingSettings.from_config(cfg.latent, cfg.eval),
-                                cfg.eval.batch_size, out_dir / "samples.jsonl", cfg.eval.num_samples)
+    results = evaluate_with_engine(cfg, model, tokenizer, problems, out_dir / "samples.jsonl")
     results["checkpoint"] = str(checkpoint)
     atomic_write_json(out_dir / "metrics.json", results)
     print(metrics_table([results], GENERATION_COLUMNS))

@@ -15,9 +15,14 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
+import torch  # noqa: E402
+
 from rlatent.cli import main  # noqa: E402
+from rlatent.config import load_config  # noqa: E402
+from rlatent.latent_model import LatentModel  # noqa: E402
 from rlatent.ray_backend import RayBackend  # noqa: E402
 from rlatent.run_dir import read_metrics  # noqa: E402
+from rlatent.weight_sync import state_bytes, trainable_state  # noqa: E402
 
 CONFIG = "configs/tiny.yaml"
 STEPS = 4
@@ -76,7 +81,10 @@ def test_ray_backend_matches_local(tmp_path, tiny_model_dir, async_rollouts):
     rows = grpo_rows(tmp_path / "ray")
     assert [r["policy_lag"] for r in rows] == [0.0] + [float(async_rollouts)] * (STEPS - 1)
     assert all(r["rollout_samples"] == PER_STEP and r["stale_refused"] == 0 for r in rows)
-    assert all(0 < r["sync_fraction"] < 0.1 for r in rows)  # LoRA + heads only, never the base
+    cfg = load_config(CONFIG, [f"model.name_or_path={tiny_model_dir}"])
+    synced = state_bytes(trainable_state(LatentModel.from_config(cfg.model, cfg.latent, torch.float32,
+                                                                 torch.device("cpu"))[0]))
+    assert all(r["sync_bytes"] == synced and 0 < r["sync_fraction"] < 0.1 for r in rows)  # never the base
 
 
 @pytest.mark.slow
