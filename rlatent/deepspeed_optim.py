@@ -207,13 +207,19 @@ def init_distributed(device: torch.device) -> None:
     free port. DeepSpeed's shared-memory all-reduce op is turned off: only its
     inference all-reduce uses it, and on a CPU it JIT-compiles for ~40-90 s.
     """
+    added = {}
     if not torch.distributed.is_initialized():
-        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(name, value)
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(free_port())
+        defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        added = {name: value or str(free_port()) for name, value in defaults.items() if name not in os.environ}
+    os.environ.update(added)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    finally:
+        # The port is read once, at init. Left set, it would leak into child processes (Ray actors), whose
+        # own process group would then try to listen on it. DeepSpeed reads the others again later.
+        if "MASTER_PORT" in added:
+            del os.environ["MASTER_PORT"]
 
 
 def free_port() -> int:

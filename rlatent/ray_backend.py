@@ -204,7 +204,11 @@ class RayBackend:
         self.snapshot: tuple[int, Any] | None = None  # (step, ref to the learner's checkpoint_state)
         self.stale_refused = 0
         actors = [*self.rollouts.actors, *self.rewards.actors, self.learner]
-        self.nodes = len(set(ray.get([actor.node.remote() for actor in actors], timeout=d.timeout_s)))
+        try:
+            self.nodes = len(set(ray.get([actor.node.remote() for actor in actors], timeout=d.timeout_s)))
+        except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+            self.close()
+            raise TrainingError(f"ray: an actor failed to start ({first_line(exc)})") from None
         print(f"ray: {len(actors)} actors on {self.nodes} node(s)")
 
     # ---- rollouts -----------------------------------------------------------------------

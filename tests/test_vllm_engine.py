@@ -194,3 +194,19 @@ def test_errors_are_one_line(policy, model_dir, monkeypatch):
     with pytest.raises(ConfigError, match="vllm is not installed") as error:
         VLLMEngine(str(model_dir), model.settings, *args)
     assert "\n" not in str(error.value)
+
+
+def test_grpo_and_eval_run_end_to_end_on_vllm(model_dir, tmp_path, monkeypatch, request):
+    """`grpo.engine=vllm eval.engine=vllm` through the CLI: LoRA synced to vLLM after every update."""
+    from rlatent.cli import main
+    from rlatent.run_dir import read_metrics
+
+    monkeypatch.chdir(request.config.rootpath)
+    assert main(["grpo", "configs/tiny.yaml", f"model.name_or_path={model_dir}", "latent.mode=none",
+                 "grpo.engine=vllm", "eval.engine=vllm", "grpo.steps=2", "eval.limit=2",
+                 f"output.dir={tmp_path}", "output.name=run"]) == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    grpo = [r for r in rows if r["phase"] == "grpo"]
+    assert [r["step"] for r in grpo] == [1, 2]
+    assert all(r["sync_bytes"] > 0 and r["actions_start"] == 0 for r in grpo)  # text only: no decisions
+    assert [r["problems"] for r in rows if r["phase"] == "test"] == [2]
