@@ -269,10 +269,13 @@ class DistributedConfig(Section):
     """Reward worker actors; each scores whole prompt groups."""
     reward_cpus: float = Field(0.25, ge=0)
     """CPUs reserved per reward worker."""
+    learner_workers: int = Field(1, ge=1)
+    """Learner ranks (one per GPU): each takes a share of the batch's rows, DeepSpeed reduces the gradients.
+    More than one needs `deepspeed.enabled`."""
     learner_cpus: float = Field(0.5, ge=0)
-    """CPUs reserved for the learner actor."""
+    """CPUs reserved per learner rank."""
     learner_gpus: float = Field(0.0, ge=0)
-    """GPUs for the learner actor."""
+    """GPUs per learner rank."""
     async_rollouts: bool = False
     """One-step-off: step n+1's rollouts are sampled (with the weights before step n) while the learner
     trains on step n; the ratio is taken against the sampling policy's stored log-probs. Same semantics on
@@ -327,6 +330,10 @@ class RunConfig(Section):
         if self.grpo.rollout_chunks is not None and self.grpo.rollout_chunks > self.grpo.prompts_per_step:
             raise ValueError(f"grpo.rollout_chunks {self.grpo.rollout_chunks} exceeds grpo.prompts_per_step "
                              f"{self.grpo.prompts_per_step}: a chunk holds whole prompt groups")
+        if self.distributed.learner_workers > 1 and not self.deepspeed.enabled:
+            raise ValueError("distributed.learner_workers > 1 needs deepspeed.enabled (it reduces the gradients)")
+        if self.distributed.learner_workers > self.grpo.prompts_per_step * self.grpo.group_size:
+            raise ValueError("distributed.learner_workers exceeds the rollouts per step: a rank would get no rows")
         if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage 3")
         return self

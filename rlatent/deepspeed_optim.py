@@ -78,7 +78,8 @@ class DeepSpeedOptimizer:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Add this micro-batch's gradients; the loss comes scaled, so DeepSpeed must not divide it."""
-        self.engine.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed averages gradients over ranks; each rank's loss is its share of the batch's loss.
+        self.engine.backward(loss * torch.distributed.get_world_size(), scale_wrt_gas=False)
         if self.zero:  # else ZeRO overwrites instead of accumulating at the next micro-batch
             self.engine.optimizer.clear_backward_seen_flag()
 

@@ -15,6 +15,8 @@ Decisions and latents have no KL term: the heads have no reference copy.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import get_scheduler
 
@@ -35,6 +37,22 @@ def max_actions(cfg: RunConfig) -> int:
     return 2 * cfg.grpo.max_new_tokens + 1 + 2 * cfg.latent.max_total_latents
 
 
+@dataclass(frozen=True)
+class BatchTotals:
+    """Whole-batch quantities every micro-batch (and every learner rank) divides by."""
+
+    normaliser: float  # the aggregation's divisor (`grpo_losses.normaliser`)
+    actions: float  # real actions in the batch
+    tokens: float  # token actions in the batch
+
+
+def batch_totals(cfg: RunConfig, traj: Trajectories) -> BatchTotals:
+    old = stored_actions(traj, cfg.grpo.latent_noise_std > 0)
+    _, mask_flat = old.flat()
+    return BatchTotals(normaliser(mask_flat, cfg.grpo.loss_type, max_actions(cfg)), float(mask_flat.sum()),
+                       float(old.mask[..., 0].sum()))
+
+
 class GRPOLearner:
     def __init__(self, cfg: RunConfig, model: LatentModel):
         g = cfg.grpo
@@ -43,16 +61,19 @@ class GRPOLearner:
             cfg, model, g.lr, g.weight_decay, g.max_grad_norm,
             lambda opt: get_scheduler("constant_with_warmup", opt, num_warmup_steps=g.warmup_steps))
 
-    def update(self, traj: Trajectories, advantages: torch.Tensor, step: int) -> dict[str, float]:
-        """`step` (1-based) names the step in errors."""
+    def update(self, traj: Trajectories, advantages: torch.Tensor, step: int,
+               totals: "BatchTotals | None" = None) -> dict[str, float]:
+        """`step` (1-based) names the step in errors. `totals`: the whole batch's, when this learner is one
+        rank of several and `traj` its share of the rows (default: `traj` is the whole batch). Each rank's
+        loss is its share of the batch loss and its metrics its share of the batch's, so summing over
+        ranks gives what one learner would compute."""
         g = self.cfg.grpo
         self.model.train()
         traj = to_device(traj, self.model.device)
         batch = traj.batch
         old = stored_actions(traj, g.latent_noise_std > 0)
-        _, mask_flat = old.flat()
+        totals = totals or batch_totals(self.cfg, traj)
         limit = max_actions(self.cfg)
-        norm = normaliser(mask_flat, g.loss_type, limit)
         advantages = advantages.to(self.model.device)
         reference = self.reference_token_logprobs(traj, old) if g.beta > 0 else None
         sums: dict[str, float] = {}
@@ -69,15 +90,15 @@ class GRPOLearner:
                 loss, stats = grpo_loss(
                     new.flat()[0], old_flat, ref_flat, advantages[rows], mask_flat_sub, loss_type=g.loss_type,
                     epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta=g.beta, max_actions=limit,
-                    normaliser=norm)
+                    normaliser=totals.normaliser)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"grpo step {step}: loss is {loss.item()}; lower grpo.lr")
                 self.optimizer.backward(loss)
-                weight = stats["actions"] / max(float(mask_flat.sum()), 1.0) / g.num_iterations
+                weight = stats["actions"] / max(totals.actions, 1.0) / g.num_iterations
                 for name in ("clip_low", "clip_high", "clip_fraction", "ratio_mean", "kl"):
                     if name in stats:
                         sums[name] = sums.get(name, 0.0) + stats[name] * weight
-                sums["entropy"] = sums.get("entropy", 0.0) + float(entropy.sum()) / max(float(old.mask[..., 0].sum()), 1.0) / g.num_iterations
+                sums["entropy"] = sums.get("entropy", 0.0) + float(entropy.sum()) / max(totals.tokens, 1.0) / g.num_iterations
                 sums["loss"] = sums.get("loss", 0.0) + loss.item() / g.num_iterations
             sums["grad_norm"] = self.optimizer.step() / g.num_iterations
         sums["lr"] = self.optimizer.lr

@@ -31,7 +31,8 @@ from rlatent.checkpoint import read_training_state, save_checkpoint
 from rlatent.config import RunConfig
 from rlatent.errors import ConfigError, LearnerFailure, TrainingError
 from rlatent.latent_model import LatentModel
-from rlatent.rollout import RolloutChunk
+from rlatent.learner import batch_totals
+from rlatent.rollout import RolloutChunk, slice_trajectories
 from rlatent.sampler import SamplingSettings, Trajectories
 from rlatent.atomic import restore_rng_state
 from rlatent.weight_sync import load_trainable_state, model_bytes, state_bytes, trainable_state
@@ -89,16 +90,28 @@ class RewardWorker:
 
 
 class LearnerWorker:
-    def __init__(self, cfg: RunConfig, settings, dtype: torch.dtype, initial: dict[str, torch.Tensor]):
+    """One learner rank. Built in two calls: `rendezvous` on rank 0 first names the address every rank joins,
+    then `setup` on all ranks at once (DeepSpeed's process group forms only when every rank has joined)."""
+
+    def rendezvous(self) -> tuple[str, int]:
+        from rlatent.deepspeed_optim import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, cfg: RunConfig, settings, dtype: torch.dtype, initial: dict[str, torch.Tensor], rank: int,
+              world: int, address: tuple[str, int]) -> None:
         from rlatent.learner import GRPOLearner
         from rlatent.loading import resolve_device
 
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local rank is always 0.
+        os.environ.update({"MASTER_ADDR": address[0], "MASTER_PORT": str(address[1]), "RANK": str(rank),
+                           "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})
         model, _ = LatentModel.from_settings(settings, dtype, resolve_device(cfg.model.device), cfg.model.cache_dir)
         self.learner = GRPOLearner(cfg, model)
         self.learner.load_trainable(initial)
 
-    def update(self, traj: Trajectories, advantages: torch.Tensor, step: int) -> dict[str, float]:
-        return self.learner.update(traj, advantages, step)
+    def update(self, traj: Trajectories, advantages: torch.Tensor, step: int, totals) -> dict[str, float]:
+        return self.learner.update(traj, advantages, step, totals)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return self.learner.trainable_state()
@@ -197,14 +210,17 @@ class RayBackend:
         rollout = ray.remote(RolloutWorker).options(**options)
         reward = ray.remote(RewardWorker).options(num_cpus=d.reward_cpus, max_restarts=0)
         learner = ray.remote(LearnerWorker).options(num_cpus=d.learner_cpus, num_gpus=d.learner_gpus, max_restarts=0)
+        self.learners = [learner.remote() for _ in range(d.learner_workers)]
         self.rollouts = WorkerPool("rollout", lambda i: rollout.remote(cfg, model.settings, model.dtype, settings),
                                    d.rollout_workers, cfg)
         self.rewards = WorkerPool("reward", lambda i: reward.remote(cfg), d.reward_workers, cfg)
-        self.learner = learner.remote(cfg, model.settings, model.dtype, initial)
         self.snapshot: tuple[int, Any] | None = None  # (step, ref to the learner's checkpoint_state)
         self.stale_refused = 0
-        actors = [*self.rollouts.actors, *self.rewards.actors, self.learner]
+        actors = [*self.rollouts.actors, *self.rewards.actors, *self.learners]
         try:
+            address = ray.get(self.learners[0].rendezvous.remote(), timeout=d.timeout_s)
+            ray.get([actor.setup.remote(cfg, model.settings, model.dtype, initial, rank, len(self.learners), address)
+                     for rank, actor in enumerate(self.learners)], timeout=d.timeout_s)
             self.nodes = len(set(ray.get([actor.node.remote() for actor in actors], timeout=d.timeout_s)))
         except (RayActorError, RayTaskError, GetTimeoutError) as exc:
             self.close()
@@ -258,24 +274,37 @@ class RayBackend:
 
     # ---- learner ------------------------------------------------------------------------
 
-    def call_learner(self, method: str, *args, step: int):
+    def call_learner(self, method: str, *per_rank_args, step: int, args: tuple = ()):
+        """The same call on every learner rank (ZeRO-3 gathers are collective), or rank-specific arguments
+        in `per_rank_args` (one tuple per rank); returns every rank's result."""
+        calls = per_rank_args or [args] * len(self.learners)
         try:
-            return ray.get(getattr(self.learner, method).remote(*args), timeout=self.cfg.distributed.timeout_s)
+            return ray.get([getattr(actor, method).remote(*a) for actor, a in zip(self.learners, calls)],
+                           timeout=self.cfg.distributed.timeout_s)
         except RayTaskError as exc:
             raise LearnerFailure(f"learner failed in grpo step {step} ({first_line(exc)})") from None
         except (RayActorError, GetTimeoutError) as exc:
             raise LearnerFailure(f"learner died in grpo step {step} ({first_line(exc)})") from None
 
     def update(self, traj: Trajectories, advantages: torch.Tensor, step: int) -> dict[str, float]:
-        metrics = self.call_learner("update", traj, advantages, step, step=step)
-        self.snapshot = (step, self.learner.checkpoint_state.remote())
+        """Each rank trains on a contiguous share of the rows against the whole batch's totals; the ranks'
+        metric shares add up, grad norm and learning rate are the same on all."""
+        totals = batch_totals(self.cfg, traj)
+        rows = len(advantages)
+        bounds = [round(i * rows / len(self.learners)) for i in range(len(self.learners) + 1)]
+        shares = [(slice_trajectories(traj, a, b), advantages[a:b], step, totals) for a, b in zip(bounds, bounds[1:])]
+        results = self.call_learner("update", *shares, step=step)
+        metrics = {key: sum(r[key] for r in results) for key in results[0]}
+        metrics.update(grad_norm=results[0]["grad_norm"], lr=results[0]["lr"])
+        # Every rank takes part (ZeRO-3 gathers are collective); rank 0's copy is the one kept.
+        self.snapshot = (step, [actor.checkpoint_state.remote() for actor in self.learners][0])
         return metrics
 
     def sync(self, version: int) -> dict[str, float]:
         """Send the learner's trainable weights to every rollout worker, as `version`. Called at the end of
         each step, so the restart counts it reports include the step's."""
         started = time.perf_counter()
-        state = self.call_learner("trainable_state", step=version)
+        state = self.call_learner("trainable_state", step=version)[0]
         ref = ray.put(state)
         self.rollouts.broadcast("load_trainable", ref, version)
         size = state_bytes(state)
@@ -291,9 +320,9 @@ class RayBackend:
             try:
                 state = ray.get(self.snapshot[1], timeout=self.cfg.distributed.timeout_s)
             except (RayActorError, GetTimeoutError, RayTaskError):
-                state = self.call_learner("checkpoint_state", step=step)
+                state = self.call_learner("checkpoint_state", step=step)[0]
         else:
-            state = self.call_learner("checkpoint_state", step=step)
+            state = self.call_learner("checkpoint_state", step=step)[0]
         load_trainable_state(self.model, state["trainable"])
         return save_checkpoint(path, self.model, "grpo", step, state["optimizer"])
 
@@ -301,18 +330,19 @@ class RayBackend:
         """The driver loaded the checkpoint's weights (and gave them to the learner at start); the optimizer
         state goes to the learner."""
         state = read_training_state(checkpoint, "grpo")
-        self.call_learner("load_optimizer_state", state["optimizer"], step=int(state["step"]))
+        self.call_learner("load_optimizer_state", step=int(state["step"]), args=(state["optimizer"],))
         restore_rng_state(state["rng"])
         return int(state["step"])
 
     def finish(self, model: LatentModel) -> None:
         """Bring the final weights into the driver's model, for evaluation."""
-        load_trainable_state(model, self.call_learner("trainable_state", step=-1))
+        load_trainable_state(model, self.call_learner("trainable_state", step=-1)[0])
 
     def close(self) -> None:
         self.rollouts.shutdown()
         self.rewards.shutdown()
-        ray.kill(self.learner, no_restart=True)
+        for actor in self.learners:
+            ray.kill(actor, no_restart=True)
         if self.owns_ray:
             ray.shutdown()
 

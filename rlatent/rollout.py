@@ -87,3 +87,17 @@ def concat_trajectories(parts: list[Trajectories], pad_id: int) -> Trajectories:
     values = {f.name: stack([getattr(p, f.name) for p in parts], 0)
               for f in fields(Trajectories) if f.name not in ("batch", "forward_passes")}
     return Trajectories(batch=batch, forward_passes=sum(p.forward_passes for p in parts), **values)
+
+
+def slice_trajectories(traj: Trajectories, start: int, stop: int) -> Trajectories:
+    """Rows `start:stop`, trimmed to their own longest row: one learner rank's share of a batch."""
+    width = int(traj.batch.lengths[start:stop].max())
+
+    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t[start:stop] if t.dim() == 1 else t[start:stop, :width]
+
+    batch = LatentBatch(**{f.name: cut(getattr(traj.batch, f.name)) for f in fields(LatentBatch)})
+    values = {f.name: cut(getattr(traj, f.name)) for f in fields(Trajectories) if f.name not in ("batch", "forward_passes")}
+    return Trajectories(batch=batch, forward_passes=traj.forward_passes, **values)
