@@ -185,6 +185,7 @@ class WorkerPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        self.actors.clear()
 
 
 def first_line(exc: BaseException) -> str:
@@ -339,10 +340,14 @@ class RayBackend:
         load_trainable_state(model, self.call_learner("trainable_state", step=-1)[0])
 
     def close(self) -> None:
+        """Kill the actors and drop their handles. A handle that outlives its Ray session would, when
+        finally collected, release the actor with the same id in the next session of this process."""
         self.rollouts.shutdown()
         self.rewards.shutdown()
         for actor in self.learners:
             ray.kill(actor, no_restart=True)
+        self.learners.clear()
+        self.snapshot = None
         if self.owns_ray:
             ray.shutdown()
 

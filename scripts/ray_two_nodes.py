@@ -13,6 +13,7 @@ need 1.75 CPUs, so they cannot fit on the head: the run must report
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,21 +37,23 @@ def free_port() -> int:
 
 def ray_cli(*args: str) -> None:
     ray = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run([str(ray), *args, "--disable-usage-stats"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([str(ray), *args, "--disable-usage-stats"], capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"ray {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
 def stop_cluster(temp_dir: str) -> int:
-    """Terminate every process whose command line names this cluster's temp dir; returns how many."""
-    procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in p.info["cmdline"] or [])]
+    """Terminate every process whose command line names this cluster's temp dir, and their children (Ray's
+    agents rename themselves, `ray::DashboardAgent`); returns how many."""
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in p.info["cmdline"] or [])]
+    procs = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}.values()
     for p in procs:
-        p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(list(procs), timeout=10)
     for p in alive:
-        p.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     return len(procs)
 
 
@@ -58,6 +61,9 @@ def run(model_dir: str | None, out: Path) -> dict:
     from rlatent.cli import main as rlatent
     from rlatent.run_dir import read_metrics
 
+    # The cluster and this driver must agree on authentication. A `ray.init` earlier in a parent process
+    # leaves RAY_AUTH_MODE=token behind, and a token driver cannot start actors on an open cluster.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     temp_dir = tempfile.mkdtemp(prefix="r2n-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     started = time.perf_counter()

@@ -7,6 +7,7 @@ sample, and a faulted run must end with the same metrics as a clean one.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -36,8 +37,10 @@ NOT_COMPARED = ("time_", "step_seconds", "sync_", "rollout_", "reward_restarts",
 def local_ray():
     """One Ray instance for the module (runs find it initialised and leave it up). 4 logical CPUs: the
     actors reserve fractions (ENVIRONMENT.md's hang trap on 2 CPUs)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else ray.init sets it to "token" for later tests
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
+    gc.collect()  # actor handles caught in reference cycles go while their session is up
     ray.shutdown()
 
 
