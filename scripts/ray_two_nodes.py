@@ -45,7 +45,8 @@ def ray_cli(*args: str) -> None:
 def stop_cluster(temp_dir: str) -> int:
     """Terminate every process whose command line names this cluster's temp dir, and their children (Ray's
     agents rename themselves, `ray::DashboardAgent`); returns how many."""
-    roots = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in p.info["cmdline"] or [])]
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if p.pid != os.getpid() and any(temp_dir in part for part in p.info["cmdline"] or [])]
     procs = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}.values()
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
