@@ -12,7 +12,7 @@ comparison is like for like: `bf16=False` (TRL defaults to True),
 
 rlatent side: `load_config("configs/tiny.yaml", overrides)` with
 `latent.mode=none`, `LatentModel.from_config`, `GRPOTrainer(...)`, and
-`trainer.train_step()` timed (its rollout / reward / update split comes from
+`trainer.train_step(...)` timed (its rollout / reward / update split comes from
 the step metrics). TRL side: `GRPOTrainer(model, reward_funcs, GRPOConfig,
 train_dataset, peft_config=LoraConfig(...))`, steps timed by a
 `TrainerCallback` (`on_step_begin` .. `on_step_end`); TRL's
@@ -180,9 +180,12 @@ def run_rlatent(args, path: str, workdir: Path) -> dict:
     steps = []
     with MetricsLogger(run) as logger:
         trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger)
+        # Each train_step takes its own rollouts and samples the next step's (the local backend samples
+        # when launched), so a timed step is one rollout plus one update either way.
+        launched = trainer.launch(0, version=0)
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            metrics = trainer.train_step()
+            metrics, launched = trainer.train_step(launched)
             elapsed = time.perf_counter() - t0
             trainer.step += 1
             steps.append({
