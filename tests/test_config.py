@@ -175,3 +175,9 @@ def test_to_yaml_round_trips(tmp_path):
     again = load_config(path)
     assert again == cfg
     assert load_config(write(tmp_path, RunConfig().to_yaml(), "defaults.yaml")) == RunConfig()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_is_valid(name):
+    cfg = load_config(REPO / "configs" / name, ["model.name_or_path=/some/dir"])
+    assert cfg.grpo.steps >= 0
