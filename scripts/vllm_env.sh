@@ -27,5 +27,6 @@ $pip uninstall -q -y torchvision torchaudio torchcodec
 # Keep the torch and transformers vLLM chose: rlatent only needs transformers>=5.17.
 pins="$venv/vllm-pins.txt"
 $pip freeze | grep -E '^(torch|transformers)==' >"$pins"
-$pip install -q -c constraints.txt -c "$pins" -e ".[test]"
+# Ray too, so vLLM rollout workers as Ray actors are tested here (the main environment has no vLLM).
+$pip install -q -c constraints.txt -c "$pins" -e ".[test,ray]"
 echo "vllm env: $((SECONDS - start)) s ($venv)"

@@ -210,3 +210,20 @@ def test_grpo_and_eval_run_end_to_end_on_vllm(model_dir, tmp_path, monkeypatch, 
     assert [r["step"] for r in grpo] == [1, 2]
     assert all(r["sync_bytes"] > 0 and r["actions_start"] == 0 for r in grpo)  # text only: no decisions
     assert [r["problems"] for r in rows if r["phase"] == "test"] == [2]
+
+
+def test_ray_rollout_workers_can_host_vllm(model_dir, tmp_path, monkeypatch, request):
+    """`distributed.backend=ray grpo.engine=vllm`: the engine lives in a Ray actor and gets LoRA by sync."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed in this environment")
+    from rlatent.cli import main
+    from rlatent.run_dir import read_metrics
+
+    monkeypatch.chdir(request.config.rootpath)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert main(["grpo", "configs/tiny.yaml", f"model.name_or_path={model_dir}", "latent.mode=none",
+                 "grpo.engine=vllm", "distributed.backend=ray", "distributed.rollout_workers=1",
+                 "distributed.num_cpus=4", "distributed.timeout_s=300", "grpo.steps=2", "eval.limit=1",
+                 f"output.dir={tmp_path}", "output.name=run"]) == 0
+    assert not ray.is_initialized()  # the run started its own Ray and shut it down
+    grpo = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["phase"] == "grpo"]
+    assert [r["rollout_samples"] for r in grpo] == [4.0, 4.0] and all(r["sync_bytes"] > 0 for r in grpo)
