@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from rlatent.errors import ConfigError
+from rlatent.errors import ConfigError, first_line
 from rlatent.optim import MOMENTS, SchedulerFactory, check_moments, load_schedule, trainable_named_parameters
 
 try:
@@ -227,8 +227,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

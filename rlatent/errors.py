@@ -32,3 +32,9 @@ class TrainingError(RlatentError):
 
 class LearnerFailure(TrainingError):
     """The learner (a Ray actor) died or raised; the run stops with a resumable checkpoint."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when empty): a library's reason, quoted in ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from rlatent.atomic import load_tensors, save_tensors
-from rlatent.errors import CheckpointError
+from rlatent.errors import CheckpointError, first_line
 from rlatent.heads import Head
 from rlatent.loading import load_base_model
 from rlatent.projections import build_projection
@@ -245,8 +245,7 @@ class LatentModel(nn.Module):
                 base = PeftModel.from_pretrained(base, adapter, adapter_name=settings.adapter_name,
                                                  is_trainable=trainable)
             except (ValueError, OSError, SafetensorError) as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CheckpointError(f"{adapter}: cannot load the LoRA adapter ({reason})") from None
+                raise CheckpointError(f"{adapter}: cannot load the LoRA adapter ({first_line(exc)})") from None
         model = cls(base, settings)
         state = load_tensors(directory / HEADS_FILE)
         expected = model.head_state()

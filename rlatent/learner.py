@@ -46,8 +46,8 @@ class BatchTotals:
     tokens: float  # token actions in the batch
 
 
-def batch_totals(cfg: RunConfig, traj: Trajectories) -> BatchTotals:
-    old = stored_actions(traj, cfg.grpo.latent_noise_std > 0)
+def batch_totals(cfg: RunConfig, old: Actions) -> BatchTotals:
+    """From the whole batch's stored actions."""
     _, mask_flat = old.flat()
     return BatchTotals(normaliser(mask_flat, cfg.grpo.loss_type, max_actions(cfg)), float(mask_flat.sum()),
                        float(old.mask[..., 0].sum()))
@@ -72,7 +72,7 @@ class GRPOLearner:
         traj = to_device(traj, self.model.device)
         batch = traj.batch
         old = stored_actions(traj, g.latent_noise_std > 0)
-        totals = totals or batch_totals(self.cfg, traj)
+        totals = totals or batch_totals(self.cfg, old)
         limit = max_actions(self.cfg)
         advantages = advantages.to(self.model.device)
         reference = self.reference_token_logprobs(traj, old) if g.beta > 0 else None

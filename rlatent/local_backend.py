@@ -15,25 +15,12 @@ import torch
 
 from rlatent.checkpoint import restore_training_state, save_checkpoint
 from rlatent.config import RunConfig
-from rlatent.examples import special_token_ids
 from rlatent.latent_model import LatentModel
 from rlatent.learner import GRPOLearner
 from rlatent.reward_fns import RewardSet
-from rlatent.rollout import RolloutChunk, SamplerEngine
+from rlatent.rollout import RolloutChunk, SamplerEngine, make_engine
 from rlatent.sampler import SamplingSettings, Trajectories
 from rlatent.weight_sync import model_bytes, state_bytes
-
-
-def make_engine(kind: str, model: LatentModel, tokenizer, settings: SamplingSettings, cache_dir: str | None):
-    """The rollout engine `grpo.engine` names, around `model` (rlatent) or its base (vLLM)."""
-    eos_id, pad_id = special_token_ids(tokenizer)
-    if kind == "vllm":
-        from rlatent.loading import resolve_source
-        from rlatent.vllm_engine import VLLMEngine
-
-        return VLLMEngine(resolve_source(model.settings.base_model, cache_dir), model.settings, tokenizer, settings,
-                          eos_id, pad_id, model.hidden_size)
-    return SamplerEngine(model, eos_id, pad_id, settings)
 
 
 class LocalBackend:

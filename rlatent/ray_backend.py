@@ -22,19 +22,23 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from rlatent.actions import stored_actions
+from rlatent.atomic import restore_rng_state
 from rlatent.checkpoint import read_training_state, save_checkpoint
 from rlatent.config import RunConfig
-from rlatent.errors import ConfigError, LearnerFailure, TrainingError
+from rlatent.errors import ConfigError, LearnerFailure, TrainingError, first_line
 from rlatent.latent_model import LatentModel
-from rlatent.learner import batch_totals
-from rlatent.rollout import RolloutChunk, slice_trajectories
+from rlatent.learner import GRPOLearner, batch_totals, to_device
+from rlatent.loading import resolve_device
+from rlatent.reward_fns import RewardSet
+from rlatent.rollout import RolloutChunk, make_engine, slice_trajectories
 from rlatent.sampler import SamplingSettings, Trajectories
-from rlatent.atomic import restore_rng_state
 from rlatent.weight_sync import load_trainable_state, model_bytes, state_bytes, trainable_state
 
 try:
@@ -46,13 +50,20 @@ except ImportError:  # the `ray` extra is optional; the backend says so when cho
 
 # ---- the actors (plain classes; `ray.remote` wraps them when the backend starts) ---------------
 
-class RolloutWorker:
+class Probe:
+    """Where an actor runs: for placement reports and fault-injection tests."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+class RolloutWorker(Probe):
     """A model built from the learner's settings plus an engine; weights arrive by `load_trainable`."""
 
     def __init__(self, cfg: RunConfig, settings, dtype: torch.dtype, sampling: SamplingSettings):
-        from rlatent.loading import resolve_device
-        from rlatent.local_backend import make_engine
-
         model, tokenizer = LatentModel.from_settings(settings, dtype, resolve_device(cfg.model.device),
                                                      cfg.model.cache_dir)
         self.engine = make_engine(cfg.grpo.engine, model, tokenizer, sampling, cfg.model.cache_dir)
@@ -64,32 +75,18 @@ class RolloutWorker:
         return version
 
     def sample(self, chunk: RolloutChunk) -> tuple[Trajectories, int]:
-        from rlatent.learner import to_device
-
         return to_device(self.engine.sample(chunk.prompts, chunk.seed), torch.device("cpu")), self.version
 
-    def pid(self) -> int:
-        """For health checks and fault-injection tests."""
-        return os.getpid()
 
-    def node(self) -> str:
-        """The Ray node this actor landed on."""
-        return ray.get_runtime_context().get_node_id()
-
-
-class RewardWorker:
+class RewardWorker(Probe):
     def __init__(self, cfg: RunConfig):
-        from rlatent.reward_fns import RewardSet
-
         self.rewards = RewardSet(cfg.grpo.rewards, cfg.grpo.reward_errors)
 
     def score(self, prompts: list[str], completions: list[str], facts: dict):
         return self.rewards.score(prompts, completions, facts)
 
-    pid, node = RolloutWorker.pid, RolloutWorker.node
 
-
-class LearnerWorker:
+class LearnerWorker(Probe):
     """One learner rank. Built in two calls: `rendezvous` on rank 0 first names the address every rank joins,
     then `setup` on all ranks at once (DeepSpeed's process group forms only when every rank has joined)."""
 
@@ -100,9 +97,6 @@ class LearnerWorker:
 
     def setup(self, cfg: RunConfig, settings, dtype: torch.dtype, initial: dict[str, torch.Tensor], rank: int,
               world: int, address: tuple[str, int]) -> None:
-        from rlatent.learner import GRPOLearner
-        from rlatent.loading import resolve_device
-
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local rank is always 0.
         os.environ.update({"MASTER_ADDR": address[0], "MASTER_PORT": str(address[1]), "RANK": str(rank),
                            "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})
@@ -122,10 +116,18 @@ class LearnerWorker:
     def load_optimizer_state(self, state: dict) -> None:
         self.learner.load_optimizer_state(state)
 
-    node = RolloutWorker.node
-
 
 # ---- restarting pools -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Call:
+    """A submitted actor call: enough to run it again on a restarted actor."""
+
+    index: int  # worker index in the pool
+    method: str
+    args: tuple
+    actor: Any  # the handle it went to (a restart replaces the pool's)
+    ref: Any  # its result
 
 class WorkerPool:
     """Actors of one role. A call whose actor died (or timed out) restarts that actor, replays the last
@@ -137,30 +139,30 @@ class WorkerPool:
         self.setup: tuple[str, tuple] | None = None  # the last broadcast, replayed on restarted actors
         self.restarts = 0
 
-    def submit(self, calls: list[tuple[int, str, tuple]]) -> list[tuple]:
-        """Start calls (worker index, method, args); returns handles for `gather`."""
-        return [(index, method, args, self.actors[index], getattr(self.actors[index], method).remote(*args))
+    def submit(self, calls: list[tuple[int, str, tuple]]) -> list["Call"]:
+        """Start calls (worker index, method, args); returns them for `gather`."""
+        return [Call(index, method, args, self.actors[index], getattr(self.actors[index], method).remote(*args))
                 for index, method, args in calls]
 
-    def gather(self, handles: list[tuple]) -> list[Any]:
-        results: list[Any] = [None] * len(handles)
-        pending = {handle[-1]: (i, handle) for i, handle in enumerate(handles)}
+    def gather(self, calls: list["Call"]) -> list[Any]:
+        results: list[Any] = [None] * len(calls)
+        pending = {call.ref: (i, call) for i, call in enumerate(calls)}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.distributed.timeout_s)
             if not ready:  # the oldest call is stuck: treat its actor as dead
                 ready = [next(iter(pending))]
-                ray.kill(pending[ready[0]][1][3], no_restart=True)
+                ray.kill(pending[ready[0]][1].actor, no_restart=True)
             for ref in ready:
-                i, (index, method, args, actor, _) = pending.pop(ref)
+                i, call = pending.pop(ref)
                 try:
                     results[i] = ray.get(ref, timeout=self.cfg.distributed.timeout_s)
                 except RayTaskError as exc:
-                    raise TrainingError(f"{self.role} worker {index}: {method} failed: {first_line(exc)}") from None
+                    raise TrainingError(f"{self.role} worker {call.index}: {call.method} failed: {reason(exc)}") from None
                 except (RayActorError, GetTimeoutError) as exc:
-                    if self.actors[index] is actor:
-                        self.restart(index, exc)
-                    retry = self.submit([(index, method, args)])[0]
-                    pending[retry[-1]] = (i, retry)
+                    if self.actors[call.index] is call.actor:  # not yet restarted for another of its calls
+                        self.restart(call.index, exc)
+                    retry = self.submit([(call.index, call.method, call.args)])[0]
+                    pending[retry.ref] = (i, retry)
         return results
 
     def run(self, calls: list[tuple[int, str, tuple]]) -> list[Any]:
@@ -174,9 +176,9 @@ class WorkerPool:
     def restart(self, index: int, cause: Exception) -> None:
         self.restarts += 1
         if self.restarts > self.cfg.distributed.max_restarts:
-            raise TrainingError(f"{self.role} worker {index} died ({first_line(cause)}) and distributed.max_restarts "
+            raise TrainingError(f"{self.role} worker {index} died ({reason(cause)}) and distributed.max_restarts "
                                 f"({self.cfg.distributed.max_restarts}) restarts are used up")
-        print(f"{self.role} worker {index} died ({first_line(cause)}); restarting it", file=sys.stderr)
+        print(f"{self.role} worker {index} died ({reason(cause)}); restarting it", file=sys.stderr)
         self.actors[index] = self.make(index)
         if self.setup is not None:
             method, args = self.setup
@@ -188,12 +190,11 @@ class WorkerPool:
         self.actors.clear()
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+def reason(exc: BaseException) -> str:
+    """One line for a Ray error: the worker's own exception when it raised one (a `RayTaskError` prints a
+    whole traceback), else Ray's message."""
     cause = getattr(exc, "cause", None)
-    if cause is not None:
-        text = f"{type(cause).__name__}: {cause}"
-    return text.splitlines()[-1] if text else type(exc).__name__
+    return f"{type(cause).__name__}: {first_line(cause)}" if cause is not None else first_line(exc)
 
 
 # ---- the backend --------------------------------------------------------------------------
@@ -225,30 +226,29 @@ class RayBackend:
             self.nodes = len(set(ray.get([actor.node.remote() for actor in actors], timeout=d.timeout_s)))
         except (RayActorError, RayTaskError, GetTimeoutError) as exc:
             self.close()
-            raise TrainingError(f"ray: an actor failed to start ({first_line(exc)})") from None
+            raise TrainingError(f"ray: an actor failed to start ({reason(exc)})") from None
         print(f"ray: {len(actors)} actors on {self.nodes} node(s)")
 
     # ---- rollouts -----------------------------------------------------------------------
 
-    def launch(self, chunks: list[RolloutChunk], version: int):
-        calls = [(i % len(self.rollouts.actors), "sample", (chunk,)) for i, chunk in enumerate(chunks)]
-        return calls, self.rollouts.submit(calls)
+    def launch(self, chunks: list[RolloutChunk], version: int) -> list[Call]:
+        return self.rollouts.submit([(i % len(self.rollouts.actors), "sample", (chunk,))
+                                     for i, chunk in enumerate(chunks)])
 
-    def collect(self, launched, version: int) -> tuple[list[Trajectories], dict[str, float]]:
+    def collect(self, launched: list[Call], version: int) -> tuple[list[Trajectories], dict[str, float]]:
         """Results in chunk order. A chunk sampled with weights older than `version` is refused, counted and
         redone after a resync; newer ones (a worker restarted during async rollouts gets the latest weights)
         are accepted: the ratio is taken against the log-probs they were sampled with."""
-        calls, handles = launched
-        results = self.rollouts.gather(handles)
-        for i, (traj, sampled_with) in enumerate(results):
+        results = self.rollouts.gather(launched)
+        for i, ((traj, sampled_with), call) in enumerate(zip(results, launched)):
             if sampled_with < version:
                 self.stale_refused += 1
                 print(f"rollout chunk {i} was sampled with weights v{sampled_with}, expected v{version}: refused, "
                       "resampling", file=sys.stderr)
-                self.rollouts.run([(calls[i][0], *self.rollouts.setup)])
-                results[i] = self.rollouts.run([calls[i]])[0]
+                self.rollouts.run([(call.index, *self.rollouts.setup)])
+                results[i] = self.rollouts.run([(call.index, call.method, call.args)])[0]
                 if results[i][1] < version:
-                    raise TrainingError(f"rollout worker {calls[i][0]} still samples with v{results[i][1]} after a "
+                    raise TrainingError(f"rollout worker {call.index} still samples with v{results[i][1]} after a "
                                         f"resync to v{version}")
         rows = sum(traj.batch.input_ids.shape[0] for traj, _ in results)
         return [traj for traj, _ in results], {"rollout_samples": float(rows), "stale_refused": float(self.stale_refused)}
@@ -283,14 +283,14 @@ class RayBackend:
             return ray.get([getattr(actor, method).remote(*a) for actor, a in zip(self.learners, calls)],
                            timeout=self.cfg.distributed.timeout_s)
         except RayTaskError as exc:
-            raise LearnerFailure(f"learner failed in grpo step {step} ({first_line(exc)})") from None
+            raise LearnerFailure(f"learner failed in grpo step {step} ({reason(exc)})") from None
         except (RayActorError, GetTimeoutError) as exc:
-            raise LearnerFailure(f"learner died in grpo step {step} ({first_line(exc)})") from None
+            raise LearnerFailure(f"learner died in grpo step {step} ({reason(exc)})") from None
 
     def update(self, traj: Trajectories, advantages: torch.Tensor, step: int) -> dict[str, float]:
         """Each rank trains on a contiguous share of the rows against the whole batch's totals; the ranks'
         metric shares add up, grad norm and learning rate are the same on all."""
-        totals = batch_totals(self.cfg, traj)
+        totals = batch_totals(self.cfg, stored_actions(traj, self.cfg.grpo.latent_noise_std > 0))
         rows = len(advantages)
         bounds = [round(i * rows / len(self.learners)) for i in range(len(self.learners) + 1)]
         shares = [(slice_trajectories(traj, a, b), advantages[a:b], step, totals) for a, b in zip(bounds, bounds[1:])]

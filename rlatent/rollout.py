@@ -1,4 +1,4 @@
-"""Rollout work units and rlatent's in-process engine.
+"""Rollout work units, and the engines that sample them (`make_engine`).
 
 A step's prompts are split into chunks of whole prompt groups, each sampled
 under its own seed derived from (run seed, step, chunk). A chunk is what a Ray
@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from rlatent.batch import LatentBatch
+from rlatent.examples import special_token_ids
 from rlatent.latent_model import LatentModel
 from rlatent.sampler import SamplingSettings, Trajectories, sample
 from rlatent.weight_sync import load_trainable_state
@@ -62,6 +63,18 @@ class SamplerEngine:
 
     def load_trainable(self, state: dict[str, torch.Tensor], version: int) -> None:
         load_trainable_state(self.model, state)
+
+
+def make_engine(kind: str, model: LatentModel, tokenizer, settings: SamplingSettings, cache_dir: str | None):
+    """The rollout engine `grpo.engine` names, around `model` (rlatent) or its base (vLLM)."""
+    eos_id, pad_id = special_token_ids(tokenizer)
+    if kind == "vllm":
+        from rlatent.loading import resolve_source
+        from rlatent.vllm_engine import VLLMEngine
+
+        return VLLMEngine(resolve_source(model.settings.base_model, cache_dir), model.settings, tokenizer, settings,
+                          eos_id, pad_id, model.hidden_size)
+    return SamplerEngine(model, eos_id, pad_id, settings)
 
 
 def concat_trajectories(parts: list[Trajectories], pad_id: int) -> Trajectories:

@@ -128,7 +128,7 @@ def evaluate_with_engine(cfg: RunConfig, model, tokenizer, problems, samples_pat
     settings = SamplingSettings.from_config(cfg.latent, cfg.eval)
     engine = None
     if cfg.eval.engine == "vllm":
-        from rlatent.local_backend import make_engine
+        from rlatent.rollout import make_engine
         from rlatent.weight_sync import trainable_state
 
         engine = make_engine("vllm", model, tokenizer, settings, cfg.model.cache_dir)

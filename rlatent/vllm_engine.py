@@ -116,12 +116,6 @@ class VLLMEngine:
         return self._trajectories(prompts, [list(c.token_ids) for c in completions],
                                   [[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in completions])
 
-    def generate_texts(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-        """Greedy completions as text, for evaluation."""
-        greedy = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0)
-        traj = self.sample(prompts, seed=0, sampling=greedy)
-        return [self.tokenizer.decode(traj.completion_ids(b), skip_special_tokens=True) for b in range(len(prompts))]
-
     def close(self) -> None:
         """Stop the engine's processes and delete the written weights."""
         self.llm.llm_engine.engine_core.shutdown()

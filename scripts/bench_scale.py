@@ -124,7 +124,7 @@ def vllm_against_sampler(args, model: str) -> dict:
     from rlatent.config import load_config
     from rlatent.examples import format_prompt
     from rlatent.latent_model import LatentModel
-    from rlatent.local_backend import make_engine
+    from rlatent.rollout import make_engine
     from rlatent.sampler import SamplingSettings
     from rlatent.splits import load_split
 

@@ -156,8 +156,6 @@ def test_greedy_completions_equal_rlatents_sampler(engine, prompts, policy, eos)
     assert torch.equal(theirs.batch.attention_mask, ours.batch.attention_mask)
     assert torch.equal(theirs.finished, ours.finished) and theirs.forward_passes == ours.forward_passes
     assert (theirs.token_logprobs - ours.token_logprobs).abs().max() < TOLERANCE  # at temperature 1
-    texts = [tokenizer.decode(ours.completion_ids(b), skip_special_tokens=True) for b in range(len(prompts))]
-    assert engine.generate_texts(prompts, MAX_NEW) == texts
 
 
 def test_full_fine_tuning_weights_are_reloaded(model_dir, prompts, eos):
