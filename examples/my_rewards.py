@@ -15,7 +15,7 @@ Try it:  python examples/my_rewards.py
 
 from __future__ import annotations
 
-from rlatent.marks import answers_match, extract_final_answer
+from rlatent.data.marks import answers_match, extract_final_answer
 
 
 def short_and_correct(

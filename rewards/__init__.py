@@ -13,7 +13,7 @@ reward takes what it needs by name and must accept `**kwargs` for the rest.
 
 The built-ins below are chosen by name in `grpo.rewards`; anything else is
 found by entry point (group `rlatent.rewards`) or dotted path
-(`package.module:function`), see `rlatent.reward_fns.resolve_reward`.
+(`package.module:function`), see `rewards.registry.resolve_reward`.
 """
 
 from rewards.gsm8k import gsm8k_correct, gsm8k_format

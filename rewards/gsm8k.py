@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rlatent.marks import answers_match, extract_final_answer, parse_number
+from rlatent.data.marks import answers_match, extract_final_answer, parse_number
 
 
 def gsm8k_correct(prompts: list[str], completions: list[str], answer: list[str], **kwargs) -> list[float]:

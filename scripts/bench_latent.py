@@ -2,7 +2,7 @@
 
 Two measurements on one model, one batch size and one set of lengths:
 
-1. Sampler throughput: `rlatent.sampler.sample` with latents switched on (the
+1. Sampler throughput: `rlatent.latent.sampler.sample` with latents switched on (the
    heads are biased so a language position opens a block with P(start) and a
    latent closes its block with P(stop), decisions drawn, tokens greedy) against
    Hugging Face `generate` (greedy, text only, exactly `--new-tokens` tokens) on
@@ -52,12 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 import torch.nn.functional as F
 
-from rlatent.batch import LatentBatch
+from rlatent.latent.batch import LatentBatch
 from rlatent.config import LatentConfig, ModelConfig
-from rlatent.latent_forward import default_pass_cost, forward, plan_waves
-from rlatent.latent_model import LatentModel
-from rlatent.sampler import SamplingSettings, sample
-from rlatent.tiny import build_tiny_model
+from rlatent.latent.forward import default_pass_cost, forward, plan_waves
+from rlatent.model.latent_model import LatentModel
+from rlatent.latent.sampler import SamplingSettings, sample
+from rlatent.model.tiny import build_tiny_model
 
 NEVER = -1  # an EOS id no argmax can produce: every row generates exactly --new-tokens tokens
 

@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def model_path(name: str, workdir: Path) -> str:
     if name == "tiny":
-        from rlatent.tiny import build_tiny_model
+        from rlatent.model.tiny import build_tiny_model
 
         return str(build_tiny_model(workdir / "tiny"))
     return name
@@ -57,8 +57,8 @@ def model_path(name: str, workdir: Path) -> str:
 
 def run_job(args, model: str, workdir: Path, label: str, *overrides: str) -> dict:
     """One `rlatent grpo` run; step times and sync figures from its metrics."""
-    from rlatent.cli import main
-    from rlatent.run_dir import read_metrics
+    from rlatent.run.cli import main
+    from rlatent.io.run_dir import read_metrics
 
     status = main(["grpo", str(ROOT / "configs/quickstart.yaml"), f"model.name_or_path={model}",
                    f"output.dir={workdir}", f"output.name={label}", f"grpo.steps={args.steps}",
@@ -100,8 +100,8 @@ def sync_sizes(model: str) -> list[dict]:
     """Trainable bytes / all bytes for LoRA settings (fp32 on CPU, as the runs here)."""
     import torch
 
-    from rlatent.latent_model import LatentModel, LatentSettings
-    from rlatent.weight_sync import model_bytes, state_bytes, trainable_state
+    from rlatent.model.latent_model import LatentModel, LatentSettings
+    from rlatent.workers.weight_sync import model_bytes, state_bytes, trainable_state
 
     rows = []
     for rank, targets in LORA_SETTINGS:
@@ -122,11 +122,11 @@ def vllm_against_sampler(args, model: str) -> dict:
     import torch
 
     from rlatent.config import load_config
-    from rlatent.examples import format_prompt
-    from rlatent.latent_model import LatentModel
-    from rlatent.rollout import make_engine
-    from rlatent.sampler import SamplingSettings
-    from rlatent.splits import load_split
+    from rlatent.data.examples import format_prompt
+    from rlatent.model.latent_model import LatentModel
+    from rlatent.workers.rollout import make_engine
+    from rlatent.latent.sampler import SamplingSettings
+    from rlatent.data.splits import load_split
 
     cfg = load_config(ROOT / "configs/quickstart.yaml", [f"model.name_or_path={model}", "latent.mode=none"])
     latent_model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, torch.float32, torch.device("cpu"))

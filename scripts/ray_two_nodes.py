@@ -59,8 +59,8 @@ def stop_cluster(temp_dir: str) -> int:
 
 
 def run(model_dir: str | None, out: Path) -> dict:
-    from rlatent.cli import main as rlatent
-    from rlatent.run_dir import read_metrics
+    from rlatent.run.cli import main as rlatent
+    from rlatent.io.run_dir import read_metrics
 
     # The cluster and this driver must agree on authentication. A `ray.init` earlier in a parent process
     # leaves RAY_AUTH_MODE=token behind, and a token driver cannot start actors on an open cluster.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build a separate virtual environment with vLLM for the optional rollout
-# engine (rlatent/vllm_engine.py) and its tests:
+# engine (rlatent/workers/vllm_engine.py) and its tests:
 #
 #   bash scripts/vllm_env.sh VENV_DIR
 #   VLLM_CPU_KVCACHE_SPACE=1 VENV_DIR/bin/python -m pytest -q tests/test_vllm_engine.py

@@ -13,7 +13,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from rlatent.synthetic import generate_problems
+    from rlatent.data.synthetic import generate_problems
 
     lines = [p.question + "\n" + p.answer for p in generate_problems(300, seed=0, operators="+-*/")]
     specials = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>"]
@@ -37,8 +37,8 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A tiny random model directory (`rlatent.tiny`), built once per session."""
-    from rlatent.tiny import build_tiny_model
+    """A tiny random model directory (`rlatent.model.tiny`), built once per session."""
+    from rlatent.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 

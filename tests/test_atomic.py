@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from rlatent.atomic import (
+from rlatent.io.atomic import (
     atomic_directory,
     atomic_file,
     atomic_write_json,

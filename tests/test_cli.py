@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlatent.cli import main
+from rlatent.run.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

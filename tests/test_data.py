@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from rlatent.data import Problem, load_gsm8k, load_jsonl_problems
+from rlatent.data.gsm8k import Problem, load_gsm8k, load_jsonl_problems
 from rlatent.errors import DataError
-from rlatent.marks import answers_match, evaluate_expression, extract_final_answer, parse_marks, strip_marks
-from rlatent.synthetic import generate_problems
+from rlatent.data.marks import answers_match, evaluate_expression, extract_final_answer, parse_marks, strip_marks
+from rlatent.data.synthetic import generate_problems
 
 GOOD = {"question": "Natalia sold 48 clips...", "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 1,024"}
 

@@ -14,19 +14,20 @@ from transformers import get_scheduler
 
 pytest.importorskip("deepspeed")
 
-from rlatent import deepspeed_optim  # noqa: E402
-from rlatent.batch import collate  # noqa: E402
-from rlatent.checkpoint import restore_training_state, save_checkpoint  # noqa: E402
+from rlatent.optim import deepspeed_optimizer as deepspeed_optim  # noqa: E402
+from rlatent.latent.batch import collate  # noqa: E402
+from rlatent.io.checkpoint import restore_training_state, save_checkpoint  # noqa: E402
 from rlatent.config import load_config  # noqa: E402
-from rlatent.deepspeed_optim import DeepSpeedOptimizer  # noqa: E402
+from rlatent.optim.deepspeed_optimizer import DeepSpeedOptimizer  # noqa: E402
 from rlatent.errors import ConfigError  # noqa: E402
-from rlatent.latent_forward import forward  # noqa: E402
-from rlatent.latent_model import LatentModel  # noqa: E402
-from rlatent.optim import TorchOptimizer, build_optimizer, trainable_named_parameters  # noqa: E402
-from rlatent.sft_losses import sft_loss  # noqa: E402
-from rlatent.splits import sft_examples  # noqa: E402
-from rlatent.synthetic import generate_problems  # noqa: E402
-from rlatent.weight_sync import load_trainable_state, trainable_state  # noqa: E402
+from rlatent.latent.forward import forward  # noqa: E402
+from rlatent.model.latent_model import LatentModel  # noqa: E402
+from rlatent.optim import TorchOptimizer, build_optimizer  # noqa: E402
+from rlatent.optim.state import trainable_named_parameters  # noqa: E402
+from rlatent.sft.losses import sft_loss  # noqa: E402
+from rlatent.data.splits import sft_examples  # noqa: E402
+from rlatent.data.synthetic import generate_problems  # noqa: E402
+from rlatent.workers.weight_sync import load_trainable_state, trainable_state  # noqa: E402
 
 CPU = torch.device("cpu")
 CONFIG = "configs/tiny.yaml"

@@ -4,16 +4,16 @@ import os
 
 import pytest
 
-from rlatent.data import Problem, load_gsm8k
+from rlatent.data.gsm8k import Problem, load_gsm8k
 from rlatent.errors import ModelError
-from rlatent.examples import (
+from rlatent.data.examples import (
     answer_segments,
     build_example,
     format_prompt,
     render_example,
 )
-from rlatent.marks import parse_marks, strip_marks
-from rlatent.synthetic import generate_problems
+from rlatent.data.marks import parse_marks, strip_marks
+from rlatent.data.synthetic import generate_problems
 
 NATALIA = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

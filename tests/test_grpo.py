@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
-from rlatent.actions import recompute_actions, stored_actions
-from rlatent.cli import main
-from rlatent.examples import format_prompt
-from rlatent.grpo import GRPOTrainer
-from rlatent.run_dir import read_metrics
-from rlatent.sampler import SamplingSettings, sample
+from rlatent.latent.policy import recompute_actions
+from rlatent.run.cli import main
+from rlatent.data.examples import format_prompt
+from rlatent.distributed import make_backend
+from rlatent.grpo.loop import GRPOTrainer
+from rlatent.io.run_dir import read_metrics
+from rlatent.latent.sampler import SamplingSettings, sample
 from test_invariant import build_model
 
 CONFIG = "configs/tiny.yaml"
@@ -31,7 +32,7 @@ def test_stored_logprobs_equal_recomputed(tiny_model_dir, trunk, gradient, noise
     settings = SamplingSettings(max_new_tokens=12, temperature=0.7, top_p=0.9, decisions="sample",
                                 max_latents_per_block=3, max_blocks=4, max_total_latents=8, latent_noise_std=noise)
     traj = sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, settings)
-    stored = stored_actions(traj, noise > 0)
+    stored = traj.actions(noise > 0)
     assert stored.mask[..., 1].any() and stored.mask[..., 2].any()  # start and stop decisions were taken
     assert stored.mask[..., 3].any() == (noise > 0)  # latent densities are actions only with noise
     recomputed, entropy = recompute_actions(model, traj.batch, traj.slot_inputs, stored.mask, 0.7, noise, gradient)
@@ -97,7 +98,7 @@ def test_kill_and_resume_reaches_the_same_metrics(tiny_model_dir, tmp_path, monk
 
 
 def test_resume_of_a_run_killed_in_phase_1(tiny_model_dir, tmp_path, monkeypatch):
-    from rlatent.sft import SFTTrainer
+    from rlatent.sft.trainer import SFTTrainer
 
     overrides = tiny_overrides(tiny_model_dir, "sft.steps=4", "sft.save_every=2", "grpo.steps=2", "eval.limit=2")
     whole = run_cli(tmp_path, "whole", *overrides)
@@ -125,9 +126,9 @@ def test_resume_needs_a_run_directory(tmp_path, capsys):
 def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, loss_type):
     """1 x 8 accumulation equals 8 x 1: micro-batches are trimmed and use the full batch's normaliser."""
     from rlatent.config import load_config
-    from rlatent.latent_model import LatentModel
-    from rlatent.run_dir import MetricsLogger, RunDir
-    from rlatent.splits import load_split
+    from rlatent.model.latent_model import LatentModel
+    from rlatent.io.run_dir import MetricsLogger, RunDir
+    from rlatent.data.splits import load_split
 
     cfg = load_config(CONFIG, [f"model.name_or_path={tiny_model_dir}", "model.dtype=float64", "grpo.group_size=4",
                                "grpo.prompts_per_step=2", "grpo.max_new_tokens=12", f"grpo.loss_type={loss_type}",
@@ -139,13 +140,13 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, l
     problems, _ = load_split(cfg.data, "train")
     run = RunDir(tmp_path / "run")
     with MetricsLogger(run) as logger:
-        trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger)
+        trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger, make_backend(cfg, model, tokenizer))
         learner = trainer.backend.learner
         chosen = [problems[i] for i in range(2) for _ in range(4)]
         traj = trainer.backend.engine.sample([format_prompt(p.question, tokenizer) for p in chosen], seed=0)
         assert len(set(traj.batch.lengths.tolist())) > 1  # rows of different lengths: trimming matters
         rewards, _ = trainer.score(chosen, traj)
-        from rlatent.grpo_losses import group_advantages
+        from rlatent.grpo.losses import group_advantages
 
         advantages = group_advantages(rewards, 4, "group")
         assert advantages.abs().sum() > 0

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlatent.grpo_losses import (
+from rlatent.grpo.losses import (
     ADVANTAGE_SCALES,
     AGGREGATIONS,
     STD_EPS,

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from rlatent.config import LatentConfig, ModelConfig
-from rlatent.latent_forward import forward, plan_waves
-from rlatent.latent_model import LatentModel
-from rlatent.sampler import SamplingSettings, sample
+from rlatent.latent.forward import forward, plan_waves
+from rlatent.model.latent_model import LatentModel
+from rlatent.latent.sampler import SamplingSettings, sample
 
 TOLERANCE = 1e-9
 

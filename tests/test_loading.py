@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rlatent.loading
+import rlatent.model.loading
 from rlatent.errors import ConfigError, ModelError
-from rlatent.loading import EMBEDDED_MODEL, load_base_model, model_dtype, resolve_device
-from rlatent.tiny import build_tiny_model, main
+from rlatent.model.loading import EMBEDDED_MODEL, load_base_model, model_dtype, resolve_device
+from rlatent.model.tiny import build_tiny_model, main
 
 
 def test_tiny_model_is_deterministic(tmp_path):
@@ -147,7 +147,7 @@ def test_embedded_smollm2_converts_once_then_loads_from_cache(tmp_path, monkeypa
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("the cached model was converted again")
 
-    monkeypatch.setattr(rlatent.loading, "_convert_gguf", no_second_conversion)
+    monkeypatch.setattr(rlatent.model.loading, "_convert_gguf", no_second_conversion)
     again, _ = load_base_model(EMBEDDED_MODEL, cache_dir=str(tmp_path))
     weights = model.get_input_embeddings().weight
     assert torch.equal(again.get_input_embeddings().weight, weights)

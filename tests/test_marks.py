@@ -3,7 +3,7 @@ from fractions import Fraction
 import pytest
 
 from rlatent.errors import DataError
-from rlatent.marks import (
+from rlatent.data.marks import (
     Mark,
     answers_match,
     canonical_number,

@@ -12,16 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlatent.batch import LatentBatch, collate
+from rlatent.latent.batch import LatentBatch, collate
 from rlatent.config import LatentConfig, ModelConfig, RunConfig
 from rlatent.errors import CheckpointError
-from rlatent.latent_forward import forward
-from rlatent.latent_model import HEADS_FILE, SETTINGS_FILE, LatentModel
-from rlatent.sampler import SamplingSettings, sample
-from rlatent.sft import SFTTrainer
-from rlatent.sft_losses import GAIN_REPLACEMENTS, latent_gain, replaced_latents, sft_loss
-from rlatent.splits import sft_examples
-from rlatent.synthetic import generate_problems
+from rlatent.latent.forward import forward
+from rlatent.model.latent_model import HEADS_FILE, SETTINGS_FILE, LatentModel
+from rlatent.latent.sampler import SamplingSettings, sample
+from rlatent.sft.trainer import SFTTrainer
+from rlatent.sft.losses import GAIN_REPLACEMENTS, latent_gain, replaced_latents, sft_loss
+from rlatent.data.splits import sft_examples
+from rlatent.data.synthetic import generate_problems
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -288,7 +288,7 @@ def test_heads_of_another_kind_are_rejected(tiny_model_dir, tmp_path):
 
 
 def test_heads_of_another_width_are_rejected(saved_checkpoint, tmp_path):
-    from rlatent.atomic import load_tensors, save_tensors
+    from rlatent.io.atomic import load_tensors, save_tensors
 
     directory = copy_checkpoint(saved_checkpoint, tmp_path)
     state = load_tensors(directory / HEADS_FILE)

@@ -18,12 +18,12 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
 import torch  # noqa: E402
 
-from rlatent.cli import main  # noqa: E402
+from rlatent.run.cli import main  # noqa: E402
 from rlatent.config import load_config  # noqa: E402
-from rlatent.latent_model import LatentModel  # noqa: E402
-from rlatent.ray_backend import RayBackend  # noqa: E402
-from rlatent.run_dir import read_metrics  # noqa: E402
-from rlatent.weight_sync import state_bytes, trainable_state  # noqa: E402
+from rlatent.model.latent_model import LatentModel  # noqa: E402
+from rlatent.distributed.ray_backend import RayBackend  # noqa: E402
+from rlatent.io.run_dir import read_metrics  # noqa: E402
+from rlatent.workers.weight_sync import state_bytes, trainable_state  # noqa: E402
 
 CONFIG = "configs/tiny.yaml"
 STEPS = 4

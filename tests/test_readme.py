@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from rlatent.cli import build_parser
+from rlatent.run.cli import build_parser
 from rlatent.config import config_reference
 
 README = (Path(__file__).parents[1] / "README.md").read_text()

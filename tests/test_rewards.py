@@ -13,7 +13,7 @@ import pytest
 from rewards import BUILTIN_REWARDS, gsm8k_correct, gsm8k_format, latent_cost, length_penalty
 from rlatent.config import GRPOConfig, RewardSpec, load_config
 from rlatent.errors import ConfigError, RlatentError
-from rlatent.reward_fns import RewardSet, resolve_reward, reward_stats
+from rewards.registry import RewardSet, resolve_reward, reward_stats
 
 REPO = Path(__file__).parents[1]
 COMPLETIONS = [

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from rlatent.atomic import atomic_directory
+from rlatent.io.atomic import atomic_directory
 from rlatent.errors import RlatentError
-from rlatent.run_dir import (
+from rlatent.io.run_dir import (
     MetricsLogger,
     RunDir,
     metrics_table,

@@ -12,13 +12,13 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/vllm_env.sh DIR builds an env with it)")
 
-from rlatent.actions import recompute_actions, stored_actions  # noqa: E402
+from rlatent.latent.policy import recompute_actions  # noqa: E402
 from rlatent.config import LatentConfig, ModelConfig  # noqa: E402
 from rlatent.errors import ConfigError  # noqa: E402
-from rlatent.latent_model import LatentModel  # noqa: E402
-from rlatent.sampler import SamplingSettings, sample  # noqa: E402
-from rlatent.tiny import build_tiny_model  # noqa: E402
-from rlatent.vllm_engine import VLLMEngine, rollout_tokens_per_second  # noqa: E402
+from rlatent.model.latent_model import LatentModel  # noqa: E402
+from rlatent.latent.sampler import SamplingSettings, sample  # noqa: E402
+from rlatent.model.tiny import build_tiny_model  # noqa: E402
+from rlatent.workers.vllm_engine import VLLMEngine, rollout_tokens_per_second  # noqa: E402
 
 # vLLM's CPU kernels and the Hugging Face forward sum in different orders: float32 rounding leaves the
 # log-probs apart by up to 2.3e-6 here (base, LoRA and full weights); the margin covers other CPUs' kernels.
@@ -77,14 +77,14 @@ def trainable(model):
 
 
 def recomputed(model, traj):
-    stored = stored_actions(traj, noisy_latents=False)
+    stored = traj.actions(noisy_latents=False)
     with torch.no_grad():
         actions, _ = recompute_actions(model, traj.batch, traj.slot_inputs, stored.mask, 1.0, 0.0, "recurrent")
     return stored.logprobs[..., 0], actions.logprobs[..., 0]
 
 
 def check_structure(traj, rows, eos, pad_id, hidden_size):
-    """What `rlatent.sampler.sample` returns for mode none."""
+    """What `rlatent.latent.sampler.sample` returns for mode none."""
     batch, lengths = traj.batch, traj.batch.lengths
     B, T = batch.input_ids.shape
     assert (B, T) == (len(rows), int(lengths.max())) and traj.slot_inputs.shape == (B, T, hidden_size)
@@ -196,8 +196,8 @@ def test_errors_are_one_line(policy, model_dir, monkeypatch):
 
 def test_grpo_and_eval_run_end_to_end_on_vllm(model_dir, tmp_path, monkeypatch, request):
     """`grpo.engine=vllm eval.engine=vllm` through the CLI: LoRA synced to vLLM after every update."""
-    from rlatent.cli import main
-    from rlatent.run_dir import read_metrics
+    from rlatent.run.cli import main
+    from rlatent.io.run_dir import read_metrics
 
     monkeypatch.chdir(request.config.rootpath)
     assert main(["grpo", "configs/tiny.yaml", f"model.name_or_path={model_dir}", "latent.mode=none",
@@ -213,8 +213,8 @@ def test_grpo_and_eval_run_end_to_end_on_vllm(model_dir, tmp_path, monkeypatch, 
 def test_ray_rollout_workers_can_host_vllm(model_dir, tmp_path, monkeypatch, request):
     """`distributed.backend=ray grpo.engine=vllm`: the engine lives in a Ray actor and gets LoRA by sync."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed in this environment")
-    from rlatent.cli import main
-    from rlatent.run_dir import read_metrics
+    from rlatent.run.cli import main
+    from rlatent.io.run_dir import read_metrics
 
     monkeypatch.chdir(request.config.rootpath)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

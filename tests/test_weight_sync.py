@@ -7,8 +7,8 @@ import torch
 
 from rlatent.config import LatentConfig, ModelConfig
 from rlatent.errors import TrainingError
-from rlatent.latent_model import LatentModel
-from rlatent.weight_sync import load_trainable_state, model_bytes, state_bytes, trainable_state
+from rlatent.model.latent_model import LatentModel
+from rlatent.workers.weight_sync import load_trainable_state, model_bytes, state_bytes, trainable_state
 
 
 def build(model_dir, lora_r=4, proj="mlp", seed=0):

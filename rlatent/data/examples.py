@@ -1,0 +1,209 @@
+"""From a problem to a supervised example with latent blocks (phase 1).
+
+Each calculator mark is where a hard step happens, so that is where a block of
+`k` latents goes. Two placements:
+
+- `insert`: the block stands where the mark stood, after the written
+  expression and before the result: `48/2 = [z z] 24 clips`. The model can
+  still read the expression; the latents only have to carry the result.
+- `replace`: the written expression (and its `=`) goes too:
+  `Natalia sold [z z] 24 clips`. The computation can only happen inside the
+  latents -- the sharper test of whether they are used, and fewer tokens.
+
+Whitespace (and a currency sign) standing just before a mark moves after the block, to
+the start of the result, so the result tokenises as it would in running text
+(" 24", "$0.2"), not as a lone "24" after "= ".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from rlatent.data.gsm8k import Problem
+from rlatent.errors import ModelError
+from rlatent.data.marks import parse_marks, strip_marks
+
+PLACEMENTS = ("insert", "replace")
+# Without a chat template; the answer follows after one space.
+PLAIN_PROMPT = "Question: {question}\nAnswer:"
+LATENT_TEXT = "[z]"
+
+# Whitespace, then an optional currency sign, at the end of the text before a
+# mark ("= $<<...>>" is common in GSM8K, "= €<<...>>" rare).
+_LEAD = re.compile(r"([ \t]*)([$€£¢]?)$")
+
+
+def answer_segments(answer: str, k: int, placement: str = "insert") -> list[str | int]:
+    """The answer as text pieces and latent blocks (an int: that many latents).
+
+    Marks are stripped; each becomes a block of `k` latents (`placement` says
+    whether the written expression before it stays). Adjacent text pieces are
+    merged, so are adjacent blocks (consecutive latents are one block), and no
+    text piece is empty. `k == 0` gives the stripped answer as one piece.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if k == 0:
+        text = strip_marks(answer)
+        return [text] if text else []
+    segments: list[str | int] = []
+    pending, cursor = "", 0
+    for mark in parse_marks(answer):
+        before = answer[cursor : mark.start]
+        if not before and segments and isinstance(segments[-1], int):
+            segments[-1] += k  # back-to-back marks: one block; the carried space waits
+            cursor = mark.end
+            continue
+        lead = _LEAD.search(before)
+        cut = lead.start()
+        if placement == "replace":
+            cut = _expression_start(before, cut)
+        removed = before[cut : lead.start()]
+        if removed:  # the space before the expression moves, not the one after "="
+            spaces = removed[: len(removed) - len(removed.lstrip(" \t"))]
+        else:
+            spaces = lead.group(1)
+        pending += before[:cut]
+        if pending:
+            segments.append(pending)
+        if segments and isinstance(segments[-1], int):
+            segments[-1] += k  # the text between two marks was all expression
+        else:
+            segments.append(k)
+        pending, cursor = spaces + lead.group(2), mark.end
+    pending += answer[cursor:]
+    if pending:
+        segments.append(pending)
+    return segments
+
+
+def _expression_start(text: str, end: int) -> int:
+    """Where the written expression `... =` that ends at `end` begins, scanning
+    back over digits, operators, spaces, `$` and `%` to a letter, a line start
+    or other punctuation; `end` itself when no `=` stands there."""
+    i = end
+    while i > 0 and text[i - 1] in " \t":
+        i -= 1
+    if i == 0 or text[i - 1] != "=":
+        return end
+    i -= 1
+    while i > 0 and _in_expression(text, i - 1):
+        i -= 1
+    return i
+
+
+def _in_expression(text: str, j: int) -> bool:
+    """Whether `text[j]` can belong to a written expression: a comma or point
+    only inside a number ("1,000", "0.5", not "so, 5" or "5. Then"), an "x"
+    only as a multiplication sign between spaces or digits ("3 x 4", not
+    "box" or the unknown in "x=")."""
+    c = text[j]
+    before = text[j - 1] if j > 0 else " "
+    after = text[j + 1] if j + 1 < len(text) else " "
+    if c.isdigit() or c in " \t+-*/()$€£¢%×÷–":  # noqa: RUF001 (GSM8K writes times signs, en dashes)
+        return True
+    if c == ",":
+        return before.isdigit() and after.isdigit()
+    if c == ".":
+        return after.isdigit()
+    if c in "xX":
+        return all(n.isdigit() or n in " \t" for n in (before, after))
+    return False
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One supervised sequence: prompt, then answer with latent slots, then EOS.
+
+    `latent_mask` is True at latent slots, whose `input_ids` entry is the pad id
+    (never read: the slot's input is the previous hidden state). The answer
+    starts at `prompt_length`. `next_step_mask` is True at the answer tokens
+    that follow a latent block, up to and including the first token holding a
+    newline (or to the next block or EOS): the tokens of the step that the
+    latents should help predict, whose loss measures the latent gain. Masks
+    mark target positions: the token at `i` is predicted from position `i - 1`.
+    """
+
+    input_ids: list[int]
+    latent_mask: list[bool]
+    prompt_length: int
+    next_step_mask: list[bool]
+
+
+def format_prompt(question: str, tokenizer) -> list[int]:
+    """Prompt token ids: the chat template with one user message when the
+    tokenizer has one, else `PLAIN_PROMPT`."""
+    if getattr(tokenizer, "chat_template", None) is not None:
+        messages = [{"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template writes any BOS itself; encoding must not add another.
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(PLAIN_PROMPT.format(question=question))
+
+
+def answer_lead(tokenizer) -> str:
+    """What separates prompt and answer: a space after the plain "Answer:"
+    (so the answer's first word tokenises as in text), nothing after a chat
+    template's generation prompt."""
+    return "" if getattr(tokenizer, "chat_template", None) is not None else " "
+
+
+def build_example(problem: Problem, tokenizer, k: int, placement: str = "insert") -> SFTExample:
+    """The supervised example for `problem` with `k` latents per mark.
+
+    Each text piece is tokenised on its own (no special tokens), so no token
+    straddles a latent block.
+    """
+    eos_id, pad_id = special_token_ids(tokenizer)
+    input_ids = format_prompt(problem.question, tokenizer)
+    prompt_length = len(input_ids)
+    latent_mask = [False] * prompt_length
+    next_step_mask = [False] * prompt_length
+    in_next_step = False
+    for segment in answer_segments(answer_lead(tokenizer) + problem.answer, k, placement):
+        if isinstance(segment, int):
+            input_ids += [pad_id] * segment
+            latent_mask += [True] * segment
+            next_step_mask += [False] * segment
+            in_next_step = True
+            continue
+        for token_id in tokenizer.encode(segment, add_special_tokens=False):
+            input_ids.append(token_id)
+            latent_mask.append(False)
+            next_step_mask.append(in_next_step)
+            if in_next_step and "\n" in tokenizer.decode([token_id]):
+                in_next_step = False
+    input_ids.append(eos_id)
+    latent_mask.append(False)
+    next_step_mask.append(in_next_step)
+    return SFTExample(input_ids, latent_mask, prompt_length, next_step_mask)
+
+
+def special_token_ids(tokenizer) -> tuple[int, int]:
+    """(EOS id, pad id), or a `ModelError` naming the one that is missing:
+    answers must end in EOS to teach the model to stop, and latent slots
+    (and batch padding) need a pad id."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"tokenizer '{name}' has no EOS token (eos_token_id is None)")
+    if tokenizer.pad_token_id is None:
+        raise ModelError(f"tokenizer '{name}' has no pad token (pad_token_id is None); set one, e.g. the EOS token")
+    return tokenizer.eos_token_id, tokenizer.pad_token_id
+
+
+def render_example(input_ids: list[int], latent_mask: list[bool], tokenizer) -> str:
+    """The sequence as text with each latent slot shown as `[z]`, for logs and
+    evaluation samples."""
+    parts, run = [], []
+    for token_id, is_latent in zip(input_ids, latent_mask, strict=True):
+        if is_latent:
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(LATENT_TEXT)
+        else:
+            run.append(token_id)
+    if run:
+        parts.append(tokenizer.decode(run))
+    return "".join(parts)

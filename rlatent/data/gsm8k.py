@@ -1,0 +1,122 @@
+"""Problems: GSM8K-format question/answer pairs, validated on load.
+
+Every row is checked once, here, so that the rest of rlatent can trust a
+`Problem`: both fields are strings, the answer has a `####` final answer that
+parses as a number, and every calculator mark parses. A bad row is reported
+with its file and 1-based line (or hub split and 0-based row index, the index
+`dataset[i]` takes), or skipped and counted when `on_bad_line="skip"`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlatent.errors import DataError
+from rlatent.data.marks import extract_final_answer, parse_marks
+
+ON_BAD_LINE = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem. `answer` is the full GSM8K answer (marks and `#### n`);
+    `final_answer` is its canonical number string; `source` says where it
+    came from ("train.jsonl:17", "openai/gsm8k:train:16", "synthetic:3")."""
+
+    question: str
+    answer: str
+    final_answer: str
+    source: str
+
+
+def problem_from_row(row: object, source: str) -> Problem:
+    """A validated `Problem` from one decoded row, or a `DataError` that
+    starts with `source`."""
+    if not isinstance(row, dict):
+        raise DataError(f"{source}: expected a JSON object, got {type(row).__name__}")
+    for key in ("question", "answer"):
+        if key not in row:
+            raise DataError(f"{source}: missing key '{key}'")
+        if not isinstance(row[key], str):
+            raise DataError(f"{source}: '{key}' must be a string, got {type(row[key]).__name__}")
+    question, answer = row["question"], row["answer"]
+    if "####" not in answer:
+        raise DataError(f"{source}: answer has no '####' final answer")
+    final = extract_final_answer(answer)
+    if final is None:
+        raise DataError(f"{source}: no number after the last '####' in the answer")
+    parse_marks(answer, where=source)
+    return Problem(question, answer, final, source)
+
+
+def load_jsonl_problems(
+    path: str | Path, on_bad_line: str = "raise", limit: int | None = None
+) -> tuple[list[Problem], int]:
+    """Problems from a JSONL file of `{"question", "answer"}` objects, and the
+    number of bad lines skipped. Blank lines are ignored; `limit` stops after
+    that many problems."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+
+    def rows() -> Iterable[tuple[object, str]]:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                source = f"{path}:{number}"
+                try:
+                    yield json.loads(line.rstrip()), source
+                except json.JSONDecodeError as error:
+                    yield DataError(f"{source}: malformed JSON ({error.msg} at column {error.colno})"), source
+
+    return _collect(rows(), on_bad_line, limit)
+
+
+def load_gsm8k(
+    split: str,
+    path: str | Path | None = None,
+    hub_name: str = "openai/gsm8k",
+    hub_config: str = "main",
+    on_bad_line: str = "raise",
+    limit: int | None = None,
+) -> tuple[list[Problem], int]:
+    """GSM8K's `split` ("train" or "test") and the number of rows skipped.
+
+    `path` may be a directory holding `{split}.jsonl`, a JSONL file, or None
+    to load `hub_name`/`hub_config` through `datasets` (which may download).
+    """
+    if path is not None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / f"{split}.jsonl"
+        return load_jsonl_problems(path, on_bad_line=on_bad_line, limit=limit)
+
+    import datasets  # only this path needs it, and it is slow to import
+
+    dataset = datasets.load_dataset(hub_name, hub_config, split=split)
+    rows = ((row, f"{hub_name}:{split}:{i}") for i, row in enumerate(dataset))
+    return _collect(rows, on_bad_line, limit)
+
+
+def _collect(rows: Iterable[tuple[object, str]], on_bad_line: str, limit: int | None) -> tuple[list[Problem], int]:
+    """Validate rows (a decoding error arrives as a `DataError` in place of
+    the row) into problems, raising or skipping bad ones."""
+    if on_bad_line not in ON_BAD_LINE:
+        raise ValueError(f"on_bad_line must be one of {ON_BAD_LINE}, got {on_bad_line!r}")
+    problems, skipped = [], 0
+    for row, source in rows:
+        if limit is not None and len(problems) >= limit:
+            break
+        try:
+            if isinstance(row, DataError):
+                raise row
+            problems.append(problem_from_row(row, source))
+        except DataError:
+            if on_bad_line == "raise":
+                raise
+            skipped += 1
+    return problems, skipped

@@ -1,0 +1,225 @@
+"""GSM8K calculator marks and final answers.
+
+GSM8K answers carry calculator marks, `48/2 = <<48/2=24>>24`: the expression
+the annotator typed into a calculator and its result. Each mark is where a
+hard, consequential step happens, so that is where latent blocks go
+(`rlatent.data.examples`). Final answers follow the last `####`.
+
+Arithmetic is read by a small recursive-descent parser into exact `Fraction`s;
+text from a data file is never passed to `eval`. Answers are compared as
+numbers, never as strings ("1,000" equals "1000.0").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
+
+from rlatent.errors import DataError
+
+# A number as written in GSM8K text: thousands commas only in groups of three
+# (so "1,2" is two numbers), an optional decimal part.
+_NUMBER = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
+_TOKEN = re.compile(rf"\s*(?:(?P<number>{_NUMBER})|(?P<op>//|[-+*/()%]))")
+
+# A signed number in free text. A "-" counts as a sign only where it cannot be
+# a dash between two things ("pages 10-20" ends in 20, not -20).
+_ANSWER_NUMBER = re.compile(rf"(?:(?<![\w)])(?P<sign>-)\s*)?\$?\s*(?:(?<![\w)])(?P<sign2>-))?(?P<digits>{_NUMBER})")
+
+
+@dataclass(frozen=True)
+class Mark:
+    """One `<<expression=result>>` mark.
+
+    `start`/`end` are character offsets of the whole mark, brackets included.
+    `value` is the result *as written*: when the annotator's expression
+    disagrees with it (a few GSM8K marks do), the written result is what the
+    rest of the answer uses, so it is what the model must produce.
+    """
+
+    start: int
+    end: int
+    expression: str
+    result: str
+    value: Fraction
+
+
+class _Parser:
+    """Recursive descent over `expr := term (('+'|'-') term)*`,
+    `term := unary (('*'|'/'|'//') unary)*`, `unary := ('-'|'+') unary | atom '%'*`,
+    `atom := number | '(' expr ')'`."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = self._tokenize(text)
+        self.pos = 0
+
+    @staticmethod
+    def _tokenize(text: str) -> list[str]:
+        tokens, i = [], 0
+        while i < len(text):
+            if text[i:].strip() == "":
+                break
+            match = _TOKEN.match(text, i)
+            if match is None:
+                raise DataError(f"unexpected {text[i:].strip()[0]!r} in {text!r}")
+            tokens.append(match.group("number") or match.group("op"))
+            i = match.end()
+        return tokens
+
+    def parse(self) -> Fraction:
+        if not self.tokens:
+            raise DataError(f"empty expression {self.text!r}")
+        value = self._expr()
+        if self.pos != len(self.tokens):
+            raise DataError(f"unexpected {self.tokens[self.pos]!r} in {self.text!r}")
+        return value
+
+    def _peek(self) -> str | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def _take(self) -> str:
+        token = self._peek()
+        if token is None:
+            raise DataError(f"expression {self.text!r} ends too early")
+        self.pos += 1
+        return token
+
+    def _expr(self) -> Fraction:
+        value = self._term()
+        while self._peek() in ("+", "-"):
+            op = self._take()
+            value = value + self._term() if op == "+" else value - self._term()
+        return value
+
+    def _term(self) -> Fraction:
+        value = self._unary()
+        while self._peek() in ("*", "/", "//"):
+            op = self._take()
+            right = self._unary()
+            if op == "*":
+                value *= right
+            elif right == 0:
+                raise DataError(f"division by zero in {self.text!r}")
+            else:
+                value = value / right if op == "/" else Fraction(value // right)
+        return value
+
+    def _unary(self) -> Fraction:
+        if self._peek() in ("-", "+"):
+            return -self._unary() if self._take() == "-" else self._unary()
+        value = self._atom()
+        while self._peek() == "%":
+            self._take()
+            value /= 100
+        return value
+
+    def _atom(self) -> Fraction:
+        token = self._take()
+        if token == "(":
+            value = self._expr()
+            if self._take() != ")":
+                raise DataError(f"unbalanced parentheses in {self.text!r}")
+            return value
+        if token[0].isdigit() or token[0] == ".":
+            return Fraction(token.replace(",", ""))
+        raise DataError(f"unexpected {token!r} in {self.text!r}")
+
+
+def evaluate_expression(text: str) -> Fraction:
+    """The exact value of an arithmetic expression: numbers (decimals,
+    thousands commas), unary +/-, `+ - * /`, parentheses, `%` as a percent
+    suffix, and `//` (floor division: the annotators' calculator was Python,
+    and two GSM8K train marks use it). Anything else, or a division by zero, raises `DataError`."""
+    return _Parser(text).parse()
+
+
+def parse_marks(text: str, where: str = "") -> list[Mark]:
+    """Every `<<expression=result>>` mark in `text`, in order.
+
+    A mark that does not parse raises `DataError` whose message starts with
+    `where` (e.g. "train.jsonl:17"). A mark whose expression disagrees with
+    its result is kept, with `value` taken from the result (see `Mark`).
+    """
+    prefix = f"{where}: " if where else ""
+    marks, i = [], 0
+    while True:
+        opening, closing = text.find("<<", i), text.find(">>", i)
+        if opening < 0 and closing < 0:
+            return marks
+        if opening < 0 or 0 <= closing < opening:
+            snippet = text[max(0, closing - 30) : closing + 2]
+            raise DataError(f"{prefix}calculator mark '...{snippet}' does not parse: '>>' without '<<'")
+        if closing < 0 or "<<" in text[opening + 2 : closing]:
+            snippet = text[opening : opening + 30].split("\n")[0]
+            raise DataError(f"{prefix}calculator mark '{snippet}...' does not parse: '<<' without '>>'")
+        end = closing + 2
+        body = text[opening + 2 : closing]
+        try:
+            if body.count("=") != 1:
+                raise DataError(f"expected exactly one '=', found {body.count('=')}")
+            expression, result = body.split("=")
+            evaluate_expression(expression)
+            value = evaluate_expression(result)
+        except DataError as error:
+            raise DataError(f"{prefix}calculator mark '<<{body}>>' does not parse: {error}") from None
+        marks.append(Mark(opening, end, expression, result, value))
+        i = end
+
+
+def strip_marks(text: str) -> str:
+    """`text` with every mark removed: "48/2 = <<48/2=24>>24" -> "48/2 = 24"."""
+    return re.sub(r"<<[^<>]*>>", "", text)
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The value of one number as written in an answer ("$1,000.", "-3.50"),
+    or None when `text` is not a single number."""
+    match = _ANSWER_NUMBER.fullmatch(text.strip().rstrip("."))
+    return _value(match) if match else None
+
+
+def canonical_number(value: Fraction) -> str:
+    """The shortest decimal form: 7 -> "7", 1/2 -> "0.5", -7/2 -> "-3.5".
+    Values that do not end as decimals (1/3) are written as a fraction."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    den = value.denominator
+    while den % 2 == 0:
+        den //= 2
+    while den % 5 == 0:
+        den //= 5
+    if den != 1:
+        return f"{value.numerator}/{value.denominator}"
+    decimal = Decimal(value.numerator) / Decimal(value.denominator)
+    return format(decimal.normalize(), "f")
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final answer of `text` as a canonical number string, or None.
+
+    GSM8K puts it after the last `####`; a model's generation may not, so
+    without `####` the last number in the text is taken instead.
+    """
+    _, sep, tail = text.rpartition("####")
+    if sep:
+        match = _ANSWER_NUMBER.search(tail)
+    else:
+        matches = list(_ANSWER_NUMBER.finditer(text))
+        match = matches[-1] if matches else None
+    return canonical_number(_value(match)) if match else None
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    """Whether two answers are the same number ("1000" and "1,000.0" are)."""
+    if predicted is None:
+        return False
+    a, b = parse_number(predicted), parse_number(reference)
+    return a is not None and b is not None and a == b
+
+
+def _value(match: re.Match) -> Fraction:
+    value = Fraction(match.group("digits").replace(",", ""))
+    return -value if match.group("sign") or match.group("sign2") else value

@@ -1,0 +1,23 @@
+"""Where phase 2's work runs: in this process (`local_backend`) or on Ray actors (`ray_backend`).
+
+Both backends have the same methods (`launch`, `collect`, `score`, `update`, `sync`,
+`save_checkpoint`, `restore`, `finish`, `close`), so the GRPO loop does not know
+which one it drives.
+"""
+
+from __future__ import annotations
+
+from rlatent.config import RunConfig
+from rlatent.latent.sampler import SamplingSettings
+
+
+def make_backend(cfg: RunConfig, model, tokenizer):
+    """The backend `distributed.backend` names, around the policy `model` (a `LatentModel`)."""
+    settings = SamplingSettings.for_rollouts(cfg)
+    if cfg.distributed.backend == "ray":
+        from rlatent.distributed.ray_backend import RayBackend
+
+        return RayBackend(cfg, model, tokenizer, settings)
+    from rlatent.distributed.local_backend import LocalBackend
+
+    return LocalBackend(cfg, model, tokenizer, settings)

@@ -1,0 +1,154 @@
+"""The training forward over sequences with latent slots.
+
+A latent slot's input is `proj(h)` of the position before it, so a sequence
+with latents cannot be computed in one parallel pass. `recurrent_forward` does
+what Coconut does, batched over rows whose blocks sit at different places and
+have different lengths: one pass per *latent wave*. In pass w every row
+computes its w-th chunk, the positions from its (w-1)-th latent slot up to just
+before its w-th; the chunk's only latent (if any) is its first position, whose
+input comes from the last hidden state of the row's previous chunk. Chunks are
+right-padded to the widest one; the padding becomes holes in the KV cache that
+the attention mask hides, and explicit position ids keep every real position at
+its true index. Gradients flow through the cache and the fed-back states, so
+the recurrence is trained exactly.
+
+`parallel_forward` is the one-pass alternative when the latent inputs are
+already known: stored latents (`detached`), pause embeddings, or no latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlatent.latent.batch import LatentBatch
+from rlatent.model.latent_model import LatentModel
+
+
+@dataclass
+class ForwardOutput:
+    hidden: torch.Tensor  # (B, T, H) last-layer state at every position (0 at padding)
+    slot_inputs: torch.Tensor  # (B, T, H) input embedding used at each latent slot (0 elsewhere), no grad
+    num_passes: int
+
+
+def default_pass_cost(device: torch.device) -> float:
+    """What one extra pass costs, in positions per row: small on a CPU (compute-bound), large on a
+    GPU, where a pass over a small batch costs about as much as thousands of positions."""
+    return 16.0 if device.type == "cpu" else 2048.0
+
+
+def forward(model: LatentModel, batch: LatentBatch, gradient: str = "recurrent",
+            slot_inputs: torch.Tensor | None = None, pass_cost: float | None = None) -> ForwardOutput:
+    """Forward a batch the way its latent mode requires.
+
+    `gradient="detached"` computes the latents without gradient (or takes the stored
+    `slot_inputs`) and then runs one parallel pass with gradient through the rest.
+    `pass_cost` tunes the wave plan (`plan_waves`); None = `default_pass_cost`.
+    """
+    mode = model.latent_mode
+    if not mode.has_slots or not batch.latent_mask.any():
+        return parallel_forward(model, batch, torch.zeros(*batch.input_ids.shape, model.hidden_size,
+                                                          device=model.device, dtype=model.dtype))
+    if not mode.recurrent:  # constant slot inputs (pause): one pass
+        inputs = model.pause_inputs(batch.block_index())
+        return parallel_forward(model, batch, inputs * batch.latent_mask[..., None])
+    if slot_inputs is None and gradient == "detached":
+        with torch.no_grad():
+            latents = recurrent_forward(model, batch, pass_cost)
+        out = parallel_forward(model, batch, latents.slot_inputs)
+        out.num_passes += latents.num_passes
+        return out
+    if slot_inputs is not None:
+        return parallel_forward(model, batch, slot_inputs)
+    return recurrent_forward(model, batch, pass_cost)
+
+
+def parallel_forward(model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor) -> ForwardOutput:
+    """One pass with known inputs at the latent slots; `slot_inputs` is (B, T, H)."""
+    embeds = torch.where(batch.latent_mask[..., None], slot_inputs.to(model.dtype), model.embed(batch.input_ids))
+    hidden, _ = model.trunk(embeds, batch.attention_mask, batch.positions(), batch.latent_mask)
+    hidden = hidden * batch.attention_mask[..., None]
+    return ForwardOutput(hidden, slot_inputs.detach(), num_passes=1)
+
+
+def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk boundaries per pass: `starts`, `ends`, each (P, B).
+
+    Every latent slot must start a chunk (its input needs the state before it).
+    Beyond that, long language stretches may be split: chunking each row up to
+    its next latent gives the fewest passes, but rows whose blocks sit at
+    different places then pad each other heavily (1.5-2x the positions with three
+    blocks per row). Capping chunks at a width trades padding for passes. The
+    plan minimises `rows * total width + pass_cost * passes` over a ladder of
+    caps; `pass_cost` is what one extra model call costs, in positions per row.
+    A row with fewer chunks gets empty ones (start = end = length). None = the
+    default for the mask's device (`default_pass_cost`).
+    """
+    pass_cost = default_pass_cost(latent_mask.device) if pass_cost is None else pass_cost
+    rows = latent_mask.shape[0]
+    cuts = [[0] + latent_mask[b, : int(lengths[b])].nonzero().flatten().tolist() + [int(lengths[b])]
+            for b in range(rows)]
+    longest = int(lengths.max())
+    best = None
+    for cap in sorted({longest} | {c for c in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if c < longest}):
+        plan = [_capped_chunks(c, cap) for c in cuts]
+        passes = max(len(p) for p in plan)
+        width = sum(max(p[w][1] - p[w][0] if w < len(p) else 0 for p in plan) for w in range(passes))
+        cost = rows * width + pass_cost * passes
+        if best is None or cost < best[0]:
+            best = (cost, plan, passes)
+    _, plan, passes = best
+    starts = torch.empty(passes, rows, dtype=torch.long)
+    ends = torch.empty(passes, rows, dtype=torch.long)
+    for b, chunks in enumerate(plan):
+        done = cuts[b][-1]
+        chunks = chunks + [(done, done)] * (passes - len(chunks))
+        starts[:, b] = torch.tensor([c[0] for c in chunks])
+        ends[:, b] = torch.tensor([c[1] for c in chunks])
+    return starts, ends
+
+
+def _capped_chunks(cuts: list[int], cap: int) -> list[tuple[int, int]]:
+    """Chunks between consecutive cuts, each at most `cap` long."""
+    return [(start, min(start + cap, end)) for a, end in zip(cuts[:-1], cuts[1:]) for start in range(a, end, cap)]
+
+
+def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float | None = None) -> ForwardOutput:
+    """Exact forward with gradient through the latent recurrence (one pass per latent wave)."""
+    rows, length = batch.input_ids.shape
+    device = batch.input_ids.device
+    pass_cost = default_pass_cost(device) if pass_cost is None else pass_cost
+    plan = plan_waves(batch.latent_mask.cpu(), batch.lengths.cpu(), pass_cost)  # cost already resolved for `device`
+    starts, ends = (t.to(device) for t in plan)
+    row_index = torch.arange(rows, device=device)
+    slot_inputs = torch.zeros(rows, length, model.hidden_size, device=device, dtype=model.dtype)
+    location = torch.zeros(rows, length, dtype=torch.long, device=device)  # column of each position in `pieces`
+    pieces, masks, cache, last_hidden, offset = [], [], None, None, 0
+    for start, end in zip(starts, ends):
+        sizes = end - start  # (B,)
+        width = int(sizes.max())
+        column = torch.arange(width, device=device)
+        valid = column[None, :] < sizes[:, None]  # (B, C)
+        positions = (start[:, None] + column[None, :]).clamp(max=length - 1)  # (B, C)
+        embeds = model.embed(batch.input_ids.gather(1, positions))  # (B, C, H)
+        slots = batch.latent_mask.gather(1, positions) & valid  # (B, C), only ever column 0
+        if slots.any():
+            latent = model.latent_inputs(last_hidden)  # (B, H)
+            embeds = torch.where(slots[..., None], latent[:, None, :], embeds)
+            slot_rows = slots[:, 0]
+            slot_inputs[row_index[slot_rows], start[slot_rows]] = latent[slot_rows].detach()
+        masks.append(valid)
+        hidden, cache = model.trunk(embeds, torch.cat(masks, 1), positions, slots, cache, use_cache=True)
+        pieces.append(hidden)
+        last = hidden[row_index, (sizes - 1).clamp_min(0)]
+        last_hidden = last if last_hidden is None else torch.where((sizes > 0)[:, None], last, last_hidden)
+        valid_rows, valid_columns = valid.nonzero(as_tuple=True)
+        location[valid_rows, positions[valid_rows, valid_columns]] = offset + valid_columns
+        offset += width
+    every = torch.cat(pieces, 1)  # (B, sum of widths, H)
+    hidden = every.gather(1, location[..., None].expand(-1, -1, every.shape[-1]))
+    hidden = hidden * batch.attention_mask[..., None]
+    return ForwardOutput(hidden, slot_inputs, num_passes=len(pieces))

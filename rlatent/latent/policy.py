@@ -1,0 +1,125 @@
+"""The policy's log-probabilities: the one home of every action's formula.
+
+The sampler (`rlatent.latent.sampler`) calls these functions while it
+generates, and the learner calls them through `recompute_actions` while it
+trains, so the log-prob a trajectory was sampled with and the one the update
+recomputes are the same formula on the same inputs. The float64 invariant
+tests (`tests/test_invariant.py`) check that the inputs agree too.
+
+- token at temperature T: `token_logprobs` (log-softmax of logits / T at the
+  chosen token, normalised with a log-sum-exp over row chunks so the full
+  (N, V) log-softmax is never materialised: a 151k vocabulary makes each copy
+  gigabytes, TRL issue 3678);
+- start / stop decision: `decision_logprobs` (log-sigmoid of ±logit);
+- latent with exploration noise: `gaussian_logprob` (isotropic Gaussian
+  around the latent's mean).
+
+Recomputing with gradient: without exploration noise and with
+`gradient="recurrent"` the latents are recomputed with the current weights
+through the recurrence (exact). With noise the sampled latents are actions:
+they are fed back as stored and the gradient reaches their mean through the
+log-density (the score function), as for any sampled action; `detached` also
+feeds the stored latents, without that density term when there is no noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from rlatent.latent.batch import LatentBatch
+from rlatent.latent.forward import forward
+from rlatent.latent.trajectory import Actions
+from rlatent.model.latent_model import LatentModel
+
+LOGIT_CHUNK_ROWS = 256
+"""Rows of (N, V) logits normalised at once: bounds the float32 temporaries to 256 x V."""
+
+
+def precise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Log-probs are taken in at least float32 (bf16 logits lose the small probabilities)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, V) logits -> logits / T in at least float32: what every token log-prob is a log-softmax of."""
+    return logits.to(precise_dtype(logits.dtype)) / temperature
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, V) logits, (N,) chosen tokens -> (N,) log-prob of each token at temperature T.
+
+    log p = l[token] / T - logsumexp(l / T), taken chunk by chunk over rows, so
+    at most `LOGIT_CHUNK_ROWS` rows of float32 temporaries exist at once.
+    """
+    out = []
+    for rows, chosen in zip(logits.split(LOGIT_CHUNK_ROWS), tokens.split(LOGIT_CHUNK_ROWS)):
+        scaled = scaled_logits(rows, temperature)
+        out.append(scaled.gather(1, chosen[:, None])[:, 0] - scaled.logsumexp(-1))
+    if not out:
+        return logits.new_zeros(0, dtype=precise_dtype(logits.dtype))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, V) logits -> (N,) entropy of the token distribution at temperature T, chunked like
+    `token_logprobs`; a diagnostic, without gradient."""
+    out = [_entropy(scaled_logits(rows, temperature)) for rows in logits.split(LOGIT_CHUNK_ROWS)]
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=precise_dtype(logits.dtype))
+
+
+def _entropy(scaled: torch.Tensor) -> torch.Tensor:
+    log_probs = scaled - scaled.logsumexp(-1, keepdim=True)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def decision_logprobs(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """Log-prob of a Bernoulli decision with P(yes) = sigmoid(logit): log sigmoid(±logit), same shape."""
+    logits = logits.to(precise_dtype(logits.dtype))
+    return F.logsigmoid(torch.where(taken, logits, -logits))
+
+
+def gaussian_logprob(sample: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """Log-density of `sample` under N(mean, std^2 I), summed over the last dim: (..., H) -> (...).
+
+    Taken in float64: with H in the hundreds the density is a sum of hundreds of
+    terms, and float32 rounding alone would move importance ratios by ~1e-3."""
+    dims = sample.shape[-1]
+    squared = (sample.double() - mean.double()).pow(2).sum(-1)
+    return -squared / (2 * std**2) - dims * (math.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+def recompute_actions(model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor, mask: torch.Tensor,
+                      temperature: float, latent_noise_std: float, gradient: str,
+                      pass_cost: float | None = None) -> tuple[Actions, torch.Tensor]:
+    """Log-probs of the stored actions under the current weights; also (N,) token entropies (no grad).
+
+    `mask` (B, T, K) says which actions exist (`Trajectories.actions`); kinds
+    whose mask is empty are not computed (the reference pass of the tokens
+    alone skips the heads).
+    """
+    fixed_latents = latent_noise_std > 0 or gradient == "detached"
+    out = forward(model, batch, gradient, slot_inputs=slot_inputs if fixed_latents else None, pass_cost=pass_cost)
+    hidden = out.hidden  # (B, T, H)
+    rows, length = batch.input_ids.shape
+    precise = precise_dtype(hidden.dtype)
+    targets = mask[..., 0]
+    logits = model.token_logits(hidden[:, :-1][targets[:, 1:]])  # (N, V): position t-1 predicts the token at t
+    token = torch.zeros(rows, length, dtype=precise, device=hidden.device)
+    token[targets] = token_logprobs(logits, batch.input_ids[targets], temperature)
+    entropy = token_entropy(logits, temperature)
+
+    start = stop = latent = torch.zeros_like(token)
+    if mask[..., 1:3].any():
+        _, start_labels, _, stop_labels = batch.decision_labels()
+        start = decision_logprobs(model.start_logits(hidden), start_labels.bool()).to(precise)
+        stop = decision_logprobs(model.stop_logits(hidden), stop_labels.bool()).to(precise)
+    if mask[..., 3].any():
+        means = model.latent_inputs(F.pad(hidden, (0, 0, 1, 0))[:, :-1])  # (B, T, H): mean from the position before
+        latent = gaussian_logprob(slot_inputs, means, latent_noise_std).to(precise)
+    logprobs = torch.stack([token, start, stop, latent], -1)
+    logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
+    return Actions(logprobs, mask), entropy

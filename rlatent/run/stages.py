@@ -1,0 +1,214 @@
+"""The stages a user runs, top to bottom: `sft`, `grpo`, `train` (both phases) and `eval`.
+
+Each stage builds its pieces from the config, runs, and leaves a run directory:
+resolved config, metrics.jsonl, TensorBoard events, checkpoints, plots,
+evaluation samples and report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlatent.io.atomic import atomic_write_json
+from rlatent.config import RunConfig, load_config
+from rlatent.errors import ConfigError
+from rlatent.run.evaluate import evaluate_problems
+from rlatent.model.latent_model import LatentModel
+from rlatent.model.loading import model_dtype, resolve_device
+from rlatent.io.run_dir import MetricsLogger, RunDir, metrics_table, plot_metrics, read_metrics, write_report
+from rlatent.latent.sampler import SamplingSettings
+from rlatent.io.checkpoint import checkpoint_phase
+from rlatent.distributed import make_backend
+from rlatent.grpo.loop import GRPOTrainer
+from rlatent.sft.trainer import SFTTrainer
+from rlatent.data.splits import load_split, sft_examples
+
+GENERATION_COLUMNS = ["accuracy", "latents_per_answer", "blocks_per_answer", "tokens_per_answer",
+                      "forward_passes_per_answer", "truncated", "wall_seconds", "problems"]
+GRPO_COLUMNS = ["step", "reward_mean", "accuracy", "latents_per_completion", "blocks_per_completion",
+                "tokens_per_completion", "start_rate", "stop_rate", "clip_fraction", "kl", "entropy"]
+DIAGNOSTIC_COLUMNS = ["step", "lm_loss", "start_f1", "stop_f1", "next_step_loss", "latent_gain_zeros",
+                      "latent_gain_noise", "latent_gain_shuffle", "latent_norm", "embedding_norm"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(cfg: RunConfig, config_path: str | None, suffix: str = "") -> RunDir:
+    stem = Path(config_path).stem if config_path else "run"
+    name = cfg.output.name or f"{stem}{suffix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.output.dir) / name
+    if (path / "metrics.jsonl").exists():
+        raise ConfigError(f"output.name: run directory {path} already holds a run; choose another name")
+    return RunDir(path)
+
+
+PHASES = {"sft": ("sft",), "grpo": ("grpo",), "train": ("sft", "grpo")}
+RUN_FILE = "run.json"
+
+
+def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, resume: str | None = None) -> RunDir:
+    """Run `sft`, `grpo` or `train` (both) in one run directory; `resume` continues a killed run.
+
+    Resuming reads the run's own config.yaml and its latest checkpoint: a phase-1
+    checkpoint before its last step resumes phase 1; one at its last step starts
+    phase 2 from it; a phase-2 checkpoint resumes phase 2. Optimizer, scheduler,
+    RNG and step come from the checkpoint, and the data position follows from the
+    step, so a resumed seeded run matches an uninterrupted one.
+    """
+    if resume is not None:
+        run = RunDir(resume)
+        if not run.config_path.is_file():
+            raise ConfigError(f"{resume}: not a run directory (config.yaml missing)")
+        cfg = load_config(run.config_path)
+        command = json.loads((run.path / RUN_FILE).read_text())["command"] if (run.path / RUN_FILE).is_file() else command
+    else:
+        run = new_run_dir(cfg, config_path)
+        run.save_config(cfg.to_yaml())
+        atomic_write_json(run.path / RUN_FILE, {"command": command})
+    phases = PHASES[command]
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.model.device)
+    dtype = model_dtype(cfg.model.dtype, device)
+    latest = run.latest_checkpoint() if resume is not None else None
+    done_phase, done_step = checkpoint_phase(latest) if latest is not None else (None, 0)
+    init = latest or (cfg.grpo.init_checkpoint if phases == ("grpo",) else None)
+    if init is not None:
+        model, tokenizer = LatentModel.load(init, dtype, device, trainable=True, cache_dir=cfg.model.cache_dir)
+    else:
+        model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
+    train_problems, skipped = load_split(cfg.data, "train", cfg.data.train_limit)
+    eval_problems, _ = load_split(cfg.data, "test", cfg.eval.limit)
+    print(f"run directory: {run.path}" + (f" (resuming from {latest})" if latest else ""))
+    results: dict[str, dict[str, float]] = {}
+    with MetricsLogger(run) as logger:
+        offset = 0
+        if "sft" in phases:
+            train, dropped = sft_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length)
+            evaluation, _ = sft_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length)
+            if latest is None:
+                logger.log(0, {"train_examples": len(train), "dropped_too_long": dropped, "skipped_rows": skipped,
+                               "eval_problems": len(eval_problems),
+                               "trainable_parameters": sum(p.numel() for p in model.trainable_parameters())},
+                           phase="data")
+            trainer = SFTTrainer(cfg, model, tokenizer, train, evaluation, run, logger)
+            if done_phase == "sft":
+                trainer.resume(latest)
+            if done_phase != "grpo":
+                print(f"phase 1 checkpoint: {trainer.train()}")
+                results["sft"] = evaluate(cfg, model, tokenizer, eval_problems, run,
+                                          "eval_samples_sft.jsonl" if "grpo" in phases else "eval_samples.jsonl")
+                logger.log(trainer.step, results["sft"], phase="test_sft" if "grpo" in phases else "test")
+            offset = cfg.sft.steps
+        if "grpo" in phases:
+            trainer = GRPOTrainer(cfg, model, tokenizer, train_problems, run, logger,
+                                  make_backend(cfg, model, tokenizer), checkpoint_offset=offset)
+            if done_phase == "grpo":
+                trainer.resume(latest)
+            print(f"phase 2 checkpoint: {trainer.train()}")
+            results["grpo"] = evaluate(cfg, model, tokenizer, eval_problems, run, "eval_samples.jsonl")
+            logger.log(trainer.step, results["grpo"], phase="test")
+    finish_run(run, cfg, results)
+    return run
+
+
+def evaluate(cfg: RunConfig, model, tokenizer, problems, run: RunDir, samples_file: str) -> dict[str, float]:
+    return evaluate_with_engine(cfg, model, tokenizer, problems, run.samples_dir / samples_file)
+
+
+def evaluate_with_engine(cfg: RunConfig, model, tokenizer, problems, samples_path: Path) -> dict[str, float]:
+    """Evaluate with `eval.engine`: rlatent's sampler, or vLLM holding the model's current weights."""
+    settings = SamplingSettings.from_config(cfg.latent, cfg.eval)
+    engine = None
+    if cfg.eval.engine == "vllm":
+        from rlatent.workers.rollout import make_engine
+        from rlatent.workers.weight_sync import trainable_state
+
+        engine = make_engine("vllm", model, tokenizer, settings, cfg.model.cache_dir)
+        engine.load_trainable(trainable_state(model), version=0)
+    try:
+        return evaluate_problems(model, tokenizer, problems, settings, cfg.eval.batch_size, samples_path,
+                                 cfg.eval.num_samples, engine)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
+    """Evaluate a run directory's latest checkpoint (or `eval.checkpoint`) on its eval split."""
+    target_path = Path(target)
+    is_run = target_path.is_dir()
+    if limit is not None:
+        overrides = [*overrides, f"eval.limit={limit}"]
+    cfg = load_config(target_path / "config.yaml" if is_run else target_path, overrides)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.model.device)
+    dtype = model_dtype(cfg.model.dtype, device)
+    checkpoint = cfg.eval.checkpoint or (RunDir(target_path).latest_checkpoint() if is_run else None)
+    if is_run and checkpoint is None:
+        raise ConfigError(f"{target_path}: run directory has no checkpoint to evaluate")
+    if checkpoint is not None:
+        # A vLLM engine is handed the weights that train (`trainable_state`), so keep them marked trainable.
+        model, tokenizer = LatentModel.load(checkpoint, dtype, device, trainable=cfg.eval.engine == "vllm",
+                                            cache_dir=cfg.model.cache_dir)
+    else:
+        model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
+    problems, _ = load_split(cfg.data, "test", cfg.eval.limit)
+    out_dir = (target_path if is_run else Path(cfg.output.dir)) / "evals" / time.strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"evaluating {checkpoint or cfg.model.name_or_path} on {len(problems)} problems")
+    results = evaluate_with_engine(cfg, model, tokenizer, problems, out_dir / "samples.jsonl")
+    results["checkpoint"] = str(checkpoint)
+    atomic_write_json(out_dir / "metrics.json", results)
+    print(metrics_table([results], GENERATION_COLUMNS))
+    print(f"results: {out_dir}")
+    return out_dir
+
+
+def finish_run(run: RunDir, cfg: RunConfig, results: dict[str, dict[str, float]]) -> None:
+    """Plots and report.md from what the run logged."""
+    plot_metrics(run.metrics_path, run.plots_dir)
+    records = read_metrics(run.metrics_path)
+    diagnostics = [r for r in records if r["phase"] == "eval"]
+    last = diagnostics[-1] if diagnostics else {}
+    gains = {k: v for k, v in last.items() if k.startswith("latent_gain_") and v is not None}
+    if not gains:
+        verdict = "No latent gain measured (no latents in this mode)."
+    elif last.get("latents_ignored"):
+        verdict = (f"**The model ignores its latents**: every replacement changes the next-step loss by less than "
+                   f"{cfg.eval.gain_warn_below} nats ({json.dumps(gains)}).")
+    else:
+        verdict = f"Latents are used: replacing them raises the next-step loss by {json.dumps(gains)} nats."
+    sections = {
+        "Run": (f"- model: `{cfg.model.name_or_path}` (LoRA r={cfg.model.lora_r})\n"
+                f"- latent: mode `{cfg.latent.mode}`, trunk `{cfg.latent.trunk}`, proj `{cfg.latent.proj}`, "
+                f"k={cfg.latent.k}, placement `{cfg.latent.placement}`, gradient `{cfg.latent.gradient}`\n"
+                f"- data: `{cfg.data.source}`; sft: {cfg.sft.steps} steps x {cfg.sft.batch_size} x {cfg.sft.grad_accum}; "
+                f"grpo: {cfg.grpo.steps} steps x {cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size}, "
+                f"loss `{cfg.grpo.loss_type}`, rewards {[r.function for r in cfg.grpo.rewards]}"),
+        "Phase 2 (last logged step)": grpo_summary(run),
+        "Phase 1 diagnostics": metrics_table(diagnostics, DIAGNOSTIC_COLUMNS) if diagnostics else "none logged",
+        "Latent use": verdict,
+        "Evaluation (sampled answers)": metrics_table([{"after": phase, **r} for phase, r in results.items()],
+                                                      ["after"] + GENERATION_COLUMNS),
+        "Files": ("`config.yaml`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `plots/`, "
+                  "`samples/eval_samples.jsonl` (after phase 1 of a two-phase run: `eval_samples_sft.jsonl`; latents shown as nearest tokens)"),
+    }
+    report = write_report(run, f"rlatent run {run.path.name}", sections)
+    print(f"report: {report}")
+
+
+def grpo_summary(run: RunDir) -> str:
+    steps = [r for r in read_metrics(run.metrics_path) if r["phase"] == "grpo"]
+    if not steps:
+        return "no phase 2 in this run"
+    return metrics_table([steps[0], steps[-1]], GRPO_COLUMNS)

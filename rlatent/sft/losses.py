@@ -1,0 +1,131 @@
+"""Phase-1 losses and the diagnostics that say whether latents are used.
+
+Loss = LM cross-entropy on answer tokens
+     + lambda_start * BCE(start head, 1 exactly before each block)
+     + lambda_stop  * BCE(stop head, 1 at the last latent of each block).
+
+The start label is rare (a few positives per answer of ~100 positions), so its
+BCE takes a positive-class weight: fixed, or `auto` = negatives / positives in
+the batch (the balanced weighting of a class-imbalanced BCE).
+
+*Latent gain* is the next-step loss (the tokens right after each block up to
+the end of the line) with the latents replaced, minus that loss with the real
+latents. Replacements: zeros, Gaussian noise of each latent's own norm, and
+the batch's latents shuffled across rows. A gain near zero for every
+replacement means the model ignores its latents: the failure a public
+post-mortem of this very plan ran into.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rlatent.latent.batch import LatentBatch
+from rlatent.latent.forward import ForwardOutput, parallel_forward
+from rlatent.model.latent_model import LatentModel
+
+GAIN_REPLACEMENTS = ("zeros", "noise", "shuffle")
+
+
+@dataclass
+class SFTLoss:
+    total: torch.Tensor  # scalar, differentiable
+    lm: torch.Tensor
+    start: torch.Tensor
+    stop: torch.Tensor
+    start_logits: torch.Tensor  # (N_start,) at every start decision, detached
+    start_labels: torch.Tensor  # (N_start,)
+    stop_logits: torch.Tensor  # (N_stop,)
+    stop_labels: torch.Tensor  # (N_stop,)
+
+
+def token_losses(model: LatentModel, batch: LatentBatch, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each target token (B, T mask) predicted from the position before; returns (N,)."""
+    source = targets[:, 1:]  # (B, T-1): position t-1 predicts token t
+    logits = model.token_logits(hidden[:, :-1][source]).float()  # (N, V): only where needed
+    return F.cross_entropy(logits, batch.input_ids[:, 1:][source], reduction="none")
+
+
+def sft_loss(model: LatentModel, batch: LatentBatch, out: ForwardOutput, lambda_start: float,
+             lambda_stop: float, start_pos_weight: float | str) -> SFTLoss:
+    lm = token_losses(model, batch, out.hidden, batch.target_mask()).mean()
+    start_mask, start_labels, stop_mask, stop_labels = batch.decision_labels()
+    zero = out.hidden.sum() * 0.0
+    start_logits = model.start_logits(out.hidden[start_mask]).float()
+    labels = start_labels[start_mask]
+    start = zero
+    if lambda_start > 0 and model.latent_mode.has_slots and labels.numel():
+        positives = labels.sum()
+        weight = (labels.numel() - positives) / positives.clamp_min(1) if start_pos_weight == "auto" else start_pos_weight
+        start = F.binary_cross_entropy_with_logits(start_logits, labels, pos_weight=torch.as_tensor(weight))
+    stop_logits = model.stop_logits(out.hidden[stop_mask]).float()
+    slabels = stop_labels[stop_mask]
+    stop = zero
+    if lambda_stop > 0 and model.latent_mode.has_stop_decisions and slabels.numel():
+        stop = F.binary_cross_entropy_with_logits(stop_logits, slabels)
+    total = lm + lambda_start * start + lambda_stop * stop
+    return SFTLoss(total, lm, start, stop, start_logits.detach(), labels, stop_logits.detach(), slabels)
+
+
+def classifier_scores(logits: torch.Tensor, labels: torch.Tensor, threshold: float, name: str) -> dict[str, float]:
+    """Precision, recall and F1 of thresholded decisions (the decisions greedy sampling takes)."""
+    predicted = torch.sigmoid(logits) > threshold
+    actual = labels > 0.5
+    tp = (predicted & actual).sum().item()
+    precision = tp / max(predicted.sum().item(), 1)
+    recall = tp / max(actual.sum().item(), 1)
+    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    return {f"{name}_precision": precision, f"{name}_recall": recall, f"{name}_f1": f1}
+
+
+def replaced_latents(slot_inputs: torch.Tensor, latent_mask: torch.Tensor, how: str,
+                     generator: torch.Generator) -> torch.Tensor:
+    """(B, T, H) latents with those at latent slots replaced: `zeros`, `noise` (same norm) or `shuffle`."""
+    vectors = slot_inputs[latent_mask]  # (N, H)
+    if how == "zeros":
+        replaced = torch.zeros_like(vectors)
+    elif how == "noise":
+        noise = torch.randn(vectors.shape, generator=generator, dtype=torch.float32).to(vectors)
+        replaced = noise / noise.norm(dim=-1, keepdim=True) * vectors.norm(dim=-1, keepdim=True)
+    else:  # shuffle: each row takes the latents of another row (a random cyclic shift over rows)
+        rows = latent_mask.nonzero()[:, 0]
+        owners = rows.unique()
+        if owners.numel() < 2:
+            return slot_inputs.clone()  # nothing to shuffle with: no replacement
+        shift = int(torch.randint(1, owners.numel(), (1,), generator=generator))
+        donors = owners.roll(-shift)
+        pieces = []
+        for owner, donor in zip(owners.tolist(), donors.tolist()):
+            mine, theirs = (rows == owner).sum().item(), vectors[rows == donor]
+            pieces.append(theirs[torch.arange(mine) % len(theirs)])
+        replaced = torch.cat(pieces)
+    out = slot_inputs.clone()
+    out[latent_mask] = replaced
+    return out
+
+
+@torch.no_grad()
+def latent_gain(model: LatentModel, batch: LatentBatch, out: ForwardOutput, seed: int) -> dict[str, float]:
+    """Next-step loss with real latents and its increase under each replacement (nats)."""
+    step_tokens = batch.next_step_mask & batch.target_mask()
+    if not model.latent_mode.has_slots or not batch.latent_mask.any() or not step_tokens.any():
+        return {}
+    real = token_losses(model, batch, out.hidden, step_tokens).mean().item()
+    metrics = {"next_step_loss": real}
+    generator = torch.Generator().manual_seed(seed)
+    for how in GAIN_REPLACEMENTS:
+        inputs = replaced_latents(out.slot_inputs, batch.latent_mask, how, generator)
+        replaced = parallel_forward(model, batch, inputs)
+        metrics[f"latent_gain_{how}"] = token_losses(model, batch, replaced.hidden, step_tokens).mean().item() - real
+    return metrics
+
+
+def latent_norms(model: LatentModel, out: ForwardOutput, batch: LatentBatch) -> dict[str, float]:
+    """Mean norm of latent inputs vs token embeddings: a scale mismatch is a common silent failure."""
+    if not batch.latent_mask.any():
+        return {}
+    latent = out.slot_inputs[batch.latent_mask].float().norm(dim=-1).mean().item()
+    return {"latent_norm": latent, "embedding_norm": model.embedding_norm}

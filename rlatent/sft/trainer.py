@@ -1,0 +1,150 @@
+"""Phase 1: the supervised warm start.
+
+Teaches the model to predict each next step through latent blocks placed at
+GSM8K calculator marks, the start head to open blocks there and the stop head
+to close them (losses in `sft_losses`). The loop reads top to bottom: batches
+of examples, `grad_accum` micro-batches per optimizer step, AdamW with warm-up
+and decay, gradient clipping, periodic diagnostics (LM loss, classifier
+precision/recall/F1, latent gain, latent norms) and atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from rlatent.io.checkpoint import restore_training_state, save_checkpoint
+from rlatent.latent.batch import LatentBatch, collate
+from rlatent.config import RunConfig
+from rlatent.errors import TrainingError
+from rlatent.data.examples import SFTExample
+from rlatent.latent.forward import forward
+from rlatent.model.latent_model import LatentModel
+from rlatent.optim import build_optimizer
+from rlatent.io.run_dir import MetricsLogger, RunDir
+from rlatent.sft.losses import classifier_scores, latent_gain, latent_norms, sft_loss
+
+def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
+    """Endless batches, reshuffled each epoch from `seed` (same seed, same order)."""
+    epoch = 0
+    while True:
+        order = list(range(len(examples)))
+        random.Random(seed + epoch).shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield [examples[j] for j in order[i : i + batch_size]]
+        epoch += 1
+
+
+class SFTTrainer:
+    def __init__(self, cfg: RunConfig, model: LatentModel, tokenizer, train: list[SFTExample],
+                 evaluation: list[SFTExample], run: RunDir, logger: MetricsLogger):
+        if len(train) < cfg.sft.batch_size:
+            raise TrainingError(f"sft.batch_size {cfg.sft.batch_size} exceeds the {len(train)} training examples")
+        self.cfg, self.model, self.run, self.logger = cfg, model, run, logger
+        self.pad_id = tokenizer.pad_token_id
+        self.train_examples, self.eval_examples = train, evaluation
+        sft = cfg.sft
+        self.optimizer = build_optimizer(
+            cfg, model, sft.lr, sft.weight_decay, sft.max_grad_norm,
+            lambda opt: get_scheduler(sft.schedule, opt, num_warmup_steps=sft.warmup_steps,
+                                      num_training_steps=max(sft.steps, 1)))
+        self.step = 0
+
+    def batch(self, examples: list[SFTExample]) -> LatentBatch:
+        return collate(examples, self.pad_id).to(self.model.device)
+
+    def train(self) -> Path:
+        """Run all steps; returns the final checkpoint directory."""
+        sft = self.cfg.sft
+        micro_batches = epoch_batches(self.train_examples, sft.batch_size, self.cfg.seed)
+        for _ in range(self.step * sft.grad_accum):  # a resumed run continues at its data position
+            next(micro_batches)
+        progress = tqdm(total=sft.steps, initial=self.step, desc="sft", dynamic_ncols=True)
+        while self.step < sft.steps:
+            started = time.perf_counter()
+            metrics = self.train_step([self.batch(next(micro_batches)) for _ in range(sft.grad_accum)])
+            self.step += 1
+            metrics["step_seconds"] = time.perf_counter() - started
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", lm=f"{metrics['lm_loss']:.3f}")
+            if self.step % sft.log_every == 0:
+                self.logger.log(self.step, metrics, phase="train")
+            if self.step % sft.eval_every == 0 and self.step < sft.steps:
+                self.evaluate()
+            if sft.save_every and self.step % sft.save_every == 0 and self.step < sft.steps:
+                self.save_checkpoint()
+        progress.close()
+        self.evaluate()
+        return self.save_checkpoint()
+
+    def train_step(self, micro_batches: list[LatentBatch]) -> dict[str, float]:
+        sft = self.cfg.sft
+        self.model.train()
+        totals = {"loss": 0.0, "lm_loss": 0.0, "start_loss": 0.0, "stop_loss": 0.0}
+        tokens = 0
+        for batch in micro_batches:
+            out = forward(self.model, batch, self.cfg.latent.gradient, pass_cost=self.cfg.latent.pass_cost)
+            loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight)
+            if not torch.isfinite(loss.total):
+                raise TrainingError(f"sft step {self.step + 1}: loss is {loss.total.item()} (lm {loss.lm.item()}, "
+                                    f"start {loss.start.item()}, stop {loss.stop.item()}); lower sft.lr or check the data")
+            self.optimizer.backward(loss.total / len(micro_batches))
+            for name, value in zip(totals, (loss.total, loss.lm, loss.start, loss.stop)):
+                totals[name] += value.item() / len(micro_batches)
+            tokens += int(batch.attention_mask.sum())
+        grad_norm = self.optimizer.step()
+        return {**totals, "grad_norm": grad_norm, "lr": self.optimizer.lr, "positions": tokens}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Diagnostics on the first `eval.gain_batches` batches of the eval split."""
+        self.model.eval()
+        size = self.cfg.sft.batch_size
+        sums: dict[str, float] = {}
+        start_logits, start_labels, stop_logits, stop_labels = [], [], [], []
+        chunks = [self.eval_examples[i : i + size] for i in range(0, len(self.eval_examples), size)]
+        chunks = chunks[: self.cfg.eval.gain_batches]
+        for index, examples in enumerate(chunks):
+            batch = self.batch(examples)
+            out = forward(self.model, batch, "recurrent", pass_cost=self.cfg.latent.pass_cost)
+            loss = sft_loss(self.model, batch, out, 1.0, 1.0, self.cfg.sft.start_pos_weight)
+            values = {"lm_loss": loss.lm.item(), "start_loss": loss.start.item(), "stop_loss": loss.stop.item()}
+            values.update(latent_gain(self.model, batch, out, seed=self.cfg.seed + index))
+            values.update(latent_norms(self.model, out, batch))
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value / len(chunks)
+            start_logits.append(loss.start_logits)
+            start_labels.append(loss.start_labels)
+            stop_logits.append(loss.stop_logits)
+            stop_labels.append(loss.stop_labels)
+        latent = self.cfg.latent
+        if self.model.latent_mode.has_slots:
+            sums.update(classifier_scores(torch.cat(start_logits), torch.cat(start_labels), latent.start_threshold, "start"))
+        if self.model.latent_mode.has_stop_decisions:
+            sums.update(classifier_scores(torch.cat(stop_logits), torch.cat(stop_labels), latent.stop_threshold, "stop"))
+        gains = [v for k, v in sums.items() if k.startswith("latent_gain_")]
+        if gains:
+            sums["latents_ignored"] = float(max(gains) < self.cfg.eval.gain_warn_below)
+            if sums["latents_ignored"]:
+                tqdm.write(f"WARNING step {self.step}: latent gain is ~0 ({', '.join(f'{g:+.4f}' for g in gains)} nats "
+                           "for zeros/noise/shuffle): the model is IGNORING its latents", file=sys.stderr)
+        self.logger.log(self.step, sums, phase="eval")
+        return sums
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint of this phase (the caller loads the model); the data position
+        follows from the step."""
+        self.step = restore_training_state(checkpoint, "sft", self.optimizer)
+
+    def save_checkpoint(self) -> Path:
+        path = self.run.checkpoint_path(self.step)
+        with self.optimizer.full_parameters():
+            return save_checkpoint(path, self.model, "sft", self.step, self.optimizer.state_dict())
+
