@@ -215,17 +215,39 @@ class GRPOConfig(Section):
     latent_noise_std: float = Field(0.0, ge=0)
     """Gaussian exploration on latents, z ~ N(proj(h), std^2 I); 0 = off. Its log-density joins the log-prob."""
     loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
-    """Aggregation: `dapo` token-level over the batch, `grpo` per-sequence mean then mean, `dr_grpo` sum over
-    actions divided by a constant, B * (2 * max_new_tokens + 1 + 2 * latent.max_total_latents)."""
+    """Aggregation: `dapo` token-level over the batch (DAPO, arXiv 2503.14476), `grpo` per-sequence mean then
+    mean (DeepSeekMath), `dr_grpo` sum over actions divided by B * a constant (`dr_grpo_constant`; Dr. GRPO,
+    arXiv 2503.20783)."""
+    dr_grpo_constant: Literal["max_new_tokens", "max_actions"] = "max_new_tokens"
+    """`dr_grpo`'s per-completion constant: `max_new_tokens` (the generation budget, as Dr. GRPO and TRL's
+    `max_completion_length`), or `max_actions` = 2 * max_new_tokens + 1 + 2 * latent.max_total_latents, the
+    most actions a completion can hold (~2.5x smaller gradient at the same lr)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the group's reward std (GRPO), the batch's, or not at all (Dr. GRPO)."""
+    advantage_std: Literal["population", "sample"] = "population"
+    """The std that scales advantages: `population` (a group [1, 0, 0, 1] gets +-1) or `sample` (Bessel's
+    correction, as TRL and verl: advantages x sqrt((G-1)/G), x0.935 at G=8)."""
     epsilon_low: float = Field(0.2, ge=0)
     epsilon_high: float = Field(0.28, ge=0)
     """Asymmetric clipping of the importance ratio to [1 - eps_low, 1 + eps_high] (DAPO's clip-higher)."""
     beta: float = Field(0.0, ge=0)
-    """k3 KL to the reference (the base with adapters off); 0 skips the reference forward."""
+    """Weight of the KL to the reference policy (`reference`), per action; 0 skips the reference forward."""
+    reference: Literal["initial", "base"] = "initial"
+    """The KL's reference. `initial`: the policy phase 2 starts from, frozen (adapter, heads, projection), as
+    TRL and verl: tokens (k3), start/stop decisions (exact Bernoulli KL) and explored latents (exact Gaussian
+    KL) all get a KL; costs one copy of the trainable weights (a whole model with `model.lora_r: 0`).
+    `base`: the base model with adapters off (before phase 1; tokens only, needs LoRA)."""
+    kl_bias_correction: bool = False
+    """Multiply each action's k3 by its importance ratio (TRL 1.16's `use_bias_correction_kl`, on there)."""
     num_iterations: int = Field(1, ge=1)
-    """Updates per batch of rollouts; ratios are taken against the stored sampling log-probs."""
+    """Updates per batch of rollouts; ratios are taken against the old log-probs (`old_logprobs`)."""
+    old_logprobs: Literal["sampler", "recompute"] = "sampler"
+    """The "old" log-probs of the ratio: the sampler's stored ones, or a no-grad pass of the training forward
+    before the first update (verl's choice; the first ratio is then exactly 1 even where the KV-cached decode
+    and the batched forward differ, e.g. in bf16). Costs one forward per batch."""
+    disable_dropout: bool = True
+    """Run updates with dropout off (TRL's `disable_dropout`): the sampler runs without it, so with dropout on
+    the first ratio is not 1 and clipping acts on noise."""
     micro_batch_size: int = Field(8, ge=1)
     """Rollouts per forward/backward during the update (gradient accumulation over the batch)."""
     lr: float = Field(1e-5, gt=0)
@@ -328,6 +350,13 @@ class RunConfig(Section):
         if self.grpo.latent_noise_std > 0 and not mode.explorable:
             raise ValueError(f"grpo.latent_noise_std > 0 needs latent.mode 'latent': {self.latent.mode} slots hold no "
                              "state-dependent latent to explore, so the noise would have no policy density")
+        if self.grpo.beta > 0 and self.grpo.reference == "base" and self.model.lora_r == 0:
+            raise ValueError("grpo.reference 'base' with model.lora_r 0 is the policy itself (the KL would be 0): "
+                             "use grpo.reference 'initial'")
+        if self.grpo.beta > 0 and self.grpo.reference == "initial" and self.deepspeed.enabled \
+                and self.deepspeed.zero_stage == 3:
+            raise ValueError("grpo.reference 'initial' swaps frozen weights into the parameters, which ZeRO-3 "
+                             "partitions: use deepspeed.zero_stage <= 2 or grpo.reference 'base'")
         if self.grpo.engine == "vllm" and mode.has_slots:
             raise ValueError("grpo.engine 'vllm' samples text only: it needs latent.mode 'none'")
         if self.eval.engine == "vllm" and mode.has_slots:

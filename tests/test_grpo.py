@@ -35,7 +35,8 @@ def test_stored_logprobs_equal_recomputed(tiny_model_dir, trunk, gradient, noise
     stored = traj.actions(noise > 0)
     assert stored.mask[..., 1].any() and stored.mask[..., 2].any()  # start and stop decisions were taken
     assert stored.mask[..., 3].any() == (noise > 0)  # latent densities are actions only with noise
-    recomputed, entropy = recompute_actions(model, traj.batch, traj.slot_inputs, stored.mask, 0.7, noise, gradient)
+    out = recompute_actions(model, traj.batch, traj.slot_inputs, stored.mask, 0.7, noise, gradient)
+    recomputed, entropy = out.actions, out.entropy
     assert torch.allclose(recomputed.logprobs, stored.logprobs.to(recomputed.logprobs.dtype), atol=1e-9, rtol=0)
     assert entropy.shape[0] == int(stored.mask[..., 0].sum()) and (entropy > 0).all()
 

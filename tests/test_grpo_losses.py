@@ -13,6 +13,7 @@ from rlatent.grpo.losses import (
     group_advantages,
     grpo_loss,
     kl_k3,
+    masked_kl_k3,
     normaliser,
 )
 
@@ -73,9 +74,10 @@ def test_grpo_aggregation_skips_empty_rows():
     assert AGGREGATIONS["dapo"](PER_ACTION, torch.zeros_like(mask), 3).item() == 0.0  # nothing: 0, not NaN
 
 
-def test_dr_grpo_rejects_too_small_budget():
-    with pytest.raises(ValueError, match="max_actions is 1"):
-        AGGREGATIONS["dr_grpo"](PER_ACTION, MASK, 1)
+def test_dr_grpo_budget_is_a_constant_even_below_the_longest_row():
+    """TRL's Dr. GRPO divides by B x max_completion_length whatever the completions hold; with decisions
+    as actions a row may hold more actions than the token budget, and that is no error."""
+    assert AGGREGATIONS["dr_grpo"](PER_ACTION, MASK, 1).item() == pytest.approx((1 + 2 + 4) / (2 * 1))
 
 
 def test_unknown_loss_type():
@@ -138,7 +140,7 @@ def test_beta_adds_aggregated_kl(loss_type):
     }[loss_type]
     # Advantages 0 and ratio 1: the surrogate is 0, what remains is β·KL.
     args = dict(loss_type=loss_type, beta=0.1, max_actions=4, **CLIP)
-    loss, stats = grpo_loss(logprobs, logprobs.detach(), ref, torch.zeros(2, dtype=F64), mask, **args)
+    loss, stats = grpo_loss(logprobs, logprobs.detach(), masked_kl_k3(logprobs, ref, mask), torch.zeros(2, dtype=F64), mask, **args)
     assert loss.item() == pytest.approx(0.1 * by_hand)
     assert stats["kl"] == pytest.approx(sum(kl[0] + kl[1]) / 5)
     without_ref, _ = grpo_loss(logprobs, logprobs.detach(), None, torch.zeros(2, dtype=F64), mask, **args)
@@ -189,10 +191,10 @@ def test_masked_garbage_changes_nothing(loss_type):
     adv = t([1.5, -0.5])
 
     a = clean.clone().requires_grad_()
-    loss_a, stats_a = grpo_loss(a, old, ref, adv, mask, **args)
+    loss_a, stats_a = grpo_loss(a, old, masked_kl_k3(a, ref, mask), adv, mask, **args)
     loss_a.backward()
     b = dirty.clone().requires_grad_()
-    loss_b, stats_b = grpo_loss(b, old_dirty, ref_dirty, adv, mask, **args)
+    loss_b, stats_b = grpo_loss(b, old_dirty, masked_kl_k3(b, ref_dirty, mask), adv, mask, **args)
     loss_b.backward()
     assert torch.isfinite(loss_b) and loss_b.item() == pytest.approx(loss_a.item())
     assert stats_b == pytest.approx(stats_a)
@@ -216,8 +218,8 @@ def random_batch(seed, rows=8, slots=5):
 def test_dapo_is_action_weighted_average_of_micro_batches():
     logprobs, old, ref, adv, mask = random_batch(0)
     args = dict(loss_type="dapo", beta=0.0, max_actions=5, **CLIP)
-    full, _ = grpo_loss(logprobs, old, ref, adv, mask, **args)
-    parts = [grpo_loss(logprobs[r], old[r], ref[r], adv[r], mask[r], **args) for r in (slice(0, 3), slice(3, 8))]
+    full, _ = grpo_loss(logprobs, old, masked_kl_k3(logprobs, ref, mask), adv, mask, **args)
+    parts = [grpo_loss(logprobs[r], old[r], masked_kl_k3(logprobs[r], ref[r], mask[r]), adv[r], mask[r], **args) for r in (slice(0, 3), slice(3, 8))]
     weighted = sum(loss * stats["actions"] for loss, stats in parts) / mask.sum()
     assert weighted.item() == pytest.approx(full.item())
     # ...whereas the plain mean of the micro-batch losses is not the batch loss.
@@ -231,7 +233,7 @@ def test_accumulation_with_full_batch_normaliser_equals_full_batch(loss_type, mi
     args = dict(loss_type=loss_type, beta=0.04, max_actions=5, **CLIP)
 
     full_lp = logprobs.clone().requires_grad_()
-    full, _ = grpo_loss(full_lp, old, ref, adv, mask, **args)
+    full, _ = grpo_loss(full_lp, old, masked_kl_k3(full_lp, ref, mask), adv, mask, **args)
     full.backward()
 
     acc_lp = logprobs.clone().requires_grad_()
@@ -239,7 +241,8 @@ def test_accumulation_with_full_batch_normaliser_equals_full_batch(loss_type, mi
     total = 0.0
     for start in range(0, 8, micro):
         r = slice(start, start + micro)
-        loss, _ = grpo_loss(acc_lp[r], old[r], ref[r], adv[r], mask[r], normaliser=norm, **args)
+        loss, _ = grpo_loss(acc_lp[r], old[r], masked_kl_k3(acc_lp[r], ref[r], mask[r]), adv[r], mask[r], normaliser=norm,
+                            **args)
         loss.backward()  # no division by the number of micro-batches
         total += loss.item()
     assert total == pytest.approx(full.item(), rel=1e-12)

@@ -79,7 +79,7 @@ def trainable(model):
 def recomputed(model, traj):
     stored = traj.actions(noisy_latents=False)
     with torch.no_grad():
-        actions, _ = recompute_actions(model, traj.batch, traj.slot_inputs, stored.mask, 1.0, 0.0, "recurrent")
+        actions = recompute_actions(model, traj.batch, traj.slot_inputs, stored.mask, 1.0, 0.0, "recurrent").actions
     return stored.logprobs[..., 0], actions.logprobs[..., 0]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlatent.io.checkpoint import restore_training_state, save_checkpoint
+from rlatent.io.checkpoint import read_reference, restore_training_state, save_checkpoint
 from rlatent.config import RunConfig
 from rlatent.model.latent_model import LatentModel
 from rlatent.grpo.learner import GRPOLearner
@@ -59,10 +59,15 @@ class LocalBackend:
     def save_checkpoint(self, path: Path, step: int) -> Path:
         learner = self.learner
         with learner.optimizer.full_parameters():
-            return save_checkpoint(path, learner.model, "grpo", step, learner.optimizer.state_dict())
+            state = learner.checkpoint_state()
+            return save_checkpoint(path, learner.model, "grpo", step, state["optimizer"], state["reference"])
 
     def restore(self, checkpoint: Path) -> int:
-        return restore_training_state(checkpoint, "grpo", self.learner.optimizer)
+        step = restore_training_state(checkpoint, "grpo", self.learner.optimizer)
+        reference = read_reference(checkpoint)
+        if self.learner.reference is not None and reference:
+            self.learner.reference.load_state_dict(reference)
+        return step
 
     def finish(self, model: LatentModel) -> None:
         """The learner trained `model` itself: nothing to bring back."""

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from rlatent.io.atomic import restore_rng_state
-from rlatent.io.checkpoint import read_training_state, save_checkpoint
+from rlatent.io.checkpoint import read_reference, read_training_state, save_checkpoint
 from rlatent.config import RunConfig
 from rlatent.errors import ConfigError, LearnerFailure, TrainingError, first_line
 from rlatent.model.latent_model import LatentModel
@@ -101,8 +101,7 @@ class LearnerWorker(Probe):
         os.environ.update({"MASTER_ADDR": address[0], "MASTER_PORT": str(address[1]), "RANK": str(rank),
                            "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})
         model, _ = LatentModel.from_settings(settings, dtype, resolve_device(cfg.model.device), cfg.model.cache_dir)
-        self.learner = GRPOLearner(cfg, model)
-        self.learner.load_trainable(initial)
+        self.learner = GRPOLearner(cfg, model, trainable=initial)
 
     def update(self, traj: Trajectories, advantages: torch.Tensor, step: int, totals) -> dict[str, float]:
         return self.learner.update(traj, advantages, step, totals)
@@ -113,8 +112,8 @@ class LearnerWorker(Probe):
     def checkpoint_state(self) -> dict:
         return self.learner.checkpoint_state()
 
-    def load_optimizer_state(self, state: dict) -> None:
-        self.learner.load_optimizer_state(state)
+    def load_training_state(self, optimizer: dict, reference: dict[str, torch.Tensor] | None) -> None:
+        self.learner.load_training_state(optimizer, reference)
 
 
 # ---- restarting pools -----------------------------------------------------------------------
@@ -296,7 +295,8 @@ class RayBackend:
         shares = [(traj.rows(a, b), advantages[a:b], step, totals) for a, b in zip(bounds, bounds[1:])]
         results = self.call_learner("update", *shares, step=step)
         metrics = {key: sum(r[key] for r in results) for key in results[0]}
-        metrics.update(grad_norm=results[0]["grad_norm"], lr=results[0]["lr"])
+        metrics.update(grad_norm=results[0]["grad_norm"], lr=results[0]["lr"],
+                       ratio_first_max_deviation=max(r["ratio_first_max_deviation"] for r in results))
         # Every rank takes part (ZeRO-3 gathers are collective); rank 0's copy is the one kept.
         self.snapshot = (step, [actor.checkpoint_state.remote() for actor in self.learners][0])
         return metrics
@@ -325,13 +325,14 @@ class RayBackend:
         else:
             state = self.call_learner("checkpoint_state", step=step)[0]
         load_trainable_state(self.model, state["trainable"])
-        return save_checkpoint(path, self.model, "grpo", step, state["optimizer"])
+        return save_checkpoint(path, self.model, "grpo", step, state["optimizer"], state["reference"])
 
     def restore(self, checkpoint: Path) -> int:
         """The driver loaded the checkpoint's weights (and gave them to the learner at start); the optimizer
         state goes to the learner."""
         state = read_training_state(checkpoint, "grpo")
-        self.call_learner("load_optimizer_state", step=int(state["step"]), args=(state["optimizer"],))
+        self.call_learner("load_training_state", step=int(state["step"]),
+                          args=(state["optimizer"], read_reference(checkpoint)))
         restore_rng_state(state["rng"])
         return int(state["step"])
 

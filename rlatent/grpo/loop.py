@@ -115,7 +115,7 @@ class GRPOTrainer:
         upcoming = self.launch(next_step, version=self.step) if overlap else None  # pre-update weights
         rewards, reward_metrics = self.score(group, traj)
         scored = time.perf_counter()
-        advantages = group_advantages(rewards, g.group_size, g.scale_rewards)
+        advantages = group_advantages(rewards, g.group_size, g.scale_rewards, g.advantage_std)
         metrics = self.backend.update(traj, advantages, next_step)
         updated = time.perf_counter()
         metrics.update(self.backend.sync(next_step))

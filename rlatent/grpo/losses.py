@@ -54,56 +54,72 @@ STD_EPS = 1e-4
 
 # --- advantages -----------------------------------------------------------------------------------------------
 
-def _group_std(grouped: Tensor) -> Tensor:
-    return grouped.std(dim=1, keepdim=True, unbiased=False) + STD_EPS  # (P, 1)
+def _group_std(grouped: Tensor, unbiased: bool) -> Tensor:
+    return grouped.std(dim=1, keepdim=True, unbiased=unbiased) + STD_EPS  # (P, 1)
 
 
-def _batch_std(grouped: Tensor) -> Tensor:
-    return grouped.std(unbiased=False) + STD_EPS  # scalar: the std of every reward in the batch
+def _batch_std(grouped: Tensor, unbiased: bool) -> Tensor:
+    return grouped.std(unbiased=unbiased) + STD_EPS  # scalar: the std of every reward in the batch
 
 
-def _no_scale(grouped: Tensor) -> Tensor:
+def _no_scale(grouped: Tensor, unbiased: bool) -> Tensor:
     return torch.ones((), dtype=grouped.dtype, device=grouped.device)
 
 
-ADVANTAGE_SCALES: dict[str, Callable[[Tensor], Tensor]] = {
+ADVANTAGE_SCALES: dict[str, Callable[[Tensor, bool], Tensor]] = {
     "group": _group_std,  # GRPO
     "batch": _batch_std,  # the batch's std: keeps a group of near-equal rewards from being blown up
     "none": _no_scale,  # Dr. GRPO: std scaling biases towards groups that are too easy or too hard
 }
-"""`scale_rewards` name -> divisor of the centred rewards, from the rewards grouped as (P, G)."""
+"""`scale_rewards` name -> divisor of the centred rewards, from the rewards grouped as (P, G) and whether
+the std is the sample (Bessel-corrected) one."""
+
+STD_KINDS = {"population": False, "sample": True}
+"""`advantage_std` name -> `unbiased` flag of the std that scales advantages."""
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale: str, std: str = "population") -> Tensor:
     """Advantages (N,) of rewards (N,) ordered as N / group_size consecutive groups.
 
-    advantage = reward − its group's mean, divided by `ADVANTAGE_SCALES[scale]`.
-    The std is the population std (unbiased=False) of the rewards actually
-    observed, plus `STD_EPS`. TRL and verl use the unbiased std; the two differ
-    by the constant factor sqrt((G−1)/G) on every advantage (≈ a learning-rate
-    change), and the population std gives a group [1, 0, 0, 1] advantages ±1.
-    `batch` divides by the std over all N rewards (the global batch: the
-    trainer must pass every rank's rewards).
+    advantage = reward − its group's mean, divided by `ADVANTAGE_SCALES[scale]`
+    (plus `STD_EPS`). `std`: `population` (unbiased=False; a group [1, 0, 0, 1]
+    gets advantages ±1) or `sample` (Bessel's correction, what TRL and verl use:
+    every advantage sqrt(G/(G−1)) smaller, ×0.935 at G=8, ≈ a learning-rate
+    change). `batch` divides by the std over all N rewards (the global batch:
+    the trainer must pass every rank's rewards).
     """
+    if std not in STD_KINDS:
+        raise ValueError(f"unknown advantage std {std!r}; expected one of {sorted(STD_KINDS)}")
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"unknown advantage scale {scale!r}; expected one of {sorted(ADVANTAGE_SCALES)}")
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)  # (P, G)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    return (centred / ADVANTAGE_SCALES[scale](grouped)).view(-1)
+    return (centred / ADVANTAGE_SCALES[scale](grouped, STD_KINDS[std])).view(-1)
 
 
 # --- per-action terms -----------------------------------------------------------------------------------------
+
+KL_CLAMP = 10.0
+"""k3 is clamped to [-10, 10] per action, as verl does: one action whose reference probability is tiny
+would otherwise make exp(d) overflow the whole batch's loss."""
+
 
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """Schulman's k3 estimator of KL(π‖π_ref) per action, same shape as the inputs, ≥ 0.
 
     With d = ref − logp: exp(d) − d − 1. Unbiased (E_π[exp(d)] = 1), and 0
-    exactly where the two log-probs agree.
+    exactly where the two log-probs agree. Clamped to `KL_CLAMP`.
     """
     d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1
+    return torch.clamp(torch.exp(d) - d - 1, -KL_CLAMP, KL_CLAMP)
+
+
+def masked_kl_k3(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """k3 where `mask`, exactly 0 elsewhere; garbage (inf, NaN) at masked slots reaches neither the value
+    nor the gradient, because it is replaced before any arithmetic."""
+    return kl_k3(torch.where(mask, logprobs, 0.0), torch.where(mask, ref_logprobs, 0.0))
 
 
 def clipped_objective(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
@@ -158,10 +174,8 @@ def count_sequences(mask: Tensor, max_actions: int) -> float:
 
 
 def fixed_budget(mask: Tensor, max_actions: int) -> float:
-    """B × max_actions: a constant of the run, independent of the sampled lengths (Dr. GRPO)."""
-    longest = int(mask.sum(dim=1).max()) if mask.numel() else 0
-    if longest > max_actions:
-        raise ValueError(f"a completion has {longest} actions but max_actions is {max_actions}")
+    """B × max_actions: a constant of the run, independent of the sampled lengths (Dr. GRPO, which takes
+    the generation budget; `grpo.dr_grpo_constant` says which)."""
     return float(mask.shape[0] * max_actions)
 
 
@@ -204,15 +218,20 @@ def normaliser(mask: Tensor, loss_type: str, max_actions: int) -> float:
     return _aggregation(loss_type).normaliser(mask, max_actions)
 
 
-def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None, advantages: Tensor,
+def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, kl: Tensor | None, advantages: Tensor,
               mask: Tensor, *, loss_type: str, epsilon_low: float, epsilon_high: float, beta: float,
-              max_actions: int, normaliser: float | None = None) -> tuple[Tensor, dict[str, float]]:
-    """The GRPO loss of one (micro-)batch: clipped surrogate + β·k3 KL per action, aggregated by `loss_type`.
+              max_actions: int, normaliser: float | None = None,
+              kl_bias_correction: bool = False) -> tuple[Tensor, dict[str, float]]:
+    """The GRPO loss of one (micro-)batch: clipped surrogate + β·KL per action, aggregated by `loss_type`.
 
     logprobs (B, A) with grad; old_logprobs (B, A) stored at sampling time;
-    ref_logprobs (B, A) or None; advantages (B,); mask (B, A) bool. The KL
-    term is added per action before aggregation (as TRL does), only when
-    β > 0 and ref_logprobs is given. `normaliser`: the full batch's
+    kl (B, A) per-action KL to the reference with grad (`masked_kl_k3` for
+    tokens; exact terms for decisions and latents), 0 for actions without a
+    reference, or None; advantages (B,); mask (B, A) bool. The KL term is
+    added per action before aggregation (as TRL does), only when β > 0 and kl
+    is given; `kl_bias_correction` multiplies it by the importance ratio
+    (TRL 1.16's `use_bias_correction_kl`, default there; it makes k3 unbiased
+    when the samples come from the old policy). `normaliser`: the full batch's
     (`normaliser(full_mask, ...)`) when this is a micro-batch; None = this
     batch's own. Returns the scalar loss and stats: `clip_low`, `clip_high`,
     `clip_fraction`, `ratio_mean`, `kl` (mean over real actions, when
@@ -224,9 +243,11 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | Non
     stats["clip_fraction"] = stats["clip_low"] + stats["clip_high"]
     actions = int(mask.sum())
     stats["actions"] = float(actions)
-    if beta > 0 and ref_logprobs is not None:
-        kl = kl_k3(torch.where(mask, logprobs, 0.0), torch.where(mask, ref_logprobs, 0.0))  # (B, A), 0 when masked
-        per_action = per_action + beta * kl
+    if beta > 0 and kl is not None:
+        kl = torch.where(mask, kl, 0.0)  # (B, A)
         stats["kl"] = kl.detach().sum().item() / max(actions, 1)
+        if kl_bias_correction:
+            kl = kl * torch.exp(torch.where(mask, logprobs - old_logprobs, 0.0))
+        per_action = per_action + beta * kl
     divisor = aggregation.normaliser(mask, max_actions) if normaliser is None else normaliser
     return aggregation.total(per_action, mask) / divisor, stats

@@ -12,21 +12,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlatent.io.atomic import atomic_directory, capture_rng_state, load_state, restore_rng_state, save_state
+import torch
+
+from rlatent.io.atomic import (atomic_directory, capture_rng_state, load_state, load_tensors, restore_rng_state,
+                               save_state, save_tensors)
 from rlatent.errors import CheckpointError
 
 TRAINER_STATE_FILE = "trainer_state.pt"
+REFERENCE_FILE = "reference.safetensors"
 
 
-def save_checkpoint(path: Path, model, phase: str, step: int, optimizer_state: dict) -> Path:
-    """`optimizer_state`: a `rlatent.optim.torch_optimizer` optimizer's `state_dict()`. Under ZeRO-3 the caller holds
-    `optimizer.full_parameters()` so that the model's weights are whole."""
+def save_checkpoint(path: Path, model, phase: str, step: int, optimizer_state: dict,
+                    reference: dict[str, torch.Tensor] | None = None) -> Path:
+    """`model`: a `LatentModel`; `optimizer_state`: an `rlatent.optim` optimizer's `state_dict()`. Under
+    ZeRO-3 the caller holds `optimizer.full_parameters()` so that the model's weights are whole.
+    `reference`: phase 2's frozen reference policy (`rlatent.grpo.reference`), kept so a resumed run
+    compares with the policy it started from."""
     with atomic_directory(path) as tmp:
         model.save(tmp)
+        if reference:
+            save_tensors(tmp / REFERENCE_FILE, reference)
         save_state(tmp / TRAINER_STATE_FILE, {
             "phase": phase, "step": step, "optimizer": optimizer_state, "rng": capture_rng_state(),
         })
     return path
+
+
+def read_reference(path: Path) -> dict[str, torch.Tensor] | None:
+    """The frozen reference policy a phase-2 checkpoint carries, or None."""
+    file = Path(path) / REFERENCE_FILE
+    return load_tensors(file) if file.is_file() else None
 
 
 def checkpoint_phase(path: Path) -> tuple[str, int]:

@@ -25,6 +25,7 @@ feeds the stored latents, without that density term when there is no noise.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -92,10 +93,36 @@ def gaussian_logprob(sample: torch.Tensor, mean: torch.Tensor, std: float) -> to
     return -squared / (2 * std**2) - dims * (math.log(std) + 0.5 * math.log(2 * math.pi))
 
 
+def bernoulli_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(Bern(sigmoid(logits)) || Bern(sigmoid(ref_logits))), exact, elementwise: a decision has two
+    outcomes, so its KL needs no estimator."""
+    logits, ref_logits = logits.to(precise_dtype(logits.dtype)), ref_logits.to(precise_dtype(logits.dtype))
+    p = torch.sigmoid(logits)
+    return (p * (F.logsigmoid(logits) - F.logsigmoid(ref_logits))
+            + (1 - p) * (F.logsigmoid(-logits) - F.logsigmoid(-ref_logits)))
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: float) -> torch.Tensor:
+    """KL(N(mean, std^2 I) || N(ref_mean, std^2 I)) = |mean - ref_mean|^2 / (2 std^2): (..., H) -> (...)."""
+    return (mean.double() - ref_mean.double()).pow(2).sum(-1) / (2 * std**2)
+
+
+@dataclass
+class PolicyOutput:
+    """What the policy computes on a batch of trajectories: the log-prob of every stored action, and the
+    distribution parameters that KL terms compare with a reference policy's."""
+
+    actions: Actions  # (B, T, K)
+    entropy: torch.Tensor  # (N,) token entropies at the sampling temperature, no grad
+    start_logits: torch.Tensor | None  # (B, T), when decisions are actions
+    stop_logits: torch.Tensor | None  # (B, T)
+    latent_means: torch.Tensor | None  # (B, T, H) mean of each slot's latent, when latents are actions
+
+
 def recompute_actions(model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor, mask: torch.Tensor,
                       temperature: float, latent_noise_std: float, gradient: str,
-                      pass_cost: float | None = None) -> tuple[Actions, torch.Tensor]:
-    """Log-probs of the stored actions under the current weights; also (N,) token entropies (no grad).
+                      pass_cost: float | None = None) -> PolicyOutput:
+    """Log-probs of the stored actions under the current weights, with what the KL terms need.
 
     `mask` (B, T, K) says which actions exist (`Trajectories.actions`); kinds
     whose mask is empty are not computed (the reference pass of the tokens
@@ -113,13 +140,15 @@ def recompute_actions(model: LatentModel, batch: LatentBatch, slot_inputs: torch
     entropy = token_entropy(logits, temperature)
 
     start = stop = latent = torch.zeros_like(token)
+    start_logits = stop_logits = means = None
     if mask[..., 1:3].any():
         _, start_labels, _, stop_labels = batch.decision_labels()
-        start = decision_logprobs(model.start_logits(hidden), start_labels.bool()).to(precise)
-        stop = decision_logprobs(model.stop_logits(hidden), stop_labels.bool()).to(precise)
+        start_logits, stop_logits = model.start_logits(hidden), model.stop_logits(hidden)
+        start = decision_logprobs(start_logits, start_labels.bool()).to(precise)
+        stop = decision_logprobs(stop_logits, stop_labels.bool()).to(precise)
     if mask[..., 3].any():
         means = model.latent_inputs(F.pad(hidden, (0, 0, 1, 0))[:, :-1])  # (B, T, H): mean from the position before
         latent = gaussian_logprob(slot_inputs, means, latent_noise_std).to(precise)
     logprobs = torch.stack([token, start, stop, latent], -1)
     logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
-    return Actions(logprobs, mask), entropy
+    return PolicyOutput(Actions(logprobs, mask), entropy, start_logits, stop_logits, means)
