@@ -7,11 +7,12 @@ import pytest
 
 from rlatent.io.atomic import atomic_directory
 from rlatent.errors import RlatentError
+from rlatent.io.plots import DASHBOARDS, collect_series, plot_run
+from rlatent.run.report import latent_use_verdict
 from rlatent.io.run_dir import (
     MetricsLogger,
     RunDir,
     metrics_table,
-    plot_metrics,
     read_metrics,
     write_report,
 )
@@ -97,18 +98,26 @@ def test_read_metrics_malformed_middle_line_names_file_and_line(tmp_path):
         read_metrics(path)
 
 
-def test_plot_metrics_one_png_per_phase(tmp_path):
+def test_plots_a_dashboard_and_the_rest_per_phase(tmp_path):
     run = RunDir(tmp_path)
     with MetricsLogger(run) as logger:
         for step in range(1, 6):
-            logger.log(step, {"loss": 1 / step, "kl": 0.01 * step, "dead": math.nan}, "grpo")
-        logger.log(5, {"accuracy": 0.5}, "eval")  # a single point
-        logger.log(5, {"broken": math.nan}, "nothing")  # never finite: no figure
-    paths = plot_metrics(run.metrics_path, run.plots_dir)
-    assert sorted(p.name for p in paths) == ["eval.png", "grpo.png"]
+            logger.log(step, {"loss": 1 / step, "lm_loss": 2 / step, "lr": 1e-3 * step, "positions": 100}, "train")
+            logger.log(step, {"reward_mean": 0.1 * step, "kl": 0.01 * step, "dead": math.nan, "clip_low": 0.0,
+                              "sync_bytes": 1000 + step}, "grpo")
+        logger.log(5, {"latent_gain_shuffle": 0.5}, "eval")  # a single point still shows
+        logger.log(5, {"accuracy": 0.5}, "test")  # logged once: a table, not a curve
+    records = read_metrics(run.metrics_path)
+    paths = plot_run(records, run.plots_dir)
+    assert sorted(p.name for p in paths) == ["grpo.png", "grpo_other.png", "sft.png", "sft_other.png"]
     for path in paths:
-        assert path.parent == run.plots_dir
-        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        assert path.parent == run.plots_dir and path.read_bytes()[:8] == PNG_SIGNATURE
+    series = collect_series(records)
+    assert "grpo/dead" not in series and series["grpo/kl"][-1] == (5, 0.05)
+    # The dashboards hold the curves users read; the rest goes to *_other.png, constants as a footnote.
+    dashboard_curves = {c for _, curves in DASHBOARDS["grpo"] for c in curves}
+    assert {"grpo/reward_mean", "grpo/kl", "grpo/clip_low"} <= dashboard_curves
+    assert "grpo/sync_bytes" not in dashboard_curves
 
 
 def test_metrics_table_formats_four_significant_digits():
@@ -134,3 +143,16 @@ def test_write_report_contains_title_sections_and_table(tmp_path):
     assert "## Summary\n\nAccuracy went up.\n" in text
     assert "## Eval\n" in text and "| 10 | 0.6667 |" in text
     assert text.index("## Summary") < text.index("## Eval")
+
+
+@pytest.mark.parametrize("gains, expected", [
+    ({}, "No latent gain was measured"),
+    ({"latent_gain_zeros": 0.001, "latent_gain_noise": 0.002, "latent_gain_shuffle": 0.0}, "ignores its latents"),
+    ({"latent_gain_zeros": 0.8, "latent_gain_noise": 0.5, "latent_gain_shuffle": 0.002}, "not for this problem"),
+    ({"latent_gain_zeros": 0.8, "latent_gain_noise": 0.5, "latent_gain_shuffle": 0.3}, "this problem's computation"),
+])
+def test_latent_use_verdict_is_a_sentence_with_the_gains(gains, expected):
+    verdict = latent_use_verdict(gains, warn_below=0.01)
+    assert expected in verdict and "{" not in verdict
+    for value in gains.values():
+        assert f"{value:+.4f}" in verdict

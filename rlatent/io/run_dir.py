@@ -7,7 +7,7 @@ Layout (one place names every path, so trainers and the CLI never build them):
       metrics.jsonl        one JSON object per logged step
       tensorboard/         the same scalars as TensorBoard events
       checkpoints/step_000123/   complete checkpoints (written atomically)
-      plots/PHASE.png      curves, one figure per phase
+      plots/*.png          curves per phase: a dashboard and the other metrics (`rlatent.io.plots`)
       samples/             evaluation samples
       report.md            short human summary
 
@@ -22,15 +22,13 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
-from rlatent.io.atomic import atomic_file, atomic_write_text
+from rlatent.io.atomic import atomic_write_text
 from rlatent.errors import RlatentError
 
 _CHECKPOINT_NAME = re.compile(r"step_(\d+)")
-_RESERVED_KEYS = ("step", "phase", "time")
+RESERVED_KEYS = ("step", "phase", "time")
 
 
 class RunDir:
@@ -113,7 +111,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float], phase: str) -> None:
         """Record `metrics` at `step` under `phase` (e.g. "sft", "grpo", "eval")."""
-        clash = [k for k in _RESERVED_KEYS if k in metrics]
+        clash = [k for k in RESERVED_KEYS if k in metrics]
         if clash:
             raise ValueError(f"metric names {clash} are reserved in metrics.jsonl")
         record = {"step": step, "phase": phase, "time": time.time()}
@@ -162,49 +160,6 @@ def read_metrics(path: str | Path) -> list[dict]:
                 continue
             raise RlatentError(f"{path}:{number}: malformed metrics line ({e.msg})") from e
     return records
-
-
-def plot_metrics(metrics_path: str | Path, plots_dir: str | Path) -> list[Path]:
-    """Draw one PNG per phase, one small subplot per metric against step.
-
-    Metrics with no finite value are skipped; a phase with none left gets no
-    figure. Figures are built without pyplot, so no global figure state leaks
-    between calls and no display is needed.
-    """
-    plots_dir = Path(plots_dir)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    by_phase: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for record in read_metrics(metrics_path):
-        series = by_phase.setdefault(record["phase"], {})
-        for name, value in record.items():
-            if name in _RESERVED_KEYS:
-                continue
-            points = series.setdefault(name, [])
-            if value is not None and math.isfinite(value):
-                points.append((record["step"], value))
-
-    written = []
-    for phase, series in by_phase.items():
-        plottable = {name: pts for name, pts in series.items() if pts}
-        if not plottable:
-            continue
-        ncols = min(3, len(plottable))
-        nrows = math.ceil(len(plottable) / ncols)
-        fig = Figure(figsize=(4 * ncols, 3 * nrows), layout="constrained")
-        FigureCanvasAgg(fig)
-        fig.suptitle(phase)
-        for index, (name, points) in enumerate(plottable.items(), start=1):
-            ax = fig.add_subplot(nrows, ncols, index)
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="o", markersize=3)  # marker: a single point stays visible
-            ax.set_title(name, fontsize=10)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        out = plots_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', phase)}.png"
-        with atomic_file(out) as f:
-            fig.savefig(f, format="png", dpi=100)
-        written.append(out)
-    return written
 
 
 def _format_cell(value: object) -> str:

@@ -21,21 +21,14 @@ from rlatent.errors import ConfigError
 from rlatent.run.evaluate import evaluate_problems
 from rlatent.model.latent_model import LatentModel
 from rlatent.model.loading import model_dtype, resolve_device
-from rlatent.io.run_dir import MetricsLogger, RunDir, metrics_table, plot_metrics, read_metrics, write_report
+from rlatent.io.run_dir import MetricsLogger, RunDir, metrics_table
+from rlatent.run.report import GENERATION_COLUMNS, finish_run
 from rlatent.latent.sampler import SamplingSettings
 from rlatent.io.checkpoint import checkpoint_phase
 from rlatent.distributed import make_backend
 from rlatent.grpo.loop import GRPOTrainer
 from rlatent.sft.trainer import SFTTrainer
 from rlatent.data.splits import load_split, sft_examples
-
-GENERATION_COLUMNS = ["accuracy", "latents_per_answer", "blocks_per_answer", "tokens_per_answer",
-                      "forward_passes_per_answer", "truncated", "wall_seconds", "problems"]
-GRPO_COLUMNS = ["step", "reward_mean", "accuracy", "latents_per_completion", "blocks_per_completion",
-                "tokens_per_completion", "start_rate", "stop_rate", "clip_fraction", "kl", "entropy"]
-DIAGNOSTIC_COLUMNS = ["step", "lm_loss", "start_f1", "stop_f1", "next_step_loss", "latent_gain_zeros",
-                      "latent_gain_noise", "latent_gain_shuffle", "latent_norm", "embedding_norm"]
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -172,43 +165,3 @@ def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
     print(metrics_table([results], GENERATION_COLUMNS))
     print(f"results: {out_dir}")
     return out_dir
-
-
-def finish_run(run: RunDir, cfg: RunConfig, results: dict[str, dict[str, float]]) -> None:
-    """Plots and report.md from what the run logged."""
-    plot_metrics(run.metrics_path, run.plots_dir)
-    records = read_metrics(run.metrics_path)
-    diagnostics = [r for r in records if r["phase"] == "eval"]
-    last = diagnostics[-1] if diagnostics else {}
-    gains = {k: v for k, v in last.items() if k.startswith("latent_gain_") and v is not None}
-    if not gains:
-        verdict = "No latent gain measured (no latents in this mode)."
-    elif last.get("latents_ignored"):
-        verdict = (f"**The model ignores its latents**: every replacement changes the next-step loss by less than "
-                   f"{cfg.eval.gain_warn_below} nats ({json.dumps(gains)}).")
-    else:
-        verdict = f"Latents are used: replacing them raises the next-step loss by {json.dumps(gains)} nats."
-    sections = {
-        "Run": (f"- model: `{cfg.model.name_or_path}` (LoRA r={cfg.model.lora_r})\n"
-                f"- latent: mode `{cfg.latent.mode}`, trunk `{cfg.latent.trunk}`, proj `{cfg.latent.proj}`, "
-                f"k={cfg.latent.k}, placement `{cfg.latent.placement}`, gradient `{cfg.latent.gradient}`\n"
-                f"- data: `{cfg.data.source}`; sft: {cfg.sft.steps} steps x {cfg.sft.batch_size} x {cfg.sft.grad_accum}; "
-                f"grpo: {cfg.grpo.steps} steps x {cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size}, "
-                f"loss `{cfg.grpo.loss_type}`, rewards {[r.function for r in cfg.grpo.rewards]}"),
-        "Phase 2 (last logged step)": grpo_summary(run),
-        "Phase 1 diagnostics": metrics_table(diagnostics, DIAGNOSTIC_COLUMNS) if diagnostics else "none logged",
-        "Latent use": verdict,
-        "Evaluation (sampled answers)": metrics_table([{"after": phase, **r} for phase, r in results.items()],
-                                                      ["after"] + GENERATION_COLUMNS),
-        "Files": ("`config.yaml`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `plots/`, "
-                  "`samples/eval_samples.jsonl` (after phase 1 of a two-phase run: `eval_samples_sft.jsonl`; latents shown as nearest tokens)"),
-    }
-    report = write_report(run, f"rlatent run {run.path.name}", sections)
-    print(f"report: {report}")
-
-
-def grpo_summary(run: RunDir) -> str:
-    steps = [r for r in read_metrics(run.metrics_path) if r["phase"] == "grpo"]
-    if not steps:
-        return "no phase 2 in this run"
-    return metrics_table([steps[0], steps[-1]], GRPO_COLUMNS)
