@@ -172,6 +172,9 @@ class EvalConfig(Section):
     """Nucleus sampling when temperature > 0."""
     decisions: Literal["greedy", "sample"] = "greedy"
     """Start/stop decisions: thresholded (`latent.start_threshold`) or sampled."""
+    stop: list[str] = []
+    """Stop sequences: an answer ends (as with EOS) once its tokens end with one of these strings, each
+    tokenized alone (e.g. `["\\n\\n"]`); nothing after it is generated."""
     gain_batches: int = Field(2, ge=1)
     """Batches of the eval split used for the latent-gain and classifier metrics during training."""
     gain_warn_below: float = Field(0.01, ge=0)
@@ -212,6 +215,9 @@ class GRPOConfig(Section):
     """Rollout nucleus sampling."""
     max_new_tokens: int = Field(256, ge=1)
     """Token cap per rollout completion."""
+    stop: list[str] = []
+    """Stop sequences of rollouts (as `eval.stop`): the completion ends there, so tokens after a stop are never
+    sampled, scored or trained on."""
     latent_noise_std: float = Field(0.0, ge=0)
     """Gaussian exploration on latents, z ~ N(proj(h), std^2 I); 0 = off. Its log-density joins the log-prob."""
     loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
@@ -357,6 +363,9 @@ class RunConfig(Section):
                 and self.deepspeed.zero_stage == 3:
             raise ValueError("grpo.reference 'initial' swaps frozen weights into the parameters, which ZeRO-3 "
                              "partitions: use deepspeed.zero_stage <= 2 or grpo.reference 'base'")
+        for section in ("grpo", "eval"):
+            if getattr(self, section).engine == "vllm" and getattr(self, section).stop:
+                raise ValueError(f"{section}.stop is applied by rlatent's sampler; {section}.engine 'vllm' ignores it")
         if self.grpo.engine == "vllm" and mode.has_slots:
             raise ValueError("grpo.engine 'vllm' samples text only: it needs latent.mode 'none'")
         if self.eval.engine == "vllm" and mode.has_slots:

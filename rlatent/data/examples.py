@@ -192,6 +192,11 @@ def special_token_ids(tokenizer) -> tuple[int, int]:
     return tokenizer.eos_token_id, tokenizer.pad_token_id
 
 
+def encode_stop_sequences(stops: list[str], tokenizer) -> tuple[tuple[int, ...], ...]:
+    """Stop strings as the token-id sequences the sampler matches (each string tokenized alone)."""
+    return tuple(tuple(tokenizer.encode(stop, add_special_tokens=False)) for stop in stops if stop)
+
+
 def render_example(input_ids: list[int], latent_mask: list[bool], tokenizer) -> str:
     """The sequence as text with each latent slot shown as `[z]`, for logs and
     evaluation samples."""

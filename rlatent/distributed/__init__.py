@@ -7,13 +7,17 @@ which one it drives.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rlatent.config import RunConfig
+from rlatent.data.examples import encode_stop_sequences
 from rlatent.latent.sampler import SamplingSettings
 
 
 def make_backend(cfg: RunConfig, model, tokenizer):
     """The backend `distributed.backend` names, around the policy `model` (a `LatentModel`)."""
-    settings = SamplingSettings.for_rollouts(cfg)
+    settings = replace(SamplingSettings.for_rollouts(cfg),
+                       stop_sequences=encode_stop_sequences(cfg.grpo.stop, tokenizer))
     if cfg.distributed.backend == "ray":
         from rlatent.distributed.ray_backend import RayBackend
 

@@ -6,10 +6,11 @@ trains, so the log-prob a trajectory was sampled with and the one the update
 recomputes are the same formula on the same inputs. The float64 invariant
 tests (`tests/test_invariant.py`) check that the inputs agree too.
 
-- token at temperature T: `token_logprobs` (log-softmax of logits / T at the
-  chosen token, normalised with a log-sum-exp over row chunks so the full
-  (N, V) log-softmax is never materialised: a 151k vocabulary makes each copy
-  gigabytes, TRL issue 3678);
+- token at temperature T: `chosen_logprobs` (log-softmax of logits / T at the
+  chosen token, as l[token] / T - logsumexp(l / T)). The learner computes it
+  with `token_actions`, over chunks of rows, each chunk's logits recomputed in
+  the backward instead of kept: a (N, V) logits tensor is gigabytes with a
+  151k vocabulary (TRL issue 3678), and without this the update held two;
 - start / stop decision: `decision_logprobs` (log-sigmoid of ±logit);
 - latent with exploration noise: `gaussian_logprob` (isotropic Gaussian
   around the latent's mean).
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.forward import forward
@@ -36,7 +38,8 @@ from rlatent.latent.trajectory import Actions
 from rlatent.model.latent_model import LatentModel
 
 LOGIT_CHUNK_ROWS = 256
-"""Rows of (N, V) logits normalised at once: bounds the float32 temporaries to 256 x V."""
+"""Rows of (N, V) logits computed at once in the learner: bounds the logits and their float32
+temporaries to 256 x V."""
 
 
 def precise_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,32 +52,42 @@ def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits.to(precise_dtype(logits.dtype)) / temperature
 
 
+def chosen_logprobs(scaled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits / T (`scaled_logits`), (N,) chosen tokens -> (N,) log-prob of each token."""
+    return scaled.gather(1, tokens[:, None])[:, 0] - scaled.logsumexp(-1)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(N, V) logits, (N,) chosen tokens -> (N,) log-prob of each token at temperature T.
-
-    log p = l[token] / T - logsumexp(l / T), taken chunk by chunk over rows, so
-    at most `LOGIT_CHUNK_ROWS` rows of float32 temporaries exist at once.
-    """
-    out = []
-    for rows, chosen in zip(logits.split(LOGIT_CHUNK_ROWS), tokens.split(LOGIT_CHUNK_ROWS)):
-        scaled = scaled_logits(rows, temperature)
-        out.append(scaled.gather(1, chosen[:, None])[:, 0] - scaled.logsumexp(-1))
-    if not out:
-        return logits.new_zeros(0, dtype=precise_dtype(logits.dtype))
-    return torch.cat(out)
+    """(N, V) logits, (N,) chosen tokens -> (N,) log-prob of each token at temperature T (the sampler's call)."""
+    return chosen_logprobs(scaled_logits(logits, temperature), tokens)
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(N, V) logits -> (N,) entropy of the token distribution at temperature T, chunked like
-    `token_logprobs`; a diagnostic, without gradient."""
-    out = [_entropy(scaled_logits(rows, temperature)) for rows in logits.split(LOGIT_CHUNK_ROWS)]
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=precise_dtype(logits.dtype))
+def token_actions(model: LatentModel, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H) states before each token, (N,) tokens -> (N,) log-probs at temperature T (with gradient) and (N,)
+    entropies (without), `LOGIT_CHUNK_ROWS` rows at a time. With gradient, each chunk's LM head runs
+    under activation checkpointing: only the (chunk, H) states are kept and the (chunk, V) logits are
+    recomputed in the backward, one extra LM-head matmul for a (V / H)-fold smaller footprint."""
+    logprobs, entropies = [], []
+    for states, chosen in zip(hidden.split(LOGIT_CHUNK_ROWS), tokens.split(LOGIT_CHUNK_ROWS)):
+        if torch.is_grad_enabled() and states.requires_grad:
+            logprob, entropy = checkpoint(_token_chunk, model, states, chosen, temperature, use_reentrant=False)
+        else:
+            logprob, entropy = _token_chunk(model, states, chosen, temperature)
+        logprobs.append(logprob)
+        entropies.append(entropy)
+    if not logprobs:
+        empty = hidden.new_zeros(0, dtype=precise_dtype(hidden.dtype))
+        return empty, empty
+    return torch.cat(logprobs), torch.cat(entropies)
 
 
-def _entropy(scaled: torch.Tensor) -> torch.Tensor:
-    log_probs = scaled - scaled.logsumexp(-1, keepdim=True)
-    return -(log_probs.exp() * log_probs).sum(-1)
+def _token_chunk(model: LatentModel, states: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    scaled = scaled_logits(model.token_logits(states), temperature)
+    with torch.no_grad():
+        log_probs = scaled - scaled.logsumexp(-1, keepdim=True)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return chosen_logprobs(scaled, tokens), entropy
 
 
 def decision_logprobs(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
@@ -134,10 +147,10 @@ def recompute_actions(model: LatentModel, batch: LatentBatch, slot_inputs: torch
     rows, length = batch.input_ids.shape
     precise = precise_dtype(hidden.dtype)
     targets = mask[..., 0]
-    logits = model.token_logits(hidden[:, :-1][targets[:, 1:]])  # (N, V): position t-1 predicts the token at t
     token = torch.zeros(rows, length, dtype=precise, device=hidden.device)
-    token[targets] = token_logprobs(logits, batch.input_ids[targets], temperature)
-    entropy = token_entropy(logits, temperature)
+    # Position t-1 predicts the token at t.
+    token[targets], entropy = token_actions(model, hidden[:, :-1][targets[:, 1:]], batch.input_ids[targets],
+                                            temperature)
 
     start = stop = latent = torch.zeros_like(token)
     start_logits = stop_logits = means = None

@@ -43,6 +43,7 @@ class SamplingSettings:
     max_blocks: int = 16
     max_total_latents: int = 64
     latent_noise_std: float = 0.0  # Gaussian exploration on latents: z ~ N(proj(h), std^2 I)
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # a row ends (finished) once its tokens end with one of these
     record_hidden: bool = False
 
     @classmethod
@@ -92,6 +93,19 @@ def _decide(logits: torch.Tensor, threshold: float, sample: bool) -> tuple[torch
     return decision, decision_logprobs(logits, decision)
 
 
+def stop_reached(ids: torch.Tensor, active: torch.Tensor, position: torch.Tensor, prompt_lengths: torch.Tensor,
+                 stops: list[torch.Tensor]) -> torch.Tensor:
+    """(A,) True where the completion of row `active[i]` ends at `position[i]` with one of `stops` (token-id
+    sequences; a latent slot in between breaks the match, since its id is the pad id)."""
+    hit = torch.zeros_like(active, dtype=torch.bool)
+    for stop in stops:
+        back = torch.arange(len(stop) - 1, -1, -1, device=ids.device)
+        index = position[:, None] - back[None, :]  # (A, L): the last L positions
+        inside = (index >= prompt_lengths[active][:, None]).all(-1)
+        hit |= inside & (ids[active[:, None], index.clamp_min(0)] == stop).all(-1)
+    return hit
+
+
 @torch.no_grad()
 def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: int,
            settings: SamplingSettings) -> Trajectories:
@@ -138,6 +152,7 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     forward_passes = 1
     sample_decisions = settings.decisions == "sample"
+    stops = [torch.tensor(s, device=device) for s in settings.stop_sequences if s]
 
     while active.numel() > 0:
         # 1. Decisions on the state of each active row's last position.
@@ -174,9 +189,10 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
         block_len[active] = torch.where(go_latent, block_len[active] + 1, 0)
         in_block[active] = go_latent
 
-        # 3. Rows that emitted EOS or ran out of tokens are done: drop them from the cache.
-        ended = speaks & ((token == eos_id) | (tokens[active] >= settings.max_new_tokens))
-        finished[active[ended & (token == eos_id)]] = True
+        # 3. Rows that emitted EOS or a stop sequence, or ran out of tokens, are done: drop them from the cache.
+        done = (token == eos_id) | stop_reached(ids, active, next_position, prompt_lengths, stops)
+        ended = speaks & (done | (tokens[active] >= settings.max_new_tokens))
+        finished[active[ended & done]] = True
         if ended.all():
             break
         if ended.any():

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rlatent.config import RunConfig, load_config
-from rlatent.data.examples import format_prompt, render_example, special_token_ids
+from rlatent.data.examples import encode_stop_sequences, format_prompt, render_example, special_token_ids
 from rlatent.data.marks import extract_final_answer
 from rlatent.errors import CheckpointError
 from rlatent.io.run_dir import RunDir
@@ -57,14 +57,16 @@ class LatentPolicy:
     def generate(self, questions: list[str], *, temperature: float = 0.0, top_p: float = 1.0,
                  decisions: str = "greedy", max_new_tokens: int = 256, start_threshold: float = 0.5,
                  stop_threshold: float = 0.5, max_latents_per_block: int = 8, max_blocks: int = 16,
-                 max_total_latents: int = 64, batch_size: int = 16, seed: int = 0) -> list[Answer]:
+                 max_total_latents: int = 64, stop: list[str] = (), batch_size: int = 16,
+                 seed: int = 0) -> list[Answer]:
         """One answer per question. `temperature` 0 = greedy tokens; `decisions` `greedy` thresholds the
         start/stop heads at `start_threshold`/`stop_threshold` (raise the first for fewer latents), `sample`
-        draws them. Seeded: the same call gives the same answers."""
+        draws them. `stop`: strings that end an answer like EOS. Seeded: the same call gives the same answers."""
         settings = SamplingSettings(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, decisions=decisions,
             start_threshold=start_threshold, stop_threshold=stop_threshold,
-            max_latents_per_block=max_latents_per_block, max_blocks=max_blocks, max_total_latents=max_total_latents)
+            max_latents_per_block=max_latents_per_block, max_blocks=max_blocks, max_total_latents=max_total_latents,
+            stop_sequences=encode_stop_sequences(list(stop), self.tokenizer))
         eos_id, pad_id = special_token_ids(self.tokenizer)
         answers = []
         generator_state = torch.random.get_rng_state()

@@ -28,6 +28,7 @@ from rlatent.io.checkpoint import checkpoint_phase
 from rlatent.distributed import make_backend
 from rlatent.grpo.loop import GRPOTrainer
 from rlatent.sft.trainer import SFTTrainer
+from rlatent.data.examples import encode_stop_sequences
 from rlatent.data.splits import load_split, sft_examples
 
 def seed_everything(seed: int) -> None:
@@ -120,7 +121,8 @@ def evaluate(cfg: RunConfig, model, tokenizer, problems, run: RunDir, samples_fi
 
 def evaluate_with_engine(cfg: RunConfig, model, tokenizer, problems, samples_path: Path) -> dict[str, float]:
     """Evaluate with `eval.engine`: rlatent's sampler, or vLLM holding the model's current weights."""
-    settings = SamplingSettings.from_config(cfg.latent, cfg.eval)
+    settings = SamplingSettings.from_config(cfg.latent, cfg.eval,
+                                            stop_sequences=encode_stop_sequences(cfg.eval.stop, tokenizer))
     engine = None
     if cfg.eval.engine == "vllm":
         from rlatent.workers.rollout import make_engine
