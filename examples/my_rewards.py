@@ -23,20 +23,23 @@ def short_and_correct(
     completions: list[str],
     answer: list[str],
     tokens: list[int],
+    truncated: list[bool],
     max_tokens: int = 60,
     **kwargs,
 ) -> list[float]:
     """1.0 for a correct final answer written in at most `max_tokens` answer tokens, else 0.0.
 
     Latents are not counted: reasoning moved into latents makes the written answer
-    shorter, which is the behaviour this reward pays for.
+    shorter, which is the behaviour this reward pays for. A completion cut at its
+    token cap is graded only by a finished `#### N` line (`finished=not cut`).
     """
     return [
-        float(n <= max_tokens and answers_match(extract_final_answer(text), ref))
-        for text, ref, n in zip(completions, answer, tokens)
+        float(n <= max_tokens and answers_match(extract_final_answer(text, finished=not cut), ref))
+        for text, ref, n, cut in zip(completions, answer, tokens, truncated)
     ]
 
 
 if __name__ == "__main__":
     completions = ["5 + 3 = 8\n#### 8", "Let me think at length... " * 20 + "#### 8", "#### 9"]
-    print(short_and_correct(["What is 5+3?"] * 3, completions, answer=["8"] * 3, tokens=[8, 130, 3]))
+    print(short_and_correct(["What is 5+3?"] * 3, completions, answer=["8"] * 3, tokens=[8, 130, 3],
+                            truncated=[False] * 3))

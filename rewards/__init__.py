@@ -16,15 +16,18 @@ found by entry point (group `rlatent.rewards`) or dotted path
 (`package.module:function`), see `rewards.registry.resolve_reward`.
 """
 
-from rewards.gsm8k import gsm8k_correct, gsm8k_format
+from rewards.gsm8k import gsm8k_correct, gsm8k_flexible_extract, gsm8k_format, gsm8k_strict_match
 from rewards.latent import latent_cost
 from rewards.length import length_penalty
 
 BUILTIN_REWARDS = {
     "gsm8k_correct": gsm8k_correct,
     "gsm8k_format": gsm8k_format,
+    "gsm8k_strict_match": gsm8k_strict_match,
+    "gsm8k_flexible_extract": gsm8k_flexible_extract,
     "latent_cost": latent_cost,
     "length_penalty": length_penalty,
 }
 
-__all__ = ["BUILTIN_REWARDS", "gsm8k_correct", "gsm8k_format", "latent_cost", "length_penalty"]
+__all__ = ["BUILTIN_REWARDS", "gsm8k_correct", "gsm8k_flexible_extract", "gsm8k_format", "gsm8k_strict_match",
+           "latent_cost", "length_penalty"]

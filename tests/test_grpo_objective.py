@@ -94,3 +94,41 @@ def test_dropout_on_moves_the_first_ratio(tiny_model_dir, tmp_path, one_torch_th
 def test_configs_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIG, ["model.name_or_path=x", *overrides])
+
+
+def test_decoupled_decisions_are_normalised_by_their_own_count():
+    """Two completions of 10 tokens and 1 start decision each, ratio 1, advantages +1 and -1. Jointly (dapo)
+    every action weighs 1/22; decoupled, tokens weigh 1/20 and the two decisions 1/2 each (x the weight)."""
+    import torch
+
+    from rlatent.grpo.learner import LossPart, partitioned_loss
+    from rlatent.latent.trajectory import ACTION_KINDS
+
+    rows, length = 2, 11
+    mask = torch.zeros(rows, length, len(ACTION_KINDS), dtype=torch.bool)
+    mask[:, 1:, 0] = True  # 10 tokens per row
+    mask[:, 0, 1] = True  # one start decision per row
+    logprobs = torch.full(mask.shape, -1.0, dtype=torch.float64, requires_grad=True)
+    advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    clip = dict(epsilon_low=0.2, epsilon_high=0.2, beta=0.0, max_actions=30)
+    joint = [LossPart(ACTION_KINDS, "dapo", 1.0)]
+    decoupled = [LossPart(("token",), "dapo", 1.0), LossPart(("start", "stop", "latent"), "dapo", 0.5)]
+
+    grads = {}
+    for name, parts, normalisers in (("joint", joint, (22.0,)), ("decoupled", decoupled, (20.0, 2.0))):
+        logprobs.grad = None
+        loss, stats = partitioned_loss(logprobs, logprobs.detach(), None, advantages, mask, parts, normalisers, **clip)
+        loss.backward()
+        grads[name] = logprobs.grad.clone()
+        assert stats["actions"] == 22
+    # d loss / d logp = -A / normaliser (x weight): the policy-gradient weight of each action.
+    assert grads["joint"][0, 1, 0].item() == pytest.approx(-1 / 22) and grads["joint"][0, 0, 1].item() == pytest.approx(-1 / 22)
+    assert grads["decoupled"][0, 1, 0].item() == pytest.approx(-1 / 20)
+    assert grads["decoupled"][0, 0, 1].item() == pytest.approx(-0.5 / 2)
+    assert grads["decoupled"][1, 0, 1].item() == pytest.approx(+0.5 / 2)
+    assert (grads["decoupled"][~mask] == 0).all()
+
+
+def test_decoupled_run_end_to_end(tiny_model_dir, tmp_path, one_torch_thread):
+    steps = grpo_run(tmp_path, tiny_model_dir, "decoupled", "grpo.decision_loss=decoupled", "grpo.decision_weight=2")
+    assert all(math.isfinite(s["loss"]) for s in steps) and steps[0]["actions_start"] > 0

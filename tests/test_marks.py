@@ -132,7 +132,8 @@ def test_strip_marks():
         ("first #### 3 then #### 4", "4"),
         ("She has 3 apples, so the answer is 12.", "12"),
         ("It costs $1,250.", "1250"),
-        ("pages 10-20", "20"),
+        ("pages 10-20", None),  # a range or a subtraction: 20 is an operand, not an answer
+        ("The change is 10 - 3", None),  # not -3
         ("The temperature is -5 degrees.", "-5"),
         ("no number at all", None),
         ("#### none", None),

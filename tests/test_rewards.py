@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rewards import BUILTIN_REWARDS, gsm8k_correct, gsm8k_format, latent_cost, length_penalty
+from rewards import (BUILTIN_REWARDS, gsm8k_correct, gsm8k_flexible_extract, gsm8k_format, gsm8k_strict_match,
+                     latent_cost, length_penalty)
 from rlatent.config import GRPOConfig, RewardSpec, load_config
 from rlatent.errors import ConfigError, RlatentError
 from rewards.registry import RewardSet, resolve_reward, reward_stats
@@ -47,6 +48,20 @@ def test_gsm8k_correct_compares_numbers():
     assert gsm8k_correct([""] * 2, ["#### 0.50", "no number here"], answer=["0.5", "3"]) == [1.0, 0.0]
 
 
+def test_gsm8k_correct_needs_a_final_answer_line_when_truncated():
+    text = ["So the answer is 72.", "So the answer is 72.", "#### 72\n", "#### 72", "#### 72"]
+    truncated = [False, True, True, True, False]
+    assert gsm8k_correct([""] * 5, text, answer=["72"] * 5, truncated=truncated) == [1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_lm_eval_grades_as_rewards():
+    text = ["#### 1,000", "#### 18/5", "The answer is 72.", "#### 0.50", "#### 72\n#### 73"]
+    answer = ["1000", "18", "72", "0.5", "73"]
+    assert gsm8k_strict_match([""] * 5, text, answer=answer) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert gsm8k_flexible_extract([""] * 5, text, answer=answer) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert gsm8k_correct([""] * 5, text, answer=answer) == [1.0, 0.0, 1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
@@ -58,6 +73,8 @@ def test_gsm8k_correct_compares_numbers():
         ("####", 0.0),
         ("#### about 7", 0.0),
         ("#### 7 apples", 0.0),
+        ("#### 18/5", 0.0),  # a fraction is not one number
+        ("#### - 3", 0.0),  # a spaced minus is not a sign
     ],
 )
 def test_gsm8k_format(text, expected):
@@ -77,7 +94,8 @@ def test_length_penalty_counts_tokens_over_target_and_truncation():
 
 
 def test_builtin_registry():
-    assert set(BUILTIN_REWARDS) == {"gsm8k_correct", "gsm8k_format", "latent_cost", "length_penalty"}
+    assert set(BUILTIN_REWARDS) == {"gsm8k_correct", "gsm8k_format", "gsm8k_strict_match", "gsm8k_flexible_extract",
+                                    "latent_cost", "length_penalty"}
     import rewards.gsm8k
     import rewards.latent
     import rewards.length
@@ -146,7 +164,8 @@ def test_resolve_example_from_repo_root_without_it_on_sys_path(monkeypatch):
     for name in ("examples", "examples.my_rewards"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     fn = resolve_reward("examples.my_rewards:short_and_correct")
-    assert fn([""] * 3, ["#### 8", "#### 8", "#### 9"], answer=["8"] * 3, tokens=[5, 61, 5], max_tokens=60) == [
+    assert fn([""] * 3, ["#### 8", "#### 8", "#### 9"], answer=["8"] * 3, tokens=[5, 61, 5], truncated=[False] * 3,
+              max_tokens=60) == [
         1.0,
         0.0,
         0.0,
@@ -158,8 +177,8 @@ def test_resolve_example_from_repo_root_without_it_on_sys_path(monkeypatch):
     [
         (
             "gsm8k_corect",
-            "grpo.rewards[1].function: 'gsm8k_corect': not a built-in (gsm8k_correct, gsm8k_format, latent_cost, "
-            "length_penalty), no entry point in group 'rlatent.rewards', and not a dotted path "
+            "grpo.rewards[1].function: 'gsm8k_corect': not a built-in (gsm8k_correct, gsm8k_flexible_extract, "
+            "gsm8k_format, gsm8k_strict_match, latent_cost, length_penalty), no entry point in group 'rlatent.rewards', and not a dotted path "
             "'package.module:function'; did you mean 'gsm8k_correct'?",
         ),
         ("mypkg.rw:fn", "grpo.rewards[1].function: 'mypkg.rw:fn': module 'mypkg.rw' not found"),

@@ -24,9 +24,25 @@ from rlatent.errors import DataError
 _NUMBER = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
 _TOKEN = re.compile(rf"\s*(?:(?P<number>{_NUMBER})|(?P<op>//|[-+*/()%]))")
 
-# A signed number in free text. A "-" counts as a sign only where it cannot be
-# a dash between two things ("pages 10-20" ends in 20, not -20).
-_ANSWER_NUMBER = re.compile(rf"(?:(?<![\w)])(?P<sign>-)\s*)?\$?\s*(?:(?<![\w)])(?P<sign2>-))?(?P<digits>{_NUMBER})")
+# A signed number in free text (rules in `extract_final_answer`). A minus sign
+# ("-" or U+2212) is glued to the number ("-3", "= -3", "(-3)", "$-3", "-$3") and
+# not itself glued to a word, a number or a bracket before it ("10-3", "x-3");
+# "10 - 3" is a subtraction, not -3. A number glued to a letter or a decimal point
+# before it ("CO2", "x2", "v1.2") is part of a name, not a number.
+_MINUS = r"\-\u2212"  # for a character class
+_ANSWER_NUMBER = re.compile(
+    rf"(?:(?<![\w).\]{_MINUS}])(?P<sign>[{_MINUS}]))?(?:\$[ \t]?)?"
+    rf"(?:(?<![\w).\]])(?P<sign2>[{_MINUS}]))?(?<![\w.])(?P<digits>{_NUMBER})",
+    re.ASCII,  # letters are ASCII letters: a number after CJK text is a number
+)
+# An operand of arithmetic, not a stated answer: right after a binary operator with
+# an operand on its left (or a spaced minus opening the text: "#### - 3"), as in
+# "10 - 3" or "pages 10-20", or right before one with an operand on its right
+# ("18/5", "10 - 3", "3 x 4"). Markdown bold ("**72**") is no operator.
+_OPERATOR = r"+*/\u00d7\u00f7^\-\u2212"  # for a character class: + * / × ÷ ^ and the minus signs
+_AFTER_OPERATOR = re.compile(rf"(?:\A|[\d)%])[ \t]*[{_OPERATOR}][ \t]*\$?[ \t]*\Z", re.ASCII)
+_BEFORE_OPERATOR = re.compile(rf"[ \t]*%?[ \t]*[{_OPERATOR}xX][ \t]*\$?[ \t]*[\d(.]", re.ASCII)
+_BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
 
 
 @dataclass(frozen=True)
@@ -175,8 +191,8 @@ def strip_marks(text: str) -> str:
 
 
 def parse_number(text: str) -> Fraction | None:
-    """The value of one number as written in an answer ("$1,000.", "-3.50"),
-    or None when `text` is not a single number."""
+    """The value of one number as written in an answer ("$1,000.", "-3.50", "-$5"), or None when
+    `text` is not a single number ("- 3", "18/5", "CO2", "seventy-two" are not)."""
     match = _ANSWER_NUMBER.fullmatch(text.strip().rstrip("."))
     return _value(match) if match else None
 
@@ -197,19 +213,47 @@ def canonical_number(value: Fraction) -> str:
     return format(decimal.normalize(), "f")
 
 
-def extract_final_answer(text: str) -> str | None:
-    """The final answer of `text` as a canonical number string, or None.
+def extract_final_answer(text: str, finished: bool = True) -> str | None:
+    """The final answer of `text` as a canonical number string, or None (rlatent's numeric match).
 
-    GSM8K puts it after the last `####`; a model's generation may not, so
-    without `####` the last number in the text is taken instead.
+    1. With a `####`, the line after the last one decides (leading blank lines skipped): its first
+       number ("#### 72 clips" -> 72, "#### $1,000.00" -> 1000, "#### 18." -> 18, "#### 25%" -> 25,
+       "#### -3" -> -3), or None when there is none or it is an operand of arithmetic: "#### 18/5"
+       (GSM8K references, like lm-eval's answer pattern, are decimal numbers, so a fraction is no
+       answer), "#### 10 - 3", "#### - 3".
+    2. Else the last `\\boxed{...}` when it holds exactly one number ("\\boxed{\\$1{,}000}" -> 1000).
+    3. Else, only when the completion `finished` (ended by EOS, not cut at its token cap), the last
+       number in the text, None when that is an operand ("so 10 - 3" -> None, "she ate 18/5" ->
+       None). A completion cut at its cap has no final answer but a complete `####` line (one a
+       line break ends): a rambling text's last number is not an answer, nor is "#### 12" cut from
+       "#### 125".
+
+    Numbers: thousands commas ("1,000"), decimals ("0.50" = 0.5), "$" and "%" are ignored; a minus
+    is a sign only when glued to the number ("= -3" -> -3, "10 - 3" and "10-3" end in 3); a
+    number glued to a letter before it is no number ("CO2"). References (GSM8K answers) always
+    finish; `rewards.gsm8k.gsm8k_correct` passes `finished=not truncated`.
     """
     _, sep, tail = text.rpartition("####")
     if sep:
-        match = _ANSWER_NUMBER.search(tail)
-    else:
-        matches = list(_ANSWER_NUMBER.finditer(text))
-        match = matches[-1] if matches else None
-    return canonical_number(_value(match)) if match else None
+        rest = tail.lstrip()
+        line, newline, _ = rest.partition("\n")
+        if not finished and not newline:
+            return None
+        match = _ANSWER_NUMBER.search(line)
+        if match is None or _is_operand(line, match):
+            return None
+        return canonical_number(_value(match))
+    boxed = _BOXED.findall(text)
+    if boxed:
+        content = boxed[-1].replace("{,}", ",").replace("\\$", "$").replace("\\%", "").replace("%", "")
+        value = parse_number(re.sub(r"\\[,!; ]", "", content))
+        return canonical_number(value) if value is not None else None
+    if not finished:
+        return None
+    matches = list(_ANSWER_NUMBER.finditer(text))
+    if not matches or _is_operand(text, matches[-1]):
+        return None
+    return canonical_number(_value(matches[-1]))
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:
@@ -218,6 +262,11 @@ def answers_match(predicted: str | None, reference: str) -> bool:
         return False
     a, b = parse_number(predicted), parse_number(reference)
     return a is not None and b is not None and a == b
+
+
+def _is_operand(text: str, match: re.Match) -> bool:
+    """Whether the number `match` is an operand of arithmetic in `text` (a binary operator before or after)."""
+    return bool(_AFTER_OPERATOR.search(text, 0, match.start()) or _BEFORE_OPERATOR.match(text, match.end()))
 
 
 def _value(match: re.Match) -> Fraction:

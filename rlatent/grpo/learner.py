@@ -25,7 +25,7 @@ from transformers import get_scheduler
 from rlatent.grpo.reference import ReferencePolicy
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.policy import PolicyOutput, recompute_actions
-from rlatent.latent.trajectory import ACTION_KINDS, Actions, Trajectories
+from rlatent.latent.trajectory import ACTION_KINDS, Actions, Trajectories, kinds_mask
 from rlatent.config import RunConfig
 from rlatent.errors import TrainingError
 from rlatent.grpo.losses import grpo_loss, normaliser
@@ -47,16 +47,60 @@ def max_actions(cfg: RunConfig) -> int:
 class BatchTotals:
     """Whole-batch quantities every micro-batch (and every learner rank) divides by."""
 
-    normaliser: float  # the aggregation's divisor (`grpo.losses.normaliser`)
+    normalisers: tuple[float, ...]  # each loss part's divisor (`loss_parts`, `grpo.losses.normaliser`)
     actions: float  # real actions in the batch
     kinds: tuple[float, ...]  # actions of each kind (`ACTION_KINDS`) in the batch
 
 
 def batch_totals(cfg: RunConfig, old: Actions) -> BatchTotals:
     """From the whole batch's stored actions."""
-    _, mask_flat = old.flat()
-    return BatchTotals(normaliser(mask_flat, cfg.grpo.loss_type, max_actions(cfg)), float(mask_flat.sum()),
-                       tuple(float(n) for n in old.mask.sum((0, 1))))
+    rows = old.mask.shape[0]
+    normalisers = tuple(normaliser(kinds_mask(old.mask, part.kinds).reshape(rows, -1), part.loss_type,
+                                   max_actions(cfg)) for part in loss_parts(cfg))
+    return BatchTotals(normalisers, float(old.mask.sum()), tuple(float(n) for n in old.mask.sum((0, 1))))
+
+
+@dataclass(frozen=True)
+class LossPart:
+    kinds: tuple[str, ...]  # the action kinds aggregated together
+    loss_type: str  # their aggregation (`grpo.losses.AGGREGATIONS`)
+    weight: float
+
+
+def loss_parts(cfg: RunConfig) -> list[LossPart]:
+    """How the actions are aggregated (`grpo.decision_loss`). `joint`: every action by `grpo.loss_type`, a
+    start decision counting like a token. `decoupled` (Thinkless's decoupled GRPO, arXiv 2505.13379): tokens
+    by `grpo.loss_type`, and the decisions and latents apart, token-level over their own count and weighted
+    by `grpo.decision_weight`, so a handful of start decisions is not drowned by hundreds of tokens."""
+    g = cfg.grpo
+    if g.decision_loss == "joint":
+        return [LossPart(ACTION_KINDS, g.loss_type, 1.0)]
+    return [LossPart(("token",), g.loss_type, 1.0), LossPart(DECISION_KINDS, "dapo", g.decision_weight)]
+
+
+DECISION_KINDS = ("start", "stop", "latent")
+
+
+def partitioned_loss(logprobs: torch.Tensor, old: torch.Tensor, kl: torch.Tensor | None, advantages: torch.Tensor,
+                     mask: torch.Tensor, parts: list[LossPart], normalisers: tuple[float, ...],
+                     **clip_and_kl) -> tuple[torch.Tensor, dict[str, float]]:
+    """One GRPO loss per part of the actions, each over its own kinds with its whole-batch normaliser,
+    weighted and summed. logprobs, old, kl, mask: (B, T, K); advantages (B,). Stats are action-weighted
+    averages over the parts (and `actions`, their count)."""
+    rows = mask.shape[0]
+    flat = lambda x: None if x is None else x.reshape(rows, -1)  # noqa: E731 - (B, T, K) -> (B, T*K)
+    loss, sums = logprobs.sum() * 0.0, {}
+    for part, part_normaliser in zip(parts, normalisers):
+        part_mask = kinds_mask(mask, part.kinds)
+        if not part_mask.any():
+            continue
+        part_loss, stats = grpo_loss(flat(logprobs), flat(old), flat(kl), advantages, flat(part_mask),
+                                     loss_type=part.loss_type, normaliser=part_normaliser, **clip_and_kl)
+        loss = loss + part.weight * part_loss
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + (value if name == "actions" else value * stats["actions"])
+    actions = max(sums.get("actions", 0.0), 1.0)
+    return loss, {name: value if name == "actions" else value / actions for name, value in sums.items()}
 
 
 class GRPOLearner:
@@ -90,36 +134,45 @@ class GRPOLearner:
         for iteration in range(g.num_iterations):
             for mb in micro_batches:
                 new = self.recompute(mb)
-                old_flat, mask_flat = mb.old.flat()
-                new_flat = new.actions.flat()[0]
                 kl = None if mb.reference is None else self.reference.kl(new, mb.reference, g.latent_noise_std)
-                loss, stats = grpo_loss(
-                    new_flat, old_flat, None if kl is None else kl.reshape(new_flat.shape), advantages[mb.rows],
-                    mask_flat, loss_type=g.loss_type, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
-                    beta=g.beta, max_actions=max_actions(self.cfg), normaliser=totals.normaliser,
-                    kl_bias_correction=g.kl_bias_correction)
+                loss, stats = self.loss(mb, new, kl, advantages[mb.rows], totals)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"grpo step {step}: loss is {loss.item()}; lower grpo.lr")
                 self.optimizer.backward(loss)
-                share = stats["actions"] / max(totals.actions, 1.0) / g.num_iterations
-                for name in ("clip_low", "clip_high", "clip_fraction", "ratio_mean"):
-                    _add(sums, name, stats[name] * share)
-                if iteration == 0:
-                    log_ratio = (new_flat.detach() - old_flat)[mask_flat]
-                    _add(sums, "ratio_first_max_deviation", float(log_ratio.exp().sub(1).abs().max()) if
-                         log_ratio.numel() else 0.0, reduce=max)
-                if kl is not None:
-                    for k, kind in enumerate(ACTION_KINDS):
-                        counted = mb.reference.actions.mask[..., k]
-                        if kind in self.reference.kinds:
-                            _add(sums, f"kl_{kind}", float(kl[..., k].detach()[counted].sum()) /
-                                 max(totals.kinds[k], 1.0) / g.num_iterations)
-                    _add(sums, "kl", float(kl.detach().sum()) / max(totals.actions, 1.0) / g.num_iterations)
-                _add(sums, "entropy", float(new.entropy.sum()) / max(totals.kinds[0], 1.0) / g.num_iterations)
-                _add(sums, "loss", loss.item() / g.num_iterations)
+                self.log_micro_batch(sums, mb, new, kl, loss, stats, totals, first=iteration == 0)
             _add(sums, "grad_norm", self.optimizer.step() / g.num_iterations)
         sums["lr"] = self.optimizer.lr
         return sums
+
+    def loss(self, mb: "MicroBatch", new: PolicyOutput, kl: torch.Tensor | None, advantages: torch.Tensor,
+             totals: BatchTotals) -> tuple[torch.Tensor, dict[str, float]]:
+        """The micro-batch's share of the batch loss (`partitioned_loss` over `loss_parts`)."""
+        g = self.cfg.grpo
+        return partitioned_loss(new.actions.logprobs, mb.old.logprobs, kl, advantages, mb.old.mask,
+                                loss_parts(self.cfg), totals.normalisers, epsilon_low=g.epsilon_low,
+                                epsilon_high=g.epsilon_high, beta=g.beta, max_actions=max_actions(self.cfg),
+                                kl_bias_correction=g.kl_bias_correction)
+
+    def log_micro_batch(self, sums: dict[str, float], mb: "MicroBatch", new: PolicyOutput, kl: torch.Tensor | None,
+                        loss: torch.Tensor, stats: dict[str, float], totals: BatchTotals, first: bool) -> None:
+        """Add the micro-batch's share of each step metric (shares of the whole batch, so ranks add up)."""
+        iterations = self.cfg.grpo.num_iterations
+        share = stats.get("actions", 0.0) / max(totals.actions, 1.0) / iterations
+        for name in ("clip_low", "clip_high", "clip_fraction", "ratio_mean"):
+            _add(sums, name, stats.get(name, 0.0) * share)
+        if first:
+            log_ratio = (new.actions.logprobs.detach() - mb.old.logprobs)[mb.old.mask]
+            deviation = float(log_ratio.exp().sub(1).abs().max()) if log_ratio.numel() else 0.0
+            _add(sums, "ratio_first_max_deviation", deviation, reduce=max)
+        if kl is not None:
+            for k, kind in enumerate(ACTION_KINDS):
+                if kind in self.reference.kinds:
+                    counted = mb.reference.actions.mask[..., k]
+                    _add(sums, f"kl_{kind}", float(kl[..., k].detach()[counted].sum()) /
+                         max(totals.kinds[k], 1.0) / iterations)
+            _add(sums, "kl", float(kl.detach().sum()) / max(totals.actions, 1.0) / iterations)
+        _add(sums, "entropy", float(new.entropy.sum()) / max(totals.kinds[0], 1.0) / iterations)
+        _add(sums, "loss", loss.item() / iterations)
 
     def micro_batch(self, traj: Trajectories, stored: Actions, rows: torch.Tensor) -> "MicroBatch":
         """One micro-batch's rows, trimmed to their longest, with its old log-probs (`grpo.old_logprobs`)

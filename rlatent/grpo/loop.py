@@ -28,6 +28,7 @@ from tqdm import tqdm
 from rlatent.config import RunConfig
 from rlatent.data.gsm8k import Problem
 from rlatent.errors import LearnerFailure, TrainingError
+from rlatent.data.grading import flexible_extract, strict_match
 from rlatent.data.examples import format_prompt, special_token_ids
 from rlatent.grpo.losses import group_advantages
 from rlatent.model.latent_model import LatentModel
@@ -148,6 +149,9 @@ class GRPOTrainer:
         metrics["reward_std"] = float(rewards.std(unbiased=False))
         if "gsm8k_correct" in per_reward:
             metrics["accuracy"] = sum(per_reward["gsm8k_correct"]) / len(problems)
+        # lm-evaluation-harness's two GSM8K filters, so rollout accuracy compares with published tables.
+        metrics["strict_match"] = sum(map(strict_match, completions, facts["answer"])) / len(problems)
+        metrics["flexible_extract"] = sum(map(flexible_extract, completions, facts["answer"])) / len(problems)
         return rewards, metrics
 
     # ---- logging and state ------------------------------------------------------------------

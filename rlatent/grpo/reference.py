@@ -37,7 +37,7 @@ import torch
 from rlatent.grpo.losses import masked_kl_k3
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.policy import PolicyOutput, bernoulli_kl, gaussian_kl, recompute_actions
-from rlatent.latent.trajectory import ACTION_KINDS
+from rlatent.latent.trajectory import ACTION_KINDS, kinds_mask
 from rlatent.model.latent_model import LatentModel
 
 REFERENCE_KINDS = {"initial": ACTION_KINDS, "base": ("token",)}
@@ -85,17 +85,12 @@ class ReferencePolicy:
 
     # ---- what the loss needs -------------------------------------------------------------------
 
-    def mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, K) action mask restricted to the kinds that have a reference."""
-        keep = torch.tensor([kind in self.kinds for kind in ACTION_KINDS], device=mask.device)
-        return mask & keep
-
     @torch.no_grad()
     def outputs(self, model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor, mask: torch.Tensor,
                 temperature: float, latent_noise_std: float, pass_cost: float | None) -> PolicyOutput:
         """The reference's log-probs and distribution parameters on the sampled sequence (stored latents)."""
         with self.active(model):
-            return recompute_actions(model, batch, slot_inputs, self.mask(mask), temperature, latent_noise_std,
+            return recompute_actions(model, batch, slot_inputs, kinds_mask(mask, self.kinds), temperature, latent_noise_std,
                                      "detached", pass_cost)
 
     def kl(self, new: PolicyOutput, ref: PolicyOutput, latent_noise_std: float) -> torch.Tensor:

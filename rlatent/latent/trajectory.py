@@ -44,11 +44,11 @@ class Actions:
         """The actions of `rows` at the first `width` positions (a trimmed micro-batch)."""
         return Actions(self.logprobs[rows, :width], self.mask[rows, :width])
 
-    def kind(self, name: str) -> "Actions":
-        """Only the actions of one kind (the others masked out)."""
-        keep = torch.zeros(len(ACTION_KINDS), dtype=torch.bool, device=self.mask.device)
-        keep[ACTION_KINDS.index(name)] = True
-        return Actions(self.logprobs, self.mask & keep)
+
+def kinds_mask(mask: torch.Tensor, kinds: tuple[str, ...]) -> torch.Tensor:
+    """(B, T, K) action mask restricted to the action kinds named in `kinds`."""
+    keep = torch.tensor([kind in kinds for kind in ACTION_KINDS], device=mask.device)
+    return mask & keep
 
 
 @dataclass

@@ -18,7 +18,8 @@ from rlatent.io.atomic import atomic_write_text
 from rlatent.data.gsm8k import Problem
 from rlatent.data.examples import format_prompt, render_example, special_token_ids
 from rlatent.model.latent_model import LatentModel
-from rlatent.data.marks import answers_match, extract_final_answer
+from rlatent.data.grading import grade
+from rlatent.data.marks import extract_final_answer
 from rlatent.latent.sampler import SamplingSettings, sample
 from rlatent.latent.trajectory import Trajectories
 
@@ -42,18 +43,19 @@ def _row_record(model, tokenizer, problem: Problem, traj: Trajectories, row: int
     length = int(batch.lengths[row])
     start = int(batch.prompt_lengths[row])
     completion = tokenizer.decode(traj.completion_ids(row), skip_special_tokens=True)
-    predicted = extract_final_answer(completion)
+    finished = bool(traj.finished[row])
+    predicted = extract_final_answer(completion, finished)
     slots = batch.latent_mask[row, :length]
     return {
         "source": problem.source,
         "question": problem.question,
         "reference": problem.final_answer,
         "predicted": predicted,
-        "correct": answers_match(predicted, problem.final_answer),
+        **grade(completion, problem.final_answer, finished),  # correct, strict_match, flexible_extract
         "completion": completion,
         "with_latents": render_example(batch.input_ids[row, start:length].tolist(), slots[start:].tolist(), tokenizer),
         "latents": nearest_tokens(model, tokenizer, traj.slot_inputs[row, :length][slots]),
-        "truncated": not bool(traj.finished[row]),
+        "truncated": not finished,
     }
 
 
@@ -63,13 +65,16 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
                       engine=None) -> dict[str, float]:
     """Sample an answer to every problem; accuracy, latents/blocks/tokens per answer, timing.
 
+    `accuracy` is rlatent's numeric match (`rlatent.data.grading.numeric_match`: the `#### N`
+    line, or the last number of a finished answer); `strict_match` and `flexible_extract` are
+    lm-evaluation-harness's two GSM8K grades, the numbers published tables report.
     `forward_passes_per_answer` counts the positions an answer generated (tokens +
     latents): each is one sequential model step, however rows are batched. `engine`
     (a vLLM engine for text-only policies) samples instead of rlatent's sampler.
     """
     model.eval()
     eos_id, pad_id = special_token_ids(tokenizer)
-    correct = latents = blocks = tokens = steps = truncated = 0
+    correct = strict = flexible = latents = blocks = tokens = steps = truncated = 0
     model_calls = 0
     samples = []
     started = time.perf_counter()
@@ -83,6 +88,8 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
         for row, problem in enumerate(chunk):
             record = _row_record(model, tokenizer, problem, traj, row)
             correct += record["correct"]
+            strict += record["strict_match"]
+            flexible += record["flexible_extract"]
             truncated += record["truncated"]
             if len(samples) < num_samples:
                 samples.append(record)
@@ -95,7 +102,8 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
     if samples_path is not None:
         atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     return {
-        "accuracy": correct / n, "latents_per_answer": latents / n, "blocks_per_answer": blocks / n,
+        "accuracy": correct / n, "strict_match": strict / n, "flexible_extract": flexible / n,
+        "latents_per_answer": latents / n, "blocks_per_answer": blocks / n,
         "tokens_per_answer": tokens / n, "forward_passes_per_answer": steps / n, "truncated": truncated / n,
         "batched_model_calls": model_calls, "wall_seconds": seconds, "problems": len(problems),
     }

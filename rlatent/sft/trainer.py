@@ -29,7 +29,7 @@ from rlatent.latent.forward import forward
 from rlatent.model.latent_model import LatentModel
 from rlatent.optim import build_optimizer
 from rlatent.io.run_dir import MetricsLogger, RunDir
-from rlatent.sft.losses import classifier_scores, latent_gain, latent_norms, sft_loss
+from rlatent.sft.losses import LossTotals, classifier_scores, latent_gain, latent_norms, sft_loss
 
 def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
     """Endless batches, reshuffled each epoch from `seed` (same seed, same order)."""
@@ -87,17 +87,20 @@ class SFTTrainer:
     def train_step(self, micro_batches: list[LatentBatch]) -> dict[str, float]:
         sft = self.cfg.sft
         self.model.train()
+        # One normaliser for the whole step: each micro-batch's loss is its share of the whole batch's
+        # loss (sums over the step's token and decision counts), so the shares add up to it.
+        counts = LossTotals.of(micro_batches)
         totals = {"loss": 0.0, "lm_loss": 0.0, "start_loss": 0.0, "stop_loss": 0.0}
         tokens = 0
         for batch in micro_batches:
             out = forward(self.model, batch, self.cfg.latent.gradient, pass_cost=self.cfg.latent.pass_cost)
-            loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight)
+            loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight, counts)
             if not torch.isfinite(loss.total):
                 raise TrainingError(f"sft step {self.step + 1}: loss is {loss.total.item()} (lm {loss.lm.item()}, "
                                     f"start {loss.start.item()}, stop {loss.stop.item()}); lower sft.lr or check the data")
-            self.optimizer.backward(loss.total / len(micro_batches))
+            self.optimizer.backward(loss.total)
             for name, value in zip(totals, (loss.total, loss.lm, loss.start, loss.stop)):
-                totals[name] += value.item() / len(micro_batches)
+                totals[name] += value.item()
             tokens += int(batch.attention_mask.sum())
         grad_norm = self.optimizer.step()
         return {**totals, "grad_norm": grad_norm, "lr": self.optimizer.lr, "positions": tokens}
