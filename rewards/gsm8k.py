@@ -4,7 +4,7 @@ two GSM8K grades (`strict_match`, `flexible_extract`) for logging beside them.""
 from __future__ import annotations
 
 from rlatent.data.grading import flexible_extract, numeric_match, strict_match
-from rlatent.data.marks import parse_number
+from rlatent.data.marks import YES_NO, parse_number
 
 
 def gsm8k_correct(prompts: list[str], completions: list[str], answer: list[str],
@@ -45,4 +45,5 @@ def gsm8k_flexible_extract(prompts: list[str], completions: list[str], answer: l
 
 def _has_final_answer_line(text: str) -> bool:
     _, sep, tail = text.rpartition("####")
-    return bool(sep) and parse_number(tail.split("\n", 1)[0]) is not None
+    line = tail.split("\n", 1)[0]
+    return bool(sep) and (parse_number(line) is not None or YES_NO.fullmatch(line.strip()) is not None)

@@ -93,10 +93,22 @@ def test_mark_first_and_last_and_adjacent_blocks_merge():
     assert answer_segments("<<2+2=4>>4+2 = <<4+2=6>>6", 2, "replace") == [4, "6"]
 
 
-def test_k_zero_is_the_stripped_text():
+def test_k_zero_insert_is_text_cot_and_replace_is_no_cot():
+    """The control ladder's text rows: `insert` keeps the written expressions (CoT), `replace` removes them
+    with nothing in their place (no-CoT for those steps)."""
     expected = NATALIA.replace("<<48/2=24>>", "").replace("<<48+24=72>>", "")
     assert answer_segments(NATALIA, 0, "insert") == [expected]
-    assert answer_segments(NATALIA, 0, "replace") == [expected]
+    assert answer_segments(NATALIA, 0, "replace") == [
+        "Natalia sold 24 clips in May.\nNatalia sold 72 clips altogether in April and May.\n#### 72"]
+
+
+def test_curriculum_stages_convert_the_first_marks_and_leave_the_rest_written():
+    written = NATALIA.replace("<<48/2=24>>", "").replace("<<48+24=72>>", "")
+    assert answer_segments(NATALIA, 2, "replace", latent_marks=0) == [written]
+    first = answer_segments(NATALIA, 2, "replace", latent_marks=1)
+    assert first[1] == 2 and "48+24 = 72" in first[2] and "48/2" not in first[0]
+    assert answer_segments(NATALIA, 2, "replace", latent_marks=2) == answer_segments(NATALIA, 2, "replace")
+    assert answer_segments(NATALIA, 2, "insert", latent_marks=5) == answer_segments(NATALIA, 2, "insert")
 
 
 def test_unknown_placement():
@@ -176,10 +188,12 @@ def test_next_step_mask_runs_to_eos_without_a_newline(tiny_tokenizer):
 
 
 def test_k_zero_example_has_no_latents(tiny_tokenizer):
-    example = build_example(PROBLEM, tiny_tokenizer, k=0, placement="replace")
+    example = build_example(PROBLEM, tiny_tokenizer, k=0, placement="insert")
     assert not any(example.latent_mask) and not any(example.next_step_mask)
     answer = tiny_tokenizer.decode(example.input_ids[example.prompt_length : -1])
     assert answer == NATALIA.replace("<<48/2=24>>", "").replace("<<48+24=72>>", "")
+    no_cot = build_example(PROBLEM, tiny_tokenizer, k=0, placement="replace")
+    assert not any(no_cot.latent_mask) and len(no_cot.input_ids) < len(example.input_ids)
 
 
 def test_plain_prompt_without_chat_template(tiny_tokenizer):

@@ -175,3 +175,27 @@ def test_pause_control_matches_sampler(tiny_model_dir):
     assert torch.allclose(token_lp, traj.token_logprobs, atol=TOLERANCE, rtol=0)
     decided = traj.start_decided
     assert torch.allclose(start_lp[decided], traj.start_logprobs[decided], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("trunk", ["shared", "two"])
+@pytest.mark.parametrize("proj", ["soft", "gated"])
+def test_embedding_manifold_projections_match_sampler(tiny_model_dir, trunk, proj):
+    """`soft` (top-k mixture of token embeddings) and `gated` (learned gate between the greedy token's
+    embedding and the state) are exact in the training forward, gradient included."""
+    model, tokenizer = build_model(tiny_model_dir, trunk, proj=proj)
+    if proj == "gated":
+        with torch.no_grad():
+            model.proj.gate.weight.normal_(0, 0.05)  # a gate that depends on the state
+    traj = sample_batch(model, tokenizer)
+    assert traj.batch.latent_mask.any()
+    out = forward(model, traj.batch, gradient="recurrent")
+    computed = traj.batch.attention_mask & (traj.batch.positions() < traj.batch.lengths[:, None] - 1)
+    assert torch.allclose(out.hidden[computed], traj.hidden[computed], atol=TOLERANCE, rtol=0)
+    assert torch.allclose(out.slot_inputs, traj.slot_inputs, atol=TOLERANCE, rtol=0)
+    token_lp, _, _ = recomputed_logprobs(model, traj, out)
+    assert torch.allclose(token_lp, traj.token_logprobs.double(), atol=TOLERANCE, rtol=0)
+    if proj == "soft":
+        assert model.proj.max_weight < 0.99  # a real mixture, not a one-hot in disguise
+    # The latent inputs lie near the embedding table's scale, not at the raw state's.
+    slots = traj.slot_inputs[traj.batch.latent_mask].norm(dim=-1)
+    assert slots.mean() < 3 * model.embedding_norm

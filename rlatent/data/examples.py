@@ -34,25 +34,37 @@ LATENT_TEXT = "[z]"
 _LEAD = re.compile(r"([ \t]*)([$€£¢]?)$")
 
 
-def answer_segments(answer: str, k: int, placement: str = "insert") -> list[str | int]:
+def answer_segments(answer: str, k: int, placement: str = "insert", latent_marks: int | None = None
+                    ) -> list[str | int]:
     """The answer as text pieces and latent blocks (an int: that many latents).
 
-    Marks are stripped; each becomes a block of `k` latents (`placement` says
-    whether the written expression before it stays). Adjacent text pieces are
-    merged, so are adjacent blocks (consecutive latents are one block), and no
-    text piece is empty. `k == 0` gives the stripped answer as one piece.
+    Marks are stripped. Each of the first `latent_marks` marks (all when None)
+    becomes a block of `k` latents, `placement` saying whether the written
+    expression before it stays (`insert`) or goes (`replace`); the marks after
+    those stay written as text, as in a chain-of-thought answer (the stages of
+    a Coconut-style curriculum). With `k == 0` no mark gets a block: `insert`
+    gives the stripped answer (text CoT), `replace` removes the expressions
+    too (no-CoT for those steps: the result is written with nothing before it).
+    Adjacent text pieces are merged, so are adjacent blocks (consecutive
+    latents are one block), and no text piece is empty.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    if k == 0:
+    if k == 0 and placement == "insert" or latent_marks == 0:
         text = strip_marks(answer)
         return [text] if text else []
     segments: list[str | int] = []
     pending, cursor = "", 0
-    for mark in parse_marks(answer):
+    for index, mark in enumerate(parse_marks(answer)):
+        converted = latent_marks is None or index < latent_marks
+        size = k if converted else 0
         before = answer[cursor : mark.start]
-        if not before and segments and isinstance(segments[-1], int):
-            segments[-1] += k  # back-to-back marks: one block; the carried space waits
+        if size and not before and segments and isinstance(segments[-1], int):
+            segments[-1] += size  # back-to-back marks: one block; the carried space waits
+            cursor = mark.end
+            continue
+        if not converted:  # still written: only the mark itself goes
+            pending += before
             cursor = mark.end
             continue
         lead = _LEAD.search(before)
@@ -65,13 +77,15 @@ def answer_segments(answer: str, k: int, placement: str = "insert") -> list[str 
         else:
             spaces = lead.group(1)
         pending += before[:cut]
-        if pending:
-            segments.append(pending)
-        if segments and isinstance(segments[-1], int):
-            segments[-1] += k  # the text between two marks was all expression
-        else:
-            segments.append(k)
-        pending, cursor = spaces + lead.group(2), mark.end
+        if size:
+            if pending:
+                segments.append(pending)
+                pending = ""
+            if segments and isinstance(segments[-1], int):
+                segments[-1] += size  # the text between two marks was all expression
+            else:
+                segments.append(size)
+        pending, cursor = pending + spaces + lead.group(2), mark.end
     pending += answer[cursor:]
     if pending:
         segments.append(pending)
@@ -149,8 +163,10 @@ def answer_lead(tokenizer) -> str:
     return "" if getattr(tokenizer, "chat_template", None) is not None else " "
 
 
-def build_example(problem: Problem, tokenizer, k: int, placement: str = "insert") -> SFTExample:
-    """The supervised example for `problem` with `k` latents per mark.
+def build_example(problem: Problem, tokenizer, k: int, placement: str = "insert",
+                  latent_marks: int | None = None) -> SFTExample:
+    """The supervised example for `problem` with `k` latents at each of its first `latent_marks` marks
+    (all when None; see `answer_segments`).
 
     Each text piece is tokenised on its own (no special tokens), so no token
     straddles a latent block.
@@ -161,7 +177,7 @@ def build_example(problem: Problem, tokenizer, k: int, placement: str = "insert"
     latent_mask = [False] * prompt_length
     next_step_mask = [False] * prompt_length
     in_next_step = False
-    for segment in answer_segments(answer_lead(tokenizer) + problem.answer, k, placement):
+    for segment in answer_segments(answer_lead(tokenizer) + problem.answer, k, placement, latent_marks):
         if isinstance(segment, int):
             input_ids += [pad_id] * segment
             latent_mask += [True] * segment

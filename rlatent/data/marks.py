@@ -42,6 +42,8 @@ _ANSWER_NUMBER = re.compile(
 _OPERATOR = r"+*/\u00d7\u00f7^\-\u2212"  # for a character class: + * / × ÷ ^ and the minus signs
 _AFTER_OPERATOR = re.compile(rf"(?:\A|[\d)%])[ \t]*[{_OPERATOR}][ \t]*\$?[ \t]*\Z", re.ASCII)
 _BEFORE_OPERATOR = re.compile(rf"[ \t]*%?[ \t]*[{_OPERATOR}xX][ \t]*\$?[ \t]*[\d(.]", re.ASCII)
+YES_NO = re.compile(r"(yes|no)[.!]?", re.IGNORECASE)
+"""A `#### Yes` / `#### No` answer line: the graph-search task's answers (`rlatent.data.graphs`)."""
 _BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
 
 
@@ -216,7 +218,8 @@ def canonical_number(value: Fraction) -> str:
 def extract_final_answer(text: str, finished: bool = True) -> str | None:
     """The final answer of `text` as a canonical number string, or None (rlatent's numeric match).
 
-    1. With a `####`, the line after the last one decides (leading blank lines skipped): its first
+    1. With a `####`, the line after the last one decides (leading blank lines skipped): Yes or No
+       (the graph-search task's answers, "#### yes." -> "Yes"), else its first
        number ("#### 72 clips" -> 72, "#### $1,000.00" -> 1000, "#### 18." -> 18, "#### 25%" -> 25,
        "#### -3" -> -3), or None when there is none or it is an operand of arithmetic: "#### 18/5"
        (GSM8K references, like lm-eval's answer pattern, are decimal numbers, so a fraction is no
@@ -239,6 +242,8 @@ def extract_final_answer(text: str, finished: bool = True) -> str | None:
         line, newline, _ = rest.partition("\n")
         if not finished and not newline:
             return None
+        if word := YES_NO.fullmatch(line.strip()):
+            return word.group(1).capitalize()
         match = _ANSWER_NUMBER.search(line)
         if match is None or _is_operand(line, match):
             return None
@@ -257,9 +262,11 @@ def extract_final_answer(text: str, finished: bool = True) -> str | None:
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:
-    """Whether two answers are the same number ("1000" and "1,000.0" are)."""
+    """Whether two answers are the same number ("1000" and "1,000.0" are), or the same Yes/No."""
     if predicted is None:
         return False
+    if reference in ("Yes", "No"):
+        return predicted.strip().rstrip(".").capitalize() == reference
     a, b = parse_number(predicted), parse_number(reference)
     return a is not None and b is not None and a == b
 

@@ -3,30 +3,54 @@
 from __future__ import annotations
 
 from rlatent.config import DataConfig, LatentConfig
+from rlatent.errors import ConfigError
 from rlatent.modes import latent_mode
 from rlatent.data.gsm8k import Problem, load_gsm8k
 from rlatent.data.examples import SFTExample, build_example
+from rlatent.data.graphs import generate_graph_problems
 from rlatent.data.synthetic import generate_problems
 
-# Synthetic eval problems come from a different seed stream than training ones.
+# Seeded eval problems come from other seed streams than training ones, the
+# out-of-distribution split (longer chains) from a third.
 EVAL_SEED_OFFSET = 1_000_003
+OOD_SEED_OFFSET = 2_000_003
+SEEDED_SPLITS = ("train", "test", "ood")
+
+
+def has_ood_split(data: DataConfig) -> bool:
+    """Whether `data` has an `ood` split: the seeded tasks do (chains longer than trained), GSM8K does not."""
+    return data.source in ("synthetic", "graph")
 
 
 def load_split(data: DataConfig, split: str, limit: int | None = None) -> tuple[list[Problem], int]:
-    """Problems of `split` ("train" or "test") and how many malformed rows were skipped."""
+    """Problems of `split` ("train", "test" or, for the seeded tasks, "ood") and how many malformed rows
+    were skipped. A limit generates only that many seeded problems: the first ones of the full split."""
+    if data.source == "gsm8k":
+        if split == "ood":
+            raise ConfigError("data.source gsm8k has no out-of-distribution split")
+        return load_gsm8k(split, data.path, data.hub_name, data.hub_config, data.on_bad_line, limit)
+    if split not in SEEDED_SPLITS:
+        raise ValueError(f"split must be one of {SEEDED_SPLITS} for data.source {data.source}, got {split!r}")
+    cfg = data.synthetic if data.source == "synthetic" else data.graph
+    count = {"train": cfg.num_train, "test": cfg.num_eval, "ood": cfg.num_ood or cfg.num_eval}[split]
+    count = count if limit is None else min(count, limit)
+    seed = cfg.seed + {"train": 0, "test": EVAL_SEED_OFFSET, "ood": OOD_SEED_OFFSET}[split]
     if data.source == "synthetic":
-        s = data.synthetic
-        count = s.num_train if split == "train" else s.num_eval
-        seed = s.seed if split == "train" else s.seed + EVAL_SEED_OFFSET
-        problems = generate_problems(count, seed, s.min_steps, s.max_steps, s.max_operand, s.operators)
-        return problems[:limit], 0
-    return load_gsm8k(split, data.path, data.hub_name, data.hub_config, data.on_bad_line, limit)
+        low, high = cfg.ood_steps if split == "ood" else (cfg.min_steps, cfg.max_steps)
+        problems = generate_problems(count, seed, low, high, cfg.max_operand, cfg.operators,
+                                     cfg.max_multiplier, cfg.multi_op)
+    else:
+        low, high = cfg.ood_hops if split == "ood" else (cfg.min_hops, cfg.max_hops)
+        problems = generate_graph_problems(count, seed, low, high, cfg.distractors)
+    return problems, 0
 
 
-def sft_examples(problems: list[Problem], tokenizer, latent: LatentConfig, max_length: int
-                 ) -> tuple[list[SFTExample], int]:
-    """Examples for the latent mode (`none`: marks stripped, no latents); drops and counts over-long ones."""
+def sft_examples(problems: list[Problem], tokenizer, latent: LatentConfig, max_length: int | None,
+                 latent_marks: int | None = None) -> tuple[list[SFTExample], int]:
+    """Examples for the latent mode (`none`: no latents, marks stripped with `insert` or removed with their
+    expressions with `replace`), with the first `latent_marks` marks converted (all when None; the
+    curriculum's stages); drops and counts those longer than `max_length` (None: keeps all)."""
     k = latent.k if latent_mode(latent.mode).has_slots else 0
-    examples = [build_example(p, tokenizer, k, latent.placement) for p in problems]
-    kept = [e for e in examples if len(e.input_ids) <= max_length]
+    examples = [build_example(p, tokenizer, k, latent.placement, latent_marks) for p in problems]
+    kept = [e for e in examples if max_length is None or len(e.input_ids) <= max_length]
     return kept, len(examples) - len(kept)

@@ -34,7 +34,7 @@ from rlatent.errors import CheckpointError, first_line
 from rlatent.modes import latent_mode
 from rlatent.model.heads import Head
 from rlatent.model.loading import load_base_model
-from rlatent.model.projections import build_projection
+from rlatent.model.projections import TokenSpace, build_projection
 
 SETTINGS_FILE = "latent.json"
 HEADS_FILE = "heads.safetensors"
@@ -50,6 +50,8 @@ class LatentSettings:
     mode: str = "latent"
     trunk: str = "shared"
     proj: str = "norm_match"
+    soft_top_k: int = 8
+    soft_temperature: float = 1.0
     k: int = 2
     head: str = "linear"
     lora_r: int = 16
@@ -65,7 +67,8 @@ class LatentSettings:
     def from_config(cls, model_cfg, latent_cfg) -> "LatentSettings":
         return cls(
             base_model=model_cfg.name_or_path, mode=latent_cfg.mode, trunk=latent_cfg.trunk,
-            proj=latent_cfg.proj, k=latent_cfg.k, head=model_cfg.head, lora_r=model_cfg.lora_r,
+            proj=latent_cfg.proj, soft_top_k=latent_cfg.soft_top_k, soft_temperature=latent_cfg.soft_temperature,
+            k=latent_cfg.k, head=model_cfg.head, lora_r=model_cfg.lora_r,
             lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
             lora_target_modules=model_cfg.lora_target_modules,
         )
@@ -116,7 +119,8 @@ class LatentModel(nn.Module):
         self.embedding_norm = float(embeddings.detach().float().norm(dim=-1).mean())
         self.start_head = Head(hidden_size, settings.head, prior=0.05)
         self.stop_head = Head(hidden_size, settings.head, prior=1.0 / (settings.k + 1))
-        self.proj = build_projection(settings.proj, hidden_size, self.embedding_norm)
+        tokens = TokenSpace(logits=lambda h: self.token_logits(h.to(self.dtype)), embed=self.embed)
+        self.proj = build_projection(settings.proj, hidden_size, self.embedding_norm, tokens, settings)
         self.pause = None
         if self.latent_mode.slot_input == "pause":
             mean = embeddings.detach().mean(0)

@@ -5,10 +5,21 @@ tens of times larger than input embeddings, so feeding them back unchanged
 (Coconut's `identity`) puts the latent far outside the input distribution;
 `norm_match` rescales each state to the mean token-embedding norm, and `mlp`
 learns a residual correction on top of `norm_match`, starting exactly at it.
+
+A raw last-layer state fed back as a first-layer input is the suspected cause
+of latents being ignored, so two projections keep the latent on the embedding
+manifold, as the latent-RL systems that gained from RL do: `soft` is the
+probability-weighted mixture of the top-k token embeddings (Soft Thinking,
+Latent-GRPO), `gated` a learned gate between the projected state and the greedy
+token's embedding (HRPO). Both are deterministic functions of the state, so the
+sampler and the training forward compute them alike, and exploration noise
+around them has the usual Gaussian density.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -49,12 +60,67 @@ class ResidualMLP(nn.Module):
         return self.norm_match(hidden + self.down(nn.functional.gelu(self.up(hidden))))
 
 
-PROJECTIONS: dict[str, Callable[[int, float], nn.Module]] = {
-    "identity": lambda hidden_size, target_norm: Identity(),
-    "norm_match": lambda hidden_size, target_norm: NormMatch(target_norm),
-    "mlp": ResidualMLP,
+@dataclass(frozen=True)
+class TokenSpace:
+    """What the embedding-manifold projections read from the model: the LM head's logits of a state and the
+    input embeddings of token ids (callables, so the projection owns no copy of the model's weights)."""
+
+    logits: Callable[[torch.Tensor], torch.Tensor]  # (..., H) -> (..., V)
+    embed: Callable[[torch.Tensor], torch.Tensor]  # (...) ids -> (..., H)
+
+
+class SoftTokens(nn.Module):
+    """z = sum over the top-k tokens of softmax(logits / T) * their embeddings (Soft Thinking, Latent-GRPO).
+
+    Renormalised over the top k (a full-vocabulary mixture would cost a (V, H) matmul per latent and be
+    dominated by the tail). No parameters of its own: the gradient reaches the trunk and LM-head adapters
+    through the weights. An audit found one system's "soft" actions effectively one-hot (median max weight
+    0.9999989); `max_weight` reports that number for this projection's last call.
+    """
+
+    def __init__(self, tokens: TokenSpace, top_k: int, temperature: float):
+        super().__init__()
+        self.tokens, self.top_k, self.temperature = tokens, top_k, temperature
+        self.max_weight: float | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        top = self.tokens.logits(hidden).topk(self.top_k, dim=-1)  # (..., k)
+        weights = torch.softmax(top.values.to(hidden.dtype) / self.temperature, dim=-1)
+        self.max_weight = float(weights.detach().max(-1).values.mean()) if weights.numel() else None
+        return (weights[..., None] * self.tokens.embed(top.indices).to(hidden.dtype)).sum(-2)
+
+
+class GatedToken(nn.Module):
+    """z = g * e(argmax token) + (1 - g) * norm_match(h), g = sigmoid(W h + b) per dimension (HRPO's gate).
+
+    W starts at zero and b at log 9, so a fresh model feeds back 90 % of the greedy token's embedding (on
+    the manifold) and learns how much of the state to let through.
+    """
+
+    def __init__(self, tokens: TokenSpace, hidden_size: int, target_norm: float):
+        super().__init__()
+        self.tokens = tokens
+        self.gate = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, math.log(9.0))
+        self.norm_match = NormMatch(target_norm)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        token = self.tokens.embed(self.tokens.logits(hidden).argmax(-1)).to(hidden.dtype)
+        gate = torch.sigmoid(self.gate(hidden))
+        return gate * token + (1 - gate) * self.norm_match(hidden)
+
+
+PROJECTIONS: dict[str, Callable[..., nn.Module]] = {
+    "identity": lambda hidden_size, target_norm, tokens, settings: Identity(),
+    "norm_match": lambda hidden_size, target_norm, tokens, settings: NormMatch(target_norm),
+    "mlp": lambda hidden_size, target_norm, tokens, settings: ResidualMLP(hidden_size, target_norm),
+    "soft": lambda hidden_size, target_norm, tokens, settings: SoftTokens(tokens, settings.soft_top_k,
+                                                                          settings.soft_temperature),
+    "gated": lambda hidden_size, target_norm, tokens, settings: GatedToken(tokens, hidden_size, target_norm),
 }
+"""`latent.proj` name -> builder (hidden size, mean embedding norm, `TokenSpace`, latent settings)."""
 
 
-def build_projection(name: str, hidden_size: int, target_norm: float) -> nn.Module:
-    return PROJECTIONS[name](hidden_size, target_norm)
+def build_projection(name: str, hidden_size: int, target_norm: float, tokens: TokenSpace, settings) -> nn.Module:
+    return PROJECTIONS[name](hidden_size, target_norm, tokens, settings)

@@ -50,6 +50,10 @@ class TorchOptimizer:
         """Parameters are whole here; DeepSpeed ZeRO-3 gathers its shards inside this context."""
         yield
 
+    def reset_moments(self) -> None:
+        """Forget AdamW's moments and step counts (a curriculum stage change); the schedule goes on."""
+        self.optimizer.state.clear()
+
     def state_dict(self) -> dict:
         """Portable state: AdamW moments per parameter name, the Adam step count and the scheduler."""
         moments, adam_step = {}, 0

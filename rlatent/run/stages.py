@@ -27,9 +27,10 @@ from rlatent.latent.sampler import SamplingSettings
 from rlatent.io.checkpoint import checkpoint_phase
 from rlatent.distributed import make_backend
 from rlatent.grpo.loop import GRPOTrainer
+from rlatent.sft.curriculum import Curriculum, staged_examples
 from rlatent.sft.trainer import SFTTrainer
 from rlatent.data.examples import encode_stop_sequences
-from rlatent.data.splits import load_split, sft_examples
+from rlatent.data.splits import load_split
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -87,14 +88,16 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
     with MetricsLogger(run) as logger:
         offset = 0
         if "sft" in phases:
-            train, dropped = sft_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length)
-            evaluation, _ = sft_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length)
+            curriculum = Curriculum.from_config(cfg.sft)
+            train, dropped = staged_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum)
+            evaluation, _ = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum)
             if latest is None:
-                logger.log(0, {"train_examples": len(train), "dropped_too_long": dropped, "skipped_rows": skipped,
+                logger.log(0, {"train_examples": len(train[-1]), "dropped_too_long": dropped, "skipped_rows": skipped,
                                "eval_problems": len(eval_problems),
                                "trainable_parameters": sum(p.numel() for p in model.trainable_parameters())},
                            phase="data")
-            trainer = SFTTrainer(cfg, model, tokenizer, train, evaluation, run, logger)
+            trainer = SFTTrainer(cfg, model, tokenizer, train[-1], evaluation[-1], run, logger,
+                                 list(zip(train[:-1], evaluation[:-1])))
             if done_phase == "sft":
                 trainer.resume(latest)
             if done_phase != "grpo":

