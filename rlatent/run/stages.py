@@ -30,7 +30,7 @@ from rlatent.grpo.loop import GRPOTrainer
 from rlatent.sft.curriculum import Curriculum, staged_examples
 from rlatent.sft.trainer import SFTTrainer
 from rlatent.data.examples import encode_stop_sequences
-from rlatent.data.splits import load_split
+from rlatent.data.splits import has_ood_split, load_split
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -83,6 +83,9 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
         model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
     train_problems, skipped = load_split(cfg.data, "train", cfg.data.train_limit)
     eval_problems, _ = load_split(cfg.data, "test", cfg.eval.limit)
+    held_out = {"test": eval_problems}
+    if has_ood_split(cfg.data):  # longer chains than trained: the out-of-distribution test
+        held_out["ood"] = load_split(cfg.data, "ood", cfg.eval.limit)[0]
     print(f"run directory: {run.path}" + (f" (resuming from {latest})" if latest else ""))
     results: dict[str, dict[str, float]] = {}
     with MetricsLogger(run) as logger:
@@ -102,9 +105,10 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
                 trainer.resume(latest)
             if done_phase != "grpo":
                 print(f"phase 1 checkpoint: {trainer.train()}")
-                results["sft"] = evaluate(cfg, model, tokenizer, eval_problems, run,
-                                          "eval_samples_sft.jsonl" if "grpo" in phases else "eval_samples.jsonl")
-                logger.log(trainer.step, results["sft"], phase="test_sft" if "grpo" in phases else "test")
+                two_phases = "grpo" in phases
+                results.update(test_after("sft", cfg, model, tokenizer, held_out, run, logger, trainer.step,
+                                          "test_sft" if two_phases else "test",
+                                          "eval_samples_sft" if two_phases else "eval_samples"))
             offset = cfg.sft.steps
         if "grpo" in phases:
             trainer = GRPOTrainer(cfg, model, tokenizer, train_problems, run, logger,
@@ -112,14 +116,24 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
             if done_phase == "grpo":
                 trainer.resume(latest)
             print(f"phase 2 checkpoint: {trainer.train()}")
-            results["grpo"] = evaluate(cfg, model, tokenizer, eval_problems, run, "eval_samples.jsonl")
-            logger.log(trainer.step, results["grpo"], phase="test")
+            results.update(test_after("grpo", cfg, model, tokenizer, held_out, run, logger, trainer.step, "test",
+                                      "eval_samples"))
     finish_run(run, cfg, results)
     return run
 
 
-def evaluate(cfg: RunConfig, model, tokenizer, problems, run: RunDir, samples_file: str) -> dict[str, float]:
-    return evaluate_with_engine(cfg, model, tokenizer, problems, run.samples_dir / samples_file)
+def test_after(name: str, cfg: RunConfig, model, tokenizer, held_out: dict[str, list], run: RunDir,
+               logger: MetricsLogger, step: int, phase: str, samples_stem: str) -> dict[str, dict[str, float]]:
+    """Evaluate after phase `name` on every held-out split (`test`, and `ood` where the task has one),
+    logged as `phase` and `phase`_ood; returns the results keyed for the report ("sft", "sft (ood)")."""
+    results = {}
+    for split, problems in held_out.items():
+        suffix = "" if split == "test" else "_ood"
+        samples = run.samples_dir / f"{samples_stem}{suffix}.jsonl"
+        metrics = evaluate_with_engine(cfg, model, tokenizer, problems, samples)
+        logger.log(step, metrics, phase=phase + suffix)
+        results[name if split == "test" else f"{name} ({split})"] = metrics
+    return results
 
 
 def evaluate_with_engine(cfg: RunConfig, model, tokenizer, problems, samples_path: Path) -> dict[str, float]:
