@@ -1,0 +1,125 @@
+"""The control ladder's table from the run directories `scripts/ladder.sh` (or `rlatent train`) left.
+
+    python scripts/ladder_table.py runs/ladder [--json docs/results/ladder_arith.json]
+
+Per row (run directory `<row>-seed<s>`, pooled over seeds): accuracy with its Wilson 95 % interval on the
+held-out problems and on the out-of-distribution ones, tokens / latents / forward passes per answer, the
+last phase-1 latent gains (zeros / noise / shuffle); then exact McNemar tests between rows on the same
+problems (per-problem outcomes from the samples files, which hold every problem when
+`eval.num_samples >= eval.limit`). A row evaluated after phase 2 as well (`rlatent train`) gets a second
+line. The JSON keeps every number, so the tables can be regenerated from it alone (`--from-json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from itertools import combinations
+from pathlib import Path
+
+from rlatent.io.run_dir import read_metrics
+from rlatent.run.stats import discordant_pairs, mcnemar_exact, wilson_interval
+
+ROWS = ["cot", "nocot", "pause", "latent", "latent_two"]
+SPLITS = {"test": "", "ood": "_ood"}  # split -> suffix of its phase and samples file
+PHASES = {"sft": ("test_sft", "test", "eval_samples_sft", "eval_samples"), "grpo": ("test", None, "eval_samples", None)}
+
+
+def outcomes(run: Path, stem: str, suffix: str) -> list[int] | None:
+    path = run / "samples" / f"{stem}{suffix}.jsonl"
+    if not path.is_file():
+        return None
+    return [int(json.loads(line)["correct"]) for line in path.read_text().splitlines() if line.strip()]
+
+
+def collect(root: Path) -> list[dict]:
+    """One record per (row, seed, phase) with its metrics and per-problem outcomes."""
+    records = []
+    for run in sorted(p for p in root.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file()):
+        row, _, seed = run.name.rpartition("-seed")
+        metrics = read_metrics(run / "metrics.jsonl")
+        two_phase = any(r["phase"] == "grpo" for r in metrics)
+        gains = next((r for r in reversed(metrics) if r["phase"] == "eval"), {})
+        for phase, (two_name, one_name, two_stem, one_stem) in PHASES.items():
+            name, stem = (two_name, two_stem) if two_phase else (one_name, one_stem)
+            if name is None or (phase == "grpo" and not two_phase):
+                continue
+            record = {"row": row, "seed": int(seed or 0), "phase": phase, "run": str(run),
+                      "gains": {k: gains.get(f"latent_gain_{k}") for k in ("zeros", "noise", "shuffle")}}
+            for split, suffix in SPLITS.items():
+                found = [r for r in metrics if r["phase"] == name + suffix]
+                if found:
+                    record[split] = {k: found[-1].get(k) for k in ("accuracy", "strict_match", "tokens_per_answer",
+                                                                   "latents_per_answer", "forward_passes_per_answer",
+                                                                   "problems")}
+                    record[split]["outcomes"] = outcomes(run, stem, suffix)
+            records.append(record)
+    return records
+
+
+def pooled(records: list[dict], row: str, phase: str, split: str) -> list[int] | None:
+    """The row's per-problem outcomes over its seeds, concatenated in seed order (paired across rows)."""
+    runs = sorted((r for r in records if r["row"] == row and r["phase"] == phase and split in r), key=lambda r: r["seed"])
+    if not runs or any(r[split]["outcomes"] is None for r in runs):
+        return None
+    return [o for r in runs for o in r[split]["outcomes"]]
+
+
+def fmt(x, digits=3):
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def tables(records: list[dict]) -> str:
+    lines = []
+    order = [r for r in ROWS if any(rec["row"] == r for rec in records)]
+    order += sorted({rec["row"] for rec in records} - set(order))
+    for phase in ("sft", "grpo"):
+        present = [row for row in order if pooled(records, row, phase, "test") is not None]
+        if not present:
+            continue
+        lines += [f"### After phase {1 if phase == 'sft' else 2}", "",
+                  "| row | seeds | accuracy [95% CI] | OOD accuracy [95% CI] | tokens/answer | latents/answer | "
+                  "passes/answer | gain zeros | gain noise | gain shuffle |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+        for row in present:
+            runs = [r for r in records if r["row"] == row and r["phase"] == phase]
+            cells = []
+            for split in ("test", "ood"):
+                o = pooled(records, row, phase, split)
+                if o:
+                    low, high = wilson_interval(sum(o), len(o))
+                    cells.append(f"{sum(o) / len(o):.3f} [{low:.3f}, {high:.3f}] (n={len(o)})")
+                else:
+                    cells.append("")
+            mean = lambda key: sum(r["test"][key] for r in runs) / len(runs)  # noqa: E731
+            gains = [sum(r["gains"][k] or 0.0 for r in runs) / len(runs) if any(r["gains"][k] is not None for r in runs)
+                     else None for k in ("zeros", "noise", "shuffle")]
+            lines.append(f"| {row} | {len(runs)} | {cells[0]} | {cells[1]} | {mean('tokens_per_answer'):.1f} | "
+                         f"{mean('latents_per_answer'):.1f} | {mean('forward_passes_per_answer'):.1f} | "
+                         + " | ".join(fmt(g, 4) for g in gains) + " |")
+        lines += ["", "Paired exact McNemar tests (same problems; `a only` / `b only`: problems only that row got right):",
+                  "", "| a | b | split | a only | b only | p |", "|---|---|---|---:|---:|---:|"]
+        for a, b in combinations(present, 2):
+            for split in ("test", "ood"):
+                oa, ob = pooled(records, a, phase, split), pooled(records, b, phase, split)
+                if oa and ob and len(oa) == len(ob):
+                    only_a, only_b = discordant_pairs(oa, ob)
+                    lines.append(f"| {a} | {b} | {split} | {only_a} | {only_b} | {mcnemar_exact(only_a, only_b):.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", help="the directory holding the rows' run directories (or a JSON with --from-json)")
+    parser.add_argument("--json", help="write every record here")
+    parser.add_argument("--from-json", action="store_true", help="ROOT is a JSON written by --json")
+    args = parser.parse_args()
+    records = json.loads(Path(args.root).read_text()) if args.from_json else collect(Path(args.root))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records) + "\n")
+    print(tables(records))
+
+
+if __name__ == "__main__":
+    main()
