@@ -12,7 +12,8 @@ Every value a reward returns is checked: a reward that raises, returns the wrong
 number of values, a non-number, NaN or inf either stops the run with one line
 naming the reward and the sample (`grpo.reward_errors: raise`), or scores 0.0
 for what it got wrong and is counted (`zero`) so the trainer logs how often.
-Never a silent wrong number.
+Never a silent wrong number. A reward that calls `sys.exit()` stops the run with one line naming
+it; Ctrl-C inside a reward (`KeyboardInterrupt`) is the user's, and interrupts the run.
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ class RewardSet:
             result = fn(prompts, completions, **kwargs)
         except RlatentError:
             raise  # a reward's own config error (a bad option) is not a per-sample failure
+        except SystemExit as exc:  # sys.exit() in user code would end the run silently, with status 0
+            raise RlatentError(f"reward {spec.function!r} called sys.exit({exc.code!r}); a reward must return "
+                               "its values (or raise an exception)") from None
         except Exception as exc:
             message = f"reward {spec.function!r} raised {_exception_line(exc)}"
             if self.errors == "zero":

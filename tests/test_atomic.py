@@ -179,3 +179,35 @@ def test_load_state_refuses_arbitrary_pickle(tmp_path):
 def test_load_state_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_state(tmp_path / "absent.pt")
+
+
+def test_atomic_writes_get_the_modes_open_and_mkdir_would_give(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        save_tensors(tmp_path / "t.safetensors", {"w": torch.zeros(2)})
+        with atomic_directory(tmp_path / "step_000001") as tmp:
+            (tmp / "f").write_text("y")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.txt": 0o644, "t.safetensors": 0o644, "step_000001": 0o755, "private.txt": 0o600}
+
+
+def test_safetensors_problem_names_a_cut_short_file(tmp_path):
+    from rlatent.io.atomic import safetensors_problem
+
+    path = tmp_path / "w.safetensors"
+    save_tensors(path, {"w": torch.zeros(64)})
+    assert safetensors_problem(path) is None
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-10])
+    assert safetensors_problem(path) == f"truncated: {len(whole) - 10} of {len(whole)} bytes"
+    path.write_bytes(whole[:5])
+    assert safetensors_problem(path).startswith("truncated")
+    path.write_bytes(whole + b"xx")
+    assert safetensors_problem(path) == "corrupt: 2 bytes after the last tensor"

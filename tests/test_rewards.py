@@ -216,7 +216,7 @@ def test_reward_set_checks_specs_before_any_sampling(user_module):
     with pytest.raises(ConfigError, match=r"^grpo.rewards\[0\].kwargs: 'latents' is a trajectory fact"):
         RewardSet([RewardSpec(function="userrw.scores:exclaims", kwargs={"latents": 3})])
     with pytest.raises(ConfigError, match=r"^grpo.rewards\[0\].weight: must be finite, got nan"):
-        RewardSet([RewardSpec(function="gsm8k_correct", weight=math.nan)])
+        RewardSet([RewardSpec.model_construct(function="gsm8k_correct", weight=math.nan, kwargs={})])
     rewards = RewardSet([RewardSpec(function="userrw.scores:needs_column")])
     with pytest.raises(ConfigError, match="needs 'difficulty', which is neither a trajectory fact nor a dataset col"):
         rewards.score(["q"], ["a"], facts(1))

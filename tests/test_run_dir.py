@@ -156,3 +156,22 @@ def test_latent_use_verdict_is_a_sentence_with_the_gains(gains, expected):
     assert expected in verdict and "{" not in verdict
     for value in gains.values():
         assert f"{value:+.4f}" in verdict
+
+
+def test_metrics_logger_drops_what_a_resumed_run_logs_again(tmp_path):
+    run = RunDir(tmp_path)
+    with MetricsLogger(run) as logger:
+        for step in (1, 2, 3):
+            logger.log(step, {"loss": float(step)}, phase="train")
+    with run.metrics_path.open("a") as f:
+        f.write('{"step": 4, "pha')  # a line cut off by a kill
+    with MetricsLogger(run, keep=lambda record: record["step"] <= 2) as logger:
+        assert logger.dropped == 1
+        logger.log(3, {"loss": 30.0}, phase="train")
+        assert logger.last_step == {"train": 3}
+    assert [(r["step"], r["loss"]) for r in read_metrics(run.metrics_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_run_dir_for_reading_creates_nothing(tmp_path):
+    run = RunDir(tmp_path / "absent", create=False)
+    assert run.latest_checkpoint() is None and not run.path.exists()

@@ -49,7 +49,7 @@ def accumulated_step(model_dir, batch_size, grad_accum, start_pos_weight):
     trainer = SFTTrainer(cfg, model, tokenizer, examples, examples, run=None, logger=None)
     grads = {}
 
-    def capture():  # instead of the optimizer step: keep the accumulated gradients
+    def capture(where=None):  # instead of the optimizer step: keep the accumulated gradients
         grads.update({name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None})
         return 0.0
 

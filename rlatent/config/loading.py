@@ -13,12 +13,48 @@ from rlatent.config.run import RunConfig
 from rlatent.errors import ConfigError
 
 
+MAX_YAML_DEPTH = 32
+"""Deepest nesting a config may have (the deepest real key, `grpo.rewards[i].kwargs.x`, is 5)."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader with two refusals: a key given twice in one mapping (YAML forbids it; PyYAML
+    would keep the last silently), and nesting deeper than `MAX_YAML_DEPTH` (the composer recurses once
+    per level: hostile nesting is refused by depth, not by Python's recursion limit)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.depth >= MAX_YAML_DEPTH:
+            raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                       problem_mark=self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in first_line:
+                    raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r} (first given at line "
+                                               f"{first_line[key]})", problem_mark=key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _format_validation_error(error: ValidationError, where: str) -> str:
     first = error.errors()[0]
     path = ".".join(str(part) for part in first["loc"]) or "(top level)"
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown key"
+    message = message.removeprefix("Value error, ")
     extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{where}: {path}: {message}{extra}"
 
@@ -32,9 +68,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if not all(parts):
         raise ConfigError(f"override {override!r}: empty key part")
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=ConfigLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {override!r}: value is not valid YAML ({exc.problem})") from None
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -54,7 +90,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+        try:
+            data = yaml.load(text, Loader=ConfigLoader) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""

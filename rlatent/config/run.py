@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import yaml
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from rlatent.config.phase2 import DeepSpeedConfig, DistributedConfig, GRPOConfig, OutputConfig
 from rlatent.config.sections import DataConfig, EvalConfig, LatentConfig, ModelConfig, Section, SFTConfig
@@ -11,8 +11,8 @@ from rlatent.modes import latent_mode
 
 
 class RunConfig(Section):
-    seed: int = 0
-    """Seeds Python, NumPy and torch, and the data order."""
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seeds Python, NumPy and torch, and the data order (0 to 2**32 - 1, NumPy's range)."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     latent: LatentConfig = LatentConfig()

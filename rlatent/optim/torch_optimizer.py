@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from rlatent.optim.state import MOMENTS, SchedulerFactory, check_moments, load_schedule, trainable_named_parameters
+from rlatent.optim.state import (MOMENTS, SchedulerFactory, check_finite_weights, check_moments, load_schedule,
+                                 trainable_named_parameters, uninterrupted)
 
 
 class TorchOptimizer:
@@ -29,16 +30,21 @@ class TorchOptimizer:
         self.max_grad_norm = max_grad_norm
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = make_scheduler(self.optimizer)
+        self.updates = 0  # completed `step`s on this object (a Ctrl-C never splits one)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
-        """Clip, update, advance the schedule, zero the gradients; returns the pre-clip gradient norm."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, where: str | None = None) -> float:
+        """Clip, update, advance the schedule, zero the gradients; returns the pre-clip gradient norm.
+        Weights left NaN/inf raise a `TrainingError` naming `where` (the trainer's "sft step 12")."""
+        with uninterrupted():
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.updates += 1
+        check_finite_weights(self.named, where or f"optimizer step {self.updates}")
         return float(grad_norm)
 
     @property

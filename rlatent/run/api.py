@@ -26,6 +26,7 @@ from rlatent.config import RunConfig, load_config
 from rlatent.data.examples import encode_stop_sequences, format_prompt, render_example, special_token_ids
 from rlatent.data.marks import extract_final_answer
 from rlatent.errors import CheckpointError
+from rlatent.io.checkpoint import check_checkpoint_files
 from rlatent.io.run_dir import RunDir
 from rlatent.latent.sampler import SamplingSettings, sample
 from rlatent.model.latent_model import LatentModel
@@ -101,9 +102,10 @@ class LatentPolicy:
 def load(path: str | Path, device: str = "auto", dtype: str = "auto", cache_dir: str | None = None) -> LatentPolicy:
     """A run directory (its latest checkpoint) or a checkpoint directory, ready to `generate`."""
     path = Path(path)
-    checkpoint = RunDir(path).latest_checkpoint() if (path / "config.yaml").is_file() else path
+    checkpoint = RunDir(path, create=False).latest_checkpoint() if (path / "config.yaml").is_file() else path
     if checkpoint is None:
         raise CheckpointError(f"{path}: run directory has no checkpoint")
+    check_checkpoint_files(checkpoint)  # a LoRA checkpoint without its adapter would load as the base model
     resolved = resolve_device(device)
     model, tokenizer = LatentModel.load(checkpoint, model_dtype(dtype, resolved), resolved, cache_dir=cache_dir)
     return LatentPolicy(model, tokenizer)

@@ -1,12 +1,15 @@
-"""`rlatent` command line: `sft`, `grpo`, `train`, `eval`, `config`, `tiny-model`.
+"""`rlatent` command line: `sft`, `grpo`, `train`, `eval`, `ablate`, `config`, `tiny-model`.
 
-Every user error ends as one line on stderr and exit status 2; what a run
-already wrote (checkpoints, metrics) stays on disk.
+Every user error ends as one line on stderr, `rlatent: error: <what> (<where>)`, and
+exit status 2 (`user_error` is the one place that decides what counts as one);
+what a run already wrote (checkpoints, metrics) stays on disk. A bug keeps its
+traceback. Ctrl-C exits with 130 after a checkpoint where one can be written.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 import torch
@@ -22,6 +25,7 @@ EPILOG = """examples:
   rlatent train --resume runs/quickstart-20261122-120000        # continue a killed run
   rlatent eval runs/quickstart-20261122-120000 --limit 50
   rlatent eval runs/quickstart-20261122-120000 latent.start_threshold=0.8   # fewer latents
+  rlatent ablate configs/quickstart.yaml --grid latent.mode=latent,pause --seeds 3 --command sft
 overrides are key.sub=value (value parsed as YAML); unknown keys are errors."""
 
 
@@ -42,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("target", help="a run directory (evaluates its latest checkpoint) or a YAML config")
     ev.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. latent.start_threshold=0.8)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of the eval split")
+    ab = commands.add_parser("ablate", help="run a grid of overrides x seeds (one run per cell) and tabulate "
+                             "accuracy with 95% intervals and paired McNemar tests")
+    ab.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    ab.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every cell")
+    ab.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="one grid dimension (repeat for more); cells are the product of all of them x seeds")
+    ab.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds per grid point: seed, seed+1, ...")
+    ab.add_argument("--command", dest="ablate_command", choices=("sft", "train"), default="train",
+                    help="what each cell runs (default train: both phases)")
+    ab.add_argument("--name", help="ablation directory under output.dir (default: CONFIG stem + -ablation)")
+    ab.add_argument("--report", metavar="DIR", help="only rebuild DIR/ablation.md and .png from ablation.json")
     commands.add_parser("config", help="print every config key with its default and meaning (markdown)")
     tiny = commands.add_parser("tiny-model", help="write a tiny random model + tokenizer directory (tests, demos)")
     tiny.add_argument("path")
@@ -59,8 +74,57 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Overrides may stand anywhere on the line (`rlatent eval RUN --limit 2 eval.max_new_tokens=8`):
+    argparse fills the positional `overrides` from the first run of positionals only, so `key=value`
+    words after an option come back unrecognised; they are appended in the order given."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        unknown = [word for word in extras if word.startswith("-") or not hasattr(args, "overrides")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one line for an exception caused by the user's input or the machine (`<what> (<where>)`), or
+    None for anything else: a bug keeps its traceback. Most such errors are caught where they happen and
+    named precisely (file and line, config key); this is the net for what gets past."""
+    from safetensors import SafetensorError
+
+    from rlatent.errors import first_line
+
+    if isinstance(error, RlatentError):
+        return str(error)
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return (f"out of memory on the device ({first_line(error)[:120]}); lower sft.batch_size, eval.batch_size "
+                "or data.max_length; checkpoints written so far are kept")
+    if isinstance(error, OSError):  # permissions, a full disk, a read-only filesystem, a path that is a file
+        paths = [str(name) for name in (error.filename, error.filename2) if name is not None]
+        what = "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or first_line(error))
+        kept = "; checkpoints and metrics written so far are kept" if error.errno == errno.ENOSPC else ""
+        return f"{what} ({' -> '.join(paths)}){kept}" if paths else f"{what}{kept}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"input is not UTF-8 text ({error.reason}: byte 0x{error.object[error.start]:02x} at offset {error.start})"
+    if isinstance(error, RecursionError):
+        return "input nested too deeply to read (maximum recursion depth exceeded)"
+    if isinstance(error, SafetensorError):
+        return f"corrupt safetensors file ({first_line(error)})"
+    return None
+
+
+def close_progress_bars() -> None:
+    """End every live tqdm bar with its newline, so a message that follows starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     quiet_libraries()
     try:
         if args.command in ("sft", "grpo", "train"):
@@ -77,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             from rlatent.run.stages import run_eval
 
             run_eval(args.target, args.overrides, args.limit)
+        elif args.command == "ablate":
+            from rlatent.run.ablate import ablate_command
+
+            return ablate_command(args.config, args.overrides, args.grid, args.seeds, args.ablate_command,
+                                  args.name, args.report)
         elif args.command == "config":
             from rlatent.config import config_reference
 
@@ -87,17 +156,18 @@ def main(argv: list[str] | None = None) -> int:
             from rlatent.model.tiny import build_tiny_model
 
             print(build_tiny_model(args.path, architecture=args.architecture))
-    except RlatentError as error:
-        print(f"rlatent: error: {error}", file=sys.stderr)
-        return 2
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        print(f"rlatent: error: out of memory on the device ({str(error).splitlines()[0][:120]}); lower "
-              "sft.batch_size, eval.batch_size or data.max_length; checkpoints written so far are kept",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rlatent: interrupted; checkpoints and metrics written so far are kept", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        close_progress_bars()
+        print(f"rlatent: {interrupt}" if str(interrupt) else
+              "rlatent: interrupted; checkpoints and metrics written so far are kept", file=sys.stderr)
         return 130
+    except Exception as error:
+        close_progress_bars()
+        line = user_error(error)
+        if line is None:
+            raise  # a bug: its traceback
+        print(f"rlatent: error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

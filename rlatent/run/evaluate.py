@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +26,31 @@ from rlatent.latent.sampler import SamplingSettings, sample
 from rlatent.latent.trajectory import Trajectories
 
 TOP_TOKENS = 3
+
+_outcome_recorders: list[dict[str, dict]] = []
+
+
+@contextmanager
+def record_outcomes() -> Iterator[dict[str, dict]]:
+    """Collect the per-problem outcomes of every `evaluate_problems` call made inside the block.
+
+    Yields a dict filled as evaluations finish: the resolved samples path (the string "None" for a call
+    without one) -> {"correct": [0/1 per problem, in problem order], "questions": [...], "metrics": {...}};
+    a later call with the same path replaces the earlier one. Paired tests (`rlatent ablate`'s McNemar) need
+    these vectors, but the returned metrics must stay scalars (metrics.jsonl, TensorBoard), and the
+    evaluation sits deep inside `run_phases`: recording beside it keeps the training code unaware of it.
+    """
+    recorded: dict[str, dict] = {}
+    _outcome_recorders.append(recorded)
+    try:
+        yield recorded
+    finally:
+        _outcome_recorders.remove(recorded)
+
+
+def outcome_key(samples_path: Path | str | None) -> str:
+    """The key `record_outcomes` files an evaluation under."""
+    return "None" if samples_path is None else str(Path(samples_path).resolve())
 
 
 def nearest_tokens(model: LatentModel, tokenizer, latents: torch.Tensor) -> list[dict[str, list[str]]]:
@@ -70,13 +97,15 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
     lm-evaluation-harness's two GSM8K grades, the numbers published tables report.
     `forward_passes_per_answer` counts the positions an answer generated (tokens +
     latents): each is one sequential model step, however rows are batched. `engine`
-    (a vLLM engine for text-only policies) samples instead of rlatent's sampler.
+    (a vLLM engine for text-only policies) samples instead of rlatent's sampler. Per-problem
+    correctness goes to any open `record_outcomes` block, not into the returned scalars.
     """
     model.eval()
     eos_id, pad_id = special_token_ids(tokenizer)
     correct = strict = flexible = latents = blocks = tokens = steps = truncated = 0
     model_calls = 0
     samples = []
+    outcomes: list[int] = []
     started = time.perf_counter()
     for offset in range(0, len(problems), batch_size):
         chunk = problems[offset : offset + batch_size]
@@ -91,6 +120,7 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
             strict += record["strict_match"]
             flexible += record["flexible_extract"]
             truncated += record["truncated"]
+            outcomes.append(int(bool(record["correct"])))
             if len(samples) < num_samples:
                 samples.append(record)
         latents += int(counts["latents"].sum())
@@ -101,9 +131,13 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
     n = max(len(problems), 1)
     if samples_path is not None:
         atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    return {
+    metrics = {
         "accuracy": correct / n, "strict_match": strict / n, "flexible_extract": flexible / n,
         "latents_per_answer": latents / n, "blocks_per_answer": blocks / n,
         "tokens_per_answer": tokens / n, "forward_passes_per_answer": steps / n, "truncated": truncated / n,
         "batched_model_calls": model_calls, "wall_seconds": seconds, "problems": len(problems),
     }
+    for recorded in _outcome_recorders:
+        recorded[outcome_key(samples_path)] = {"correct": list(outcomes), "questions": [p.question for p in problems],
+                                              "metrics": dict(metrics)}
+    return metrics

@@ -7,24 +7,27 @@ evaluation samples and report.md.
 
 from __future__ import annotations
 
-import json
 import random
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rewards.registry import RewardSet
 from rlatent.io.atomic import atomic_write_json
 from rlatent.config import RunConfig, load_config
-from rlatent.errors import ConfigError
+from rlatent.errors import CheckpointError, ConfigError, DataError, RlatentError
 from rlatent.run.evaluate import evaluate_problems
 from rlatent.model.latent_model import LatentModel
 from rlatent.model.loading import model_dtype, resolve_device
-from rlatent.io.run_dir import MetricsLogger, RunDir, metrics_table
+from rlatent.io.run_dir import MetricsLogger, RunDir, metrics_table, read_metrics, writable_problem
 from rlatent.run.report import GENERATION_COLUMNS, finish_run
+from rlatent.run.resume import (RUN_FILE, check_config_drift, earlier_results, interrupt_checkpoint, is_finished,
+                                mark_finished, open_run, read_run_record, records_to_keep, write_run_record)
 from rlatent.latent.sampler import SamplingSettings
-from rlatent.io.checkpoint import checkpoint_phase
+from rlatent.io.checkpoint import check_checkpoint_files, checkpoint_phase
 from rlatent.distributed import make_backend
 from rlatent.grpo.loop import GRPOTrainer
 from rlatent.sft.curriculum import Curriculum, staged_examples
@@ -38,17 +41,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def new_run_dir(cfg: RunConfig, config_path: str | None, suffix: str = "") -> RunDir:
+PHASES = {"sft": ("sft",), "grpo": ("grpo",), "train": ("sft", "grpo")}
+
+
+def run_path(cfg: RunConfig, config_path: str | None, suffix: str = "") -> Path:
+    """Where a new run goes, refused when a run is already there or it cannot be written; nothing is made."""
     stem = Path(config_path).stem if config_path else "run"
     name = cfg.output.name or f"{stem}{suffix}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(cfg.output.dir) / name
     if (path / "metrics.jsonl").exists():
         raise ConfigError(f"output.name: run directory {path} already holds a run; choose another name")
-    return RunDir(path)
+    problem = writable_problem(path)
+    if problem:
+        raise ConfigError(f"output.dir: cannot create the run directory {path} ({problem})")
+    return path
 
 
-PHASES = {"sft": ("sft",), "grpo": ("grpo",), "train": ("sft", "grpo")}
-RUN_FILE = "run.json"
+def create_run_dir(path: Path, command: str, cfg: RunConfig) -> tuple[RunDir, dict]:
+    """Make the run directory with its config.yaml and run.json; returns it and the record written."""
+    try:
+        run = RunDir(path)
+        run.save_config(cfg.to_yaml())
+        write_run_record(run, command, cfg)
+    except OSError as exc:
+        raise ConfigError(f"output.dir: cannot create the run directory {path} ({exc.strerror or exc})") from None
+    return run, read_run_record(run)
+
+
+def require_problems(data, split: str, problems: list, skipped: int) -> None:
+    """An empty split stops the run before training, naming the file (not a crash in the last evaluation)."""
+    if problems:
+        return
+    if data.source != "gsm8k":
+        where = f"data.{data.source}"
+    elif data.path is None:
+        where = f"{data.hub_name}:{split}"
+    else:
+        where = str(Path(data.path) / f"{split}.jsonl" if Path(data.path).is_dir() else data.path)
+    why = f" (all {skipped} malformed lines skipped)" if skipped else ""
+    raise DataError(f"{where}: no problems in the {'eval' if split == 'test' else split} split{why}")
 
 
 def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, resume: str | None = None) -> RunDir:
@@ -58,68 +89,152 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
     checkpoint before its last step resumes phase 1; one at its last step starts
     phase 2 from it; a phase-2 checkpoint resumes phase 2. Optimizer, scheduler,
     RNG and step come from the checkpoint, and the data position follows from the
-    step, so a resumed seeded run matches an uninterrupted one.
+    step, so a resumed seeded run matches an uninterrupted one, metrics.jsonl
+    included (`rlatent.run.resume`). A config.yaml edited since the start is
+    refused (but for `RESUMABLE_KEYS`); a finished run is left as it is.
+    Everything is checked (rewards, model, data) before a new run directory is
+    made, and one that fails before training starts is removed again.
     """
+    record: dict = {}
+    latest, done = None, (None, 0)
     if resume is not None:
-        run = RunDir(resume)
-        if not run.config_path.is_file():
-            raise ConfigError(f"{resume}: not a run directory (config.yaml missing)")
-        cfg = load_config(run.config_path)
-        command = json.loads((run.path / RUN_FILE).read_text())["command"] if (run.path / RUN_FILE).is_file() else command
-    else:
-        run = new_run_dir(cfg, config_path)
-        run.save_config(cfg.to_yaml())
-        atomic_write_json(run.path / RUN_FILE, {"command": command})
+        run, cfg, record = open_run(resume)
+        command = record.get("command", command)
+        if command not in PHASES:
+            raise CheckpointError(f"{run.path / RUN_FILE}: unknown command {command!r}")
     phases = PHASES[command]
+    if "grpo" in phases:  # a misspelt reward fails now, not after phase 1
+        RewardSet(cfg.grpo.rewards, cfg.grpo.reward_errors)
+    if resume is not None:
+        tidied = run.clean_interrupted_writes()
+        if tidied:
+            print(f"tidied what a kill left in {run.checkpoints_dir}: {'; '.join(tidied)}")
+        latest = run.latest_checkpoint()
+        if latest is not None:
+            check_checkpoint_files(latest, training=True)
+            done = checkpoint_phase(latest)
+        if is_finished(record, phases, done, cfg):
+            print(f"{run.path} is finished ({done[0]} step {done[1]}, {latest.name}); nothing to resume, "
+                  "nothing changed")
+            return run
+        problem = writable_problem(run.path)
+        if problem:
+            raise ConfigError(f"--resume {run.path}: cannot write to the run directory ({problem})")
+        changed = check_config_drift(run, cfg, record, latest,
+                                     built_from_config="sft" in phases or not cfg.grpo.init_checkpoint)
+        if changed:
+            print(f"resuming with changed settings: {', '.join(changed)}")
+    else:
+        path = run_path(cfg, config_path)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     dtype = model_dtype(cfg.model.dtype, device)
-    latest = run.latest_checkpoint() if resume is not None else None
-    done_phase, done_step = checkpoint_phase(latest) if latest is not None else (None, 0)
     init = latest or (cfg.grpo.init_checkpoint if phases == ("grpo",) else None)
     if init is not None:
+        check_checkpoint_files(init)
         model, tokenizer = LatentModel.load(init, dtype, device, trainable=True, cache_dir=cfg.model.cache_dir)
     else:
         model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
     train_problems, skipped = load_split(cfg.data, "train", cfg.data.train_limit)
-    eval_problems, _ = load_split(cfg.data, "test", cfg.eval.limit)
+    require_problems(cfg.data, "train", train_problems, skipped)
+    eval_problems, eval_skipped = load_split(cfg.data, "test", cfg.eval.limit)
+    require_problems(cfg.data, "test", eval_problems, eval_skipped)
     held_out = {"test": eval_problems}
     if has_ood_split(cfg.data):  # longer chains than trained: the out-of-distribution test
         held_out["ood"] = load_split(cfg.data, "ood", cfg.eval.limit)[0]
+    fresh = resume is None and not path.exists()
+    if resume is None:
+        run, record = create_run_dir(path, command, cfg)
     print(f"run directory: {run.path}" + (f" (resuming from {latest})" if latest else ""))
     results: dict[str, dict[str, float]] = {}
-    with MetricsLogger(run) as logger:
-        offset = 0
-        if "sft" in phases:
-            curriculum = Curriculum.from_config(cfg.sft)
-            train, dropped = staged_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum)
-            evaluation, _ = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum)
-            if latest is None:
-                logger.log(0, {"train_examples": len(train[-1]), "dropped_too_long": dropped, "skipped_rows": skipped,
-                               "eval_problems": len(eval_problems),
-                               "trainable_parameters": sum(p.numel() for p in model.trainable_parameters())},
-                           phase="data")
-            trainer = SFTTrainer(cfg, model, tokenizer, train[-1], evaluation[-1], run, logger,
-                                 list(zip(train[:-1], evaluation[:-1])))
-            if done_phase == "sft":
-                trainer.resume(latest)
-            if done_phase != "grpo":
-                print(f"phase 1 checkpoint: {trainer.train()}")
-                two_phases = "grpo" in phases
-                results.update(test_after("sft", cfg, model, tokenizer, held_out, run, logger, trainer.step,
-                                          "test_sft" if two_phases else "test",
-                                          "eval_samples_sft" if two_phases else "eval_samples"))
-            offset = cfg.sft.steps
-        if "grpo" in phases:
-            trainer = GRPOTrainer(cfg, model, tokenizer, train_problems, run, logger,
-                                  make_backend(cfg, model, tokenizer), checkpoint_offset=offset)
-            if done_phase == "grpo":
-                trainer.resume(latest)
-            print(f"phase 2 checkpoint: {trainer.train()}")
-            results.update(test_after("grpo", cfg, model, tokenizer, held_out, run, logger, trainer.step, "test",
-                                      "eval_samples"))
+    started = False
+    try:
+        with MetricsLogger(run, records_to_keep(done, cfg) if resume is not None else None) as logger:
+            if logger.dropped:
+                print(f"metrics.jsonl: dropped {logger.dropped} records logged after "
+                      f"{latest.name if latest else 'the start'}; the resumed run logs them again")
+            if done[0] == "grpo":
+                results.update(earlier_results(read_metrics(run.metrics_path)))
+            offset = 0
+            if "sft" in phases:
+                curriculum = Curriculum.from_config(cfg.sft)
+                train, dropped = staged_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length,
+                                                 curriculum)
+                evaluation, _ = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum)
+                for split, examples, problems in (("train", train, train_problems), ("eval", evaluation, eval_problems)):
+                    if not all(examples):
+                        raise DataError(f"{split} split: all {len(problems)} problems are longer than data.max_length "
+                                        f"{cfg.data.max_length} tokens (latents included)")
+                if latest is None:
+                    logger.log(0, {"train_examples": len(train[-1]), "dropped_too_long": dropped,
+                                   "skipped_rows": skipped, "eval_problems": len(eval_problems),
+                                   "trainable_parameters": sum(p.numel() for p in model.trainable_parameters())},
+                               phase="data")
+                trainer = SFTTrainer(cfg, model, tokenizer, train[-1], evaluation[-1], run, logger,
+                                     list(zip(train[:-1], evaluation[:-1])))
+                if done[0] == "sft":
+                    trainer.resume(latest)
+                if done[0] != "grpo":
+                    started = True
+                    checkpoint = train_phase(trainer, "sft", cfg, logger, command)
+                    print(f"phase 1 checkpoint: {checkpoint}")
+                    two_phases = "grpo" in phases
+                    results.update(evaluate_trained(checkpoint, run, command, lambda: test_after(
+                        "sft", cfg, model, tokenizer, held_out, run, logger, trainer.step,
+                        "test_sft" if two_phases else "test", "eval_samples_sft" if two_phases else "eval_samples")))
+                offset = cfg.sft.steps
+            if "grpo" in phases:
+                trainer = GRPOTrainer(cfg, model, tokenizer, train_problems, run, logger,
+                                      make_backend(cfg, model, tokenizer), checkpoint_offset=offset)
+                if done[0] == "grpo":
+                    trainer.resume(latest)
+                started = True
+                checkpoint = train_phase(trainer, "grpo", cfg, logger, command)
+                print(f"phase 2 checkpoint: {checkpoint}")
+                results.update(evaluate_trained(checkpoint, run, command, lambda: test_after(
+                    "grpo", cfg, model, tokenizer, held_out, run, logger, trainer.step, "test", "eval_samples")))
+    except BaseException:
+        if fresh and not started:  # failed before training: leave no half-made run directory
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     finish_run(run, cfg, results)
+    mark_finished(run, command, cfg, record)
     return run
+
+
+def train_phase(trainer, phase: str, cfg: RunConfig, logger: MetricsLogger, command: str) -> Path:
+    """`trainer.train()`; on Ctrl-C (or a reward's KeyboardInterrupt) first a checkpoint of the last completed
+    step where the state is exactly that step's (`interrupt_checkpoint`), then the interrupt, with a line
+    saying where training stands and how to continue."""
+    optimizer = trainer.optimizer if phase == "sft" else getattr(getattr(trainer.backend, "learner", None),
+                                                                 "optimizer", None)
+    start = (trainer.step, getattr(optimizer, "updates", 0))
+    try:
+        return trainer.train()
+    except KeyboardInterrupt:
+        step, run = trainer.step, trainer.run
+        if phase == "sft":
+            expected = [("train", step)] if step % cfg.sft.log_every == 0 else []
+            if step % cfg.sft.eval_every == 0 and step < cfg.sft.steps:
+                expected.append(("eval", step))
+            path, per_step = run.checkpoint_path(step), 1
+        else:
+            expected = [("grpo", step)] if step % cfg.grpo.log_every == 0 else []
+            path, per_step = run.checkpoint_path(trainer.checkpoint_offset + step), cfg.grpo.num_iterations
+        saved = interrupt_checkpoint(trainer, optimizer, start, per_step, expected, logger.last_step, path)
+        latest = saved or run.latest_checkpoint()
+        where = f"checkpoint {latest}" if latest else "no checkpoint yet"
+        raise KeyboardInterrupt(f"interrupted in {phase} after step {step}; {where}; continue with "
+                                f"`rlatent {command} --resume {run.path}`") from None
+
+
+def evaluate_trained(checkpoint: Path, run: RunDir, command: str, evaluate) -> dict[str, dict[str, float]]:
+    """The evaluation after a phase, whose failure says the training is saved and how to evaluate it."""
+    try:
+        return evaluate()
+    except RlatentError as exc:
+        raise type(exc)(f"{exc}; the training is saved in {checkpoint} (resume with `rlatent {command} "
+                        f"--resume {run.path}` to evaluate it again)") from None
 
 
 def test_after(name: str, cfg: RunConfig, model, tokenizer, held_out: dict[str, list], run: RunDir,
@@ -165,18 +280,26 @@ def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     dtype = model_dtype(cfg.model.dtype, device)
-    checkpoint = cfg.eval.checkpoint or (RunDir(target_path).latest_checkpoint() if is_run else None)
+    checkpoint = cfg.eval.checkpoint or (RunDir(target_path, create=False).latest_checkpoint() if is_run else None)
     if is_run and checkpoint is None:
         raise ConfigError(f"{target_path}: run directory has no checkpoint to evaluate")
+    out_dir = (target_path if is_run else Path(cfg.output.dir)) / "evals" / time.strftime("%Y%m%d-%H%M%S")
+    problem = writable_problem(out_dir)
+    if problem:
+        raise ConfigError(f"{out_dir}: cannot write the evaluation ({problem})")
     if checkpoint is not None:
+        check_checkpoint_files(checkpoint)  # a LoRA checkpoint without its adapter would load as the base model
         # A vLLM engine is handed the weights that train (`trainable_state`), so keep them marked trainable.
         model, tokenizer = LatentModel.load(checkpoint, dtype, device, trainable=cfg.eval.engine == "vllm",
                                             cache_dir=cfg.model.cache_dir)
     else:
         model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
-    problems, _ = load_split(cfg.data, "test", cfg.eval.limit)
-    out_dir = (target_path if is_run else Path(cfg.output.dir)) / "evals" / time.strftime("%Y%m%d-%H%M%S")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    problems, skipped = load_split(cfg.data, "test", cfg.eval.limit)
+    require_problems(cfg.data, "test", problems, skipped)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{out_dir}: cannot write the evaluation ({exc.strerror or exc})") from None
     print(f"evaluating {checkpoint or cfg.model.name_or_path} on {len(problems)} problems")
     results = evaluate_with_engine(cfg, model, tokenizer, problems, out_dir / "samples.jsonl")
     results["checkpoint"] = str(checkpoint)

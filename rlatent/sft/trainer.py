@@ -95,8 +95,9 @@ class SFTTrainer:
             if sft.save_every and self.step % sft.save_every == 0 and self.step < sft.steps:
                 self.save_checkpoint()
         progress.close()
+        path = self.save_checkpoint()  # training is kept even if the final diagnostics fail
         self.evaluate()
-        return self.save_checkpoint()
+        return path
 
     def enter_stage(self) -> int:
         """The curriculum stage of the coming step; at a stage change, say so and reset the optimizer's
@@ -128,7 +129,7 @@ class SFTTrainer:
             for name, value in zip(totals, (loss.total, loss.lm, loss.start, loss.stop)):
                 totals[name] += value.item()
             tokens += int(batch.attention_mask.sum())
-        grad_norm = self.optimizer.step()
+        grad_norm = self.optimizer.step(f"sft step {self.step + 1}")
         return {**totals, "grad_norm": grad_norm, "lr": self.optimizer.lr, "positions": tokens}
 
     @torch.no_grad()

@@ -1,0 +1,327 @@
+"""`rlatent ablate`: the statistics on hand-computed cases, the grid, and a 2x2 grid end to end on the tiny model
+(every cell on the same problems, reruns skip finished cells, a failing cell never loses the others)."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from rlatent.errors import ConfigError
+from rlatent.run import ablate
+from rlatent.run.cli import main
+from rlatent.run.stats import (discordant_pairs, mcnemar_exact, mean_t_interval, t_quantile_975,
+                               wilson_interval)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "tiny.yaml")
+SMALL = ["sft.steps=2", "sft.eval_every=1", "sft.batch_size=2", "data.synthetic.num_train=8",
+         "data.synthetic.num_eval=4", "eval.limit=4", "eval.batch_size=4", "eval.max_new_tokens=8",
+         "eval.num_samples=2"]
+GRID = ["--grid", "latent.mode=latent,pause", "--grid", "latent.k=1,2"]
+
+
+# ---- statistics -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("successes, n, expected", [
+    (0, 10, (0.0, 0.2775)),      # z^2/(n+z^2) = 3.8415/13.8415
+    (5, 10, (0.2366, 0.7634)),
+    (10, 10, (0.7225, 1.0)),
+    (41, 100, (0.3187, 0.5080)),  # centre 0.429207/1.038415 = 0.41333, half 1.96 * 0.050150 / 1.038415
+])
+def test_wilson_interval_known_values(successes, n, expected):
+    low, high = wilson_interval(successes, n)
+    assert low == pytest.approx(expected[0], abs=1e-4) and high == pytest.approx(expected[1], abs=1e-4)
+
+
+def test_wilson_interval_edges():
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+@pytest.mark.parametrize("only_a, only_b, p", [
+    (10, 2, 0.038574),   # 2 * (1 + 12 + 66) / 4096
+    (2, 10, 0.038574),   # symmetric
+    (3, 0, 0.25),        # 2 / 8
+    (0, 6, 0.03125),     # 2 / 64
+    (5, 5, 1.0),         # capped at 1
+    (0, 0, 1.0),         # no discordant pair: no evidence
+])
+def test_mcnemar_exact_known_values(only_a, only_b, p):
+    assert mcnemar_exact(only_a, only_b) == pytest.approx(p, abs=1e-6)
+
+
+def test_mcnemar_large_counts_do_not_underflow():
+    assert 0 < mcnemar_exact(600, 400) < 1e-9  # 2^-1000 tail terms stay exact in rationals
+
+
+def test_discordant_pairs():
+    assert discordant_pairs([1, 1, 0, 0, 1], [1, 0, 1, 0, 0]) == (2, 1)
+    with pytest.raises(ValueError):
+        discordant_pairs([1, 0], [1])
+
+
+def test_t_interval_known_sample():
+    # [1, 2, 3, 4]: mean 2.5, s = 1.290994, se = 0.645497, t(0.975, 3) = 3.182446 -> half-width 2.054260
+    mean, low, high = mean_t_interval([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and low == pytest.approx(0.445740, abs=1e-5) and high == pytest.approx(4.554260, abs=1e-5)
+    # three seeds 0.40, 0.45, 0.50: s = 0.05, t(0.975, 2) = 4.302653 -> 0.45 +- 0.124207
+    mean, low, high = mean_t_interval([0.40, 0.45, 0.50])
+    assert mean == pytest.approx(0.45) and high - mean == pytest.approx(0.124207, abs=1e-5)
+    assert mean_t_interval([0.3]) == (0.3, None, None)
+
+
+def test_t_quantiles():
+    assert t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile_975(30) == pytest.approx(2.0423, abs=1e-4)
+    assert t_quantile_975(31) == pytest.approx(2.039513, abs=1e-6)   # the series past the table
+    assert t_quantile_975(120) == pytest.approx(1.979930, abs=1e-6)
+    assert t_quantile_975(1000) == pytest.approx(1.962339, abs=1e-6)
+
+
+# ---- the grid ---------------------------------------------------------------------------------------------
+
+
+def test_parse_grid():
+    assert ablate.parse_grid(["latent.mode=latent,pause", "data.synthetic.operators=[+,-],'*'"]) == [
+        ("latent.mode", ["latent", "pause"]), ("data.synthetic.operators", ["[+,-]", "'*'"])]
+    for bad in (["latent.mode"], ["latent.mode="], ["=1,2"], ["latent.k=1,,2"], ["seed=1,2"], ["output.dir=a,b"],
+                ["latent.k=1", "latent.k=2"], ["latent.k=1,1"]):
+        with pytest.raises(ConfigError):
+            ablate.parse_grid(bad)
+
+
+def test_cell_ids_are_readable_safe_and_unique(tmp_path):
+    assert ablate.cell_id([("latent.mode", "pause")], 1) == "latent.mode=pause,seed=1"
+    assert "/" not in ablate.cell_id([("model.name_or_path", "/a/b c")], 0)
+    assert len(ablate.cell_id([("x", "v" * 500)], 0)) <= 120
+    cells = ablate.plan_cells([("a", ["x/y", "x:y"]), ("b", ["1", "2"])], [0, 1], tmp_path)
+    assert len(cells) == 8 and len({c.id for c in cells}) == 8
+    assert [c.seed for c in cells[:2]] == [0, 1] and cells[0].label == "a=x/y b=1 seed=0"
+
+
+def fake_cell(point, seed, test, ood=None, questions="q"):
+    splits = {"test": {"correct": test, "metrics": {"accuracy": sum(test) / len(test), "strict_match": 0.5,
+                                                     "tokens_per_answer": 10.0, "latents_per_answer": 2.0,
+                                                     "forward_passes_per_answer": 12.0},
+                       "questions_sha1": questions}}
+    if ood is not None:
+        splits["ood"] = {"correct": ood, "metrics": {"accuracy": sum(ood) / len(ood)}, "questions_sha1": "o"}
+    return {"id": f"{point},seed={seed}", "overrides": [point], "seed": seed, "status": "done", "splits": splits,
+            "diagnostics": {"latent_gain_shuffle": 0.01 * (seed + 1)}, "wall_seconds": 10.0 + seed}
+
+
+def test_rows_pool_seeds_and_pairs_match_seeds():
+    from rlatent.run.ablation_report import aggregate, paired_tests, render_markdown
+
+    cells = [fake_cell("m=a", 0, [1, 1, 1, 0], ood=[1, 0]), fake_cell("m=a", 1, [1, 1, 0, 0], ood=[1, 1]),
+             fake_cell("m=b", 0, [0, 1, 0, 0], ood=[0, 0]), fake_cell("m=b", 1, [0, 0, 0, 0], ood=[0, 1]),
+             {"id": "m=c,seed=0", "overrides": ["m=c"], "seed": 0, "status": "failed", "error": "boom"},
+             fake_cell("m=d", 1, [1, 1, 1, 1], questions="other")]
+    rows = {r["point"]: r for r in aggregate(cells)}
+    a = rows["m=a"]
+    assert a["seeds_done"] == 2 and a["test"]["correct"] == 5 and a["test"]["problems"] == 8
+    assert a["test"]["wilson95"] == pytest.approx(list(wilson_interval(5, 8)))
+    mean, low, high = mean_t_interval([0.75, 0.5])
+    assert a["test"]["seed_mean"] == mean and a["test"]["seed_t95"] == pytest.approx([low, high])
+    assert a["latent_gain_shuffle"] == pytest.approx(0.015) and a["wall_seconds"] == 10.5
+    assert rows["m=c"]["seeds_done"] == 0 and rows["m=c"]["errors"] == ["boom"] and "test" not in rows["m=c"]
+    tests = {(t["a"], t["b"], t["split"]): t for t in paired_tests(cells)}
+    ab = tests[("m=a", "m=b", "test")]  # a only right: 2 problems of seed 0 + 2 of seed 1; p = 2 / 2^4
+    assert ab["problems"] == 8 and (ab["only_a"], ab["only_b"]) == (4, 0) and ab["p"] == pytest.approx(0.125)
+    assert tests[("m=a", "m=b", "ood")]["problems"] == 4
+    assert tests[("m=a", "m=d", "test")]["seeds"] == [1] and tests[("m=a", "m=d", "test")]["p"] is None
+    assert not any("m=c" in key for key in tests)  # nothing finished: nothing to pair
+    md = render_markdown({"name": "x", "cells": cells})
+    assert "| m=a | 2/2 | 0.625 [" in md and "different problems" in md and "| m=c | 0/1 |" in md
+
+
+# ---- end to end on the tiny model ------------------------------------------------------------------------
+
+
+def ablate_args(model_dir, output, name, *extra):
+    return ["ablate", CONFIG, f"model.name_or_path={model_dir}", f"output.dir={output}", *SMALL, "--command", "sft",
+            "--name", name, *extra]
+
+
+def cell_files(root: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((root / "cells").glob(f"*/{ablate.CELL_FILE}"))}
+
+
+@pytest.fixture(scope="module")
+def grid_run(tiny_model_dir, tmp_path_factory, one_torch_thread):
+    """The 2x2 grid (latent.mode x latent.k), one seed, phase 1 only; run once for the module."""
+    output = tmp_path_factory.mktemp("ablate")
+    status = main(ablate_args(tiny_model_dir, output, "grid", *GRID))
+    return output / "grid", status
+
+
+def test_grid_runs_every_cell_and_writes_the_table(grid_run):
+    root, status = grid_run
+    assert status == 0
+    data = json.loads((root / "ablation.json").read_text())
+    assert [c["status"] for c in data["cells"]] == ["done"] * 4
+    assert [c["id"] for c in data["cells"]] == ["latent.mode=latent,latent.k=1,seed=0",
+                                                "latent.mode=latent,latent.k=2,seed=0",
+                                                "latent.mode=pause,latent.k=1,seed=0",
+                                                "latent.mode=pause,latent.k=2,seed=0"]
+    for cell in data["cells"]:
+        assert (root / cell["run_dir"] / "checkpoints" / "step_000002").is_dir()
+        for split in ("test", "ood"):
+            entry = cell["splits"][split]
+            assert len(entry["correct"]) == 4 and set(entry["correct"]) <= {0, 1}
+            assert entry["metrics"]["accuracy"] == pytest.approx(sum(entry["correct"]) / 4)
+            assert entry["wilson95"][0] <= entry["metrics"]["accuracy"] <= entry["wilson95"][1]
+        assert {"latent_gain_zeros", "latent_gain_noise", "latent_gain_shuffle"} <= set(cell["diagnostics"])
+        assert cell["wall_seconds"] > 0
+    assert len(data["rows"]) == 4 and len(data["mcnemar"]) == 6 * 2  # every pair, in and out of distribution
+    assert all(t["problems"] == 4 and 0 <= t["p"] <= 1 for t in data["mcnemar"])
+    md = (root / "ablation.md").read_text()
+    assert "| latent.mode=pause, latent.k=2 | 1/1 |" in md and "exact McNemar" in md and "out of distribution" in md
+    assert (root / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_cell_is_evaluated_on_the_same_problems(grid_run):
+    from rlatent.config import load_config
+    from rlatent.data.splits import load_split
+
+    root, _ = grid_run
+    cells = cell_files(root)
+    assert len(cells) == 4
+    cfg = load_config(CONFIG, ["model.name_or_path=x", *SMALL])
+    for split in ("test", "ood"):
+        expected = [p.question for p in load_split(cfg.data, split, 4)[0]]
+        assert len(expected) == 4
+        assert all(c["splits"][split]["questions"] == expected for c in cells.values())
+    assert cells["latent.mode=latent,latent.k=1,seed=0"]["splits"]["test"]["questions"] != \
+        cells["latent.mode=latent,latent.k=1,seed=0"]["splits"]["ood"]["questions"]
+
+
+def test_report_is_rebuilt_from_the_json_alone(grid_run, tmp_path):
+    root, _ = grid_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "ablation.json").write_text((root / "ablation.json").read_text())
+    assert main(["ablate", "--report", str(copy)]) == 0
+    assert (copy / "ablation.md").read_text() == (root / "ablation.md").read_text()
+    assert (copy / "ablation.png").is_file()
+
+
+def test_rerun_skips_finished_cells(grid_run, tiny_model_dir, capsys):
+    root, _ = grid_run
+    metrics = {p: p.stat().st_mtime_ns for p in root.glob("cells/*/metrics.jsonl")}
+    assert len(metrics) == 4
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert main(ablate_args(tiny_model_dir, root.parent, "grid", *GRID)) == 0
+    assert time.perf_counter() - started < 10
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 4 and "[4/4]" in out and "running" not in out
+    assert {p: p.stat().st_mtime_ns for p in root.glob("cells/*/metrics.jsonl")} == metrics
+    # A cell killed after its final checkpoint but before its results were recorded is evaluated, not retrained.
+    cell = root / "cells" / "latent.mode=pause,latent.k=1,seed=0"
+    (cell / ablate.CELL_FILE).unlink()
+    assert main(ablate_args(tiny_model_dir, root.parent, "grid", *GRID)) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 3 and "[3/4] latent.mode=pause latent.k=1 seed=0: done" in out
+    assert {p: p.stat().st_mtime_ns for p in root.glob("cells/*/metrics.jsonl")} == metrics
+    assert json.loads((cell / ablate.CELL_FILE).read_text())["splits"]["test"]["problems"] == 4
+    assert (cell / "ablation_eval" / "samples_ood.jsonl").is_file()
+    # The same cell with another config is refused, never overwritten: its run and its results stay.
+    before = (cell / ablate.CELL_FILE).read_text()
+    assert main(ablate_args(tiny_model_dir, root.parent, "grid", "eval.max_new_tokens=9", "--grid",
+                            "latent.mode=pause", "--grid", "latent.k=1")) == 1
+    out = capsys.readouterr().out
+    assert "another config (eval.max_new_tokens: 8 -> 9)" in out
+    assert (cell / ablate.CELL_FILE).read_text() == before
+    assert {p: p.stat().st_mtime_ns for p in root.glob("cells/*/metrics.jsonl")} == metrics
+
+
+def test_a_failing_cell_is_recorded_and_the_others_complete(tiny_model_dir, tmp_path, capsys, one_torch_thread):
+    # latent.k=0 is refused by the config: that cell fails, the k=1 cell still runs.
+    status = main(ablate_args(tiny_model_dir, tmp_path, "bad", "--grid", "latent.k=0,1"))
+    assert status == 1
+    captured = capsys.readouterr()
+    assert "1 of 2 cells failed" in captured.err and "latent.k=0 seed=0: failed" in captured.out
+    data = json.loads((tmp_path / "bad" / "ablation.json").read_text())
+    failed, done = data["cells"]
+    assert failed["status"] == "failed" and "latent.k" in failed["error"] and "\n" not in failed["error"]
+    assert done["status"] == "done" and done["splits"]["test"]["problems"] == 4
+    md = (tmp_path / "bad" / "ablation.md").read_text()
+    assert "| latent.k=0 | 0/1 |" in md and failed["error"].replace("|", "\\|") in md
+    assert "| latent.k=1 | 1/1 |" in md
+
+
+def test_unknown_key_in_the_overrides_stops_before_any_cell(tiny_model_dir, tmp_path, capsys):
+    assert main(ablate_args(tiny_model_dir, tmp_path, "x", "sft.lrr=1", "--grid", "latent.k=1,2")) == 2
+    assert "sft.lrr" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+class FakeRay:
+    """Just enough of `ray` to check the tasks `rlatent ablate` builds: one per cell to run, each returning
+    a canned record (or dying, as a killed worker does)."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def remote(self, function):
+        fake = self
+
+        class Task:
+            def options(self, **options):
+                class Bound:
+                    def remote(self, spec):
+                        fake.tasks.append((function, options, spec))
+                        return len(fake.tasks) - 1
+                return Bound()
+        return Task()
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        function, options, spec = self.tasks[ref]
+        if spec["cell_overrides"] == ["latent.k=2"]:
+            raise RuntimeError("worker died")
+        return {"id": spec["id"], "overrides": spec["cell_overrides"], "seed": spec["seed"], "status": "failed",
+                "error": "canned", "wall_seconds": 0.0}
+
+
+def test_ray_backend_runs_cells_as_tasks(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    fake = FakeRay()
+    monkeypatch.setattr(ablate, "connect_ray", lambda distributed: (fake, False))
+    status = main(ablate_args(tiny_model_dir, tmp_path, "ray", "distributed.backend=ray", "--grid", "latent.k=1,2",
+                              "--seeds", "2"))
+    assert status == 1
+    assert len(fake.tasks) == 4
+    assert all(function is ablate.run_cell_task and options["num_cpus"] == ablate.CELL_CPUS
+               for function, options, _ in fake.tasks)
+    specs = [spec for _, _, spec in fake.tasks]
+    assert [s["id"] for s in specs] == ["latent.k=1,seed=0", "latent.k=1,seed=1", "latent.k=2,seed=0",
+                                        "latent.k=2,seed=1"]
+    assert all(s["command"] == "sft" and Path(s["dir"]).parent == tmp_path / "ray" / "cells" for s in specs)
+    json.dumps(specs)  # plain data: what a Ray task is handed
+    data = json.loads((tmp_path / "ray" / "ablation.json").read_text())
+    assert [c["error"] for c in data["cells"]] == ["canned", "canned", "Ray task: RuntimeError: worker died",
+                                                   "Ray task: RuntimeError: worker died"]
+    assert "4 of 4 cells failed" in capsys.readouterr().err
+    assert "| latent.k=2 | 0/2 |" in (tmp_path / "ray" / "ablation.md").read_text()
+
+
+@pytest.mark.slow
+def test_ray_backend_runs_cells_on_a_real_local_ray(tiny_model_dir, tmp_path, monkeypatch, request):
+    """Two cells as parallel Ray tasks (one worker process each) on a Ray instance the command starts and stops."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    if ray.is_initialized():
+        pytest.skip("another test left Ray running")
+    monkeypatch.chdir(request.config.rootpath)
+    status = main(ablate_args(tiny_model_dir, tmp_path, "ray", "distributed.backend=ray", "distributed.num_cpus=2",
+                              "--grid", "latent.k=1,2"))
+    assert status == 0 and not ray.is_initialized()
+    data = json.loads((tmp_path / "ray" / "ablation.json").read_text())
+    assert [c["status"] for c in data["cells"]] == ["done", "done"]
+    assert data["cells"][0]["splits"]["test"]["questions_sha1"] == data["cells"][1]["splits"]["test"]["questions_sha1"]
