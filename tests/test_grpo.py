@@ -153,7 +153,7 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, l
         assert advantages.abs().sum() > 0
         grads = []
 
-        def record_gradients():
+        def record_gradients(where=None):
             grads.append([p.grad.clone() for p in learner.optimizer.params])
             learner.optimizer.optimizer.zero_grad(set_to_none=True)
             return 0.0
