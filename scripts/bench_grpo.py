@@ -19,7 +19,9 @@ train_dataset, peft_config=LoraConfig(...))`, steps timed by a
 `_generate_and_score_completions` is wrapped to split generation+reward from
 the update. Reported: median step time over the steps after one warm-up step,
 mean completion length and generated tokens per step, time per generated
-token, and the ratio rlatent / TRL.
+token, the peak resident memory of each side above what was resident when it
+started (Linux; the side run second reuses memory the first left in the
+allocator, so its figure is a lower bound), and the ratio rlatent / TRL.
 
 The reward (same function for both): `gsm8k_correct` (rewards/gsm8k.py) plus
 0.5 * (character count of the completion mod 2), so that groups have reward
@@ -323,6 +325,32 @@ def summarise(name: str, steps: list[dict], args, trainable: int) -> dict:
     return out
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def start_peak_rss() -> int | None:
+    """Reset the process's peak-RSS counter (Linux: /proc/self/clear_refs); returns the resident KiB now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def peak_rss_above(before: int | None) -> float | None:
+    """Peak resident MiB since `start_peak_rss` above what was resident then (None off Linux). The side run
+    second reuses memory the first one's allocator kept, so its figure is a lower bound."""
+    peak = _status_kib("VmHWM")
+    return None if before is None or peak is None else (peak - before) / 1024
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     missing = [m for m in ("trl", "peft", "datasets") if importlib.util.find_spec(m) is None]
@@ -358,16 +386,18 @@ def main(argv=None) -> int:
         sides = [s for s in ("rlatent", "trl") if args.only in ("both", s)]
         for side in reversed(sides) if args.trl_first else sides:
             print(f"{'rlatent' if side == 'rlatent' else 'TRL'}:", flush=True)
+            before = start_peak_rss()
             if side == "rlatent":
                 result["rlatent"] = run_rlatent(args, path, workdir)
             else:
                 result["trl_result"] = run_trl(args, path, workdir)
+            result["rlatent" if side == "rlatent" else "trl_result"]["peak_rss_mib"] = peak_rss_above(before)
         result["order"] = "trl-first" if args.trl_first else "rlatent-first"
     result["load_avg_after"] = load_avg()
 
     print()
-    print(f"{'':10s} {'step (s)':>9s} {'mean len':>9s} {'tok/step':>9s} {'ms/token':>9s} {'trainable':>10s}  "
-          f"split (median s)")
+    print(f"{'':10s} {'step (s)':>9s} {'mean len':>9s} {'tok/step':>9s} {'ms/token':>9s} {'trainable':>10s} "
+          f"{'peak MiB':>9s}  split (median s)")
     for key, label in (("rlatent", "rlatent"), ("trl_result", "TRL")):
         if key not in result:
             continue
@@ -376,8 +406,10 @@ def main(argv=None) -> int:
                  f"{r['update_median_s']:.3f}" if "rollout_median_s" in r else
                  f"generate {r['generate_median_s']:.3f} + reward/logps "
                  f"{r['rollout_reward_median_s'] - r['generate_median_s']:.3f} / update {r['update_median_s']:.3f}")
+        peak = "-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
         print(f"{label:10s} {r['step_time_median_s']:9.3f} {r['mean_completion_length']:9.1f} "
-              f"{r['tokens_per_step']:9.1f} {r['ms_per_generated_token']:9.2f} {r['trainable_parameters']:10d}  {split}")
+              f"{r['tokens_per_step']:9.1f} {r['ms_per_generated_token']:9.2f} {r['trainable_parameters']:10d} "
+              f"{peak:>9s}  {split}")
     if "rlatent" in result and "trl_result" in result:
         a, b = result["rlatent"], result["trl_result"]
         result["ratio_step_time"] = a["step_time_median_s"] / b["step_time_median_s"]

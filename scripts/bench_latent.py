@@ -86,11 +86,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--skip", choices=["sampler", "training"], action="append", default=[],
+    p.add_argument("--skip", choices=["sampler", "training", "rollout"], action="append", default=[],
                    help="leave a benchmark out (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--rollout-prompts", type=int, default=8, help="rollout workload: P prompts (default 8)")
+    p.add_argument("--group-size", type=int, default=4, help="rollout workload: G completions per prompt (default 4)")
+    p.add_argument("--rollout-new-tokens", type=int, default=128, help="rollout workload: max new tokens (default 128)")
+    p.add_argument("--slots", type=str, default="",
+                   help="rollout workload: also run rlatent with these slot counts (comma-separated), continuous batching")
+    p.add_argument("--questions", default=None,
+                   help="rollout workload: a GSM8K-format JSONL whose first P questions are the prompts (default: "
+                        "../shared/data/gsm8k/test.jsonl when present, else synthetic problems)")
+    p.add_argument("--training-cases", default="plain,recurrent,detached,stored",
+                   help="training step: which of plain,recurrent,detached,stored to time (plain is always timed)")
+    p.add_argument("--baseline-sampler", default=None, metavar="FILE",
+                   help="rollout workload: also time the `sample` of another version of rlatent/latent/sampler.py "
+                        "(for example from `git archive <commit>`), run against this checkout's model code")
+    p.add_argument("--compile", action="store_true", help="rollout workload: also run rlatent with compile=True")
     p.add_argument("--max-wait", type=float, default=120.0,
                    help="before each timing round, wait up to this many seconds for other processes to go quiet "
                         "(rounds during which they were busy are discarded and rerun)")
+    p.add_argument("--busy-threshold", type=float, default=0.25,
+                   help="discard a round when other processes kept more than this many cores busy (default 0.25; "
+                        "with --threads 1 on a 2-core machine, 1.0 still leaves this process a core of its own)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step of each kind")
     p.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
     return p.parse_args(argv)
@@ -149,6 +168,7 @@ def interleaved(cases: dict, repeats: int, max_wait: float, threshold: float = 0
         for name, fn in cases.items():
             before, start = _cpu_seconds(), time.perf_counter()
             results[name] = fn()
+            _synchronize()
             elapsed = time.perf_counter() - start
             load = others_load(before, _cpu_seconds(), elapsed)
             round_times[name] = elapsed
@@ -167,6 +187,46 @@ def interleaved(cases: dict, repeats: int, max_wait: float, threshold: float = 0
 median = statistics.median
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mib(fn, device: torch.device) -> tuple[object, float | None]:
+    """Run `fn` once; returns (its result, its peak memory above what was in use before, MiB). CUDA: allocated
+    tensor memory (`torch.cuda.max_memory_allocated`). CPU: the process's peak resident size (VmHWM, reset
+    through /proc/self/clear_refs) above its resident size before the call, Linux only; memory the allocator
+    kept from earlier calls is reused without showing, so this is a lower bound for all but the first call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, (torch.cuda.max_memory_allocated() - before) / 2**20
+    import gc
+
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return fn(), None
+    result = fn()
+    peak = _rss_kib("VmHWM")
+    return result, None if before is None or peak is None else (peak - before) / 1024
+
+
 def load_model(args, workdir: Path) -> tuple[LatentModel, object, str]:
     name = args.model
     description = name
@@ -177,8 +237,8 @@ def load_model(args, workdir: Path) -> tuple[LatentModel, object, str]:
         description = f"tiny qwen2 (hidden {args.tiny_hidden}, {args.tiny_layers} layers, random weights)"
     torch.manual_seed(args.seed)
     model, tokenizer = LatentModel.from_config(
-        ModelConfig(name_or_path=name, lora_r=args.lora_r), LatentConfig(), dtype=torch.float32,
-        device=torch.device("cpu"),
+        ModelConfig(name_or_path=name, lora_r=args.lora_r), LatentConfig(), dtype=getattr(torch, args.dtype),
+        device=torch.device(args.device),
     )
     return model, tokenizer, description
 
@@ -211,6 +271,7 @@ def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     prompt_ids = random_ids(args.batch, args.prompt_len, tokenizer, generator)
     prompts = prompt_ids.tolist()
+    prompt_ids = prompt_ids.to(model.device)
     pad = tokenizer.pad_token_id
     settings = SamplingSettings(max_new_tokens=args.new_tokens, temperature=0.0, decisions="sample",
                                 max_latents_per_block=8, max_blocks=16, max_total_latents=64)
@@ -235,7 +296,7 @@ def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
 
     HF = "HF generate, text only"
     cases = {"rlatent, latents on": rlatent(args.p_start), "rlatent, text only": rlatent(0.0), HF: hf}
-    times, outputs, contention = interleaved(cases, args.repeats, args.max_wait)
+    times, outputs, contention = interleaved(cases, args.repeats, args.max_wait, args.busy_threshold)
 
     results = {}
     for label, out in outputs.items():
@@ -265,6 +326,118 @@ def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
     set_head(model.start_head, 0.05)  # back to the prior the model is built with
     set_head(model.stop_head, 1.0 / 3.0)
     return dict(cases=results, contention=contention)
+
+
+# ---- 1b. GRPO rollout workload --------------------------------------------------------------------
+
+
+def rollout_questions(args) -> tuple[list[str], str]:
+    """The first P questions of a GSM8K-format JSONL (the test split in ../shared when present), else synthetic."""
+    path = Path(args.questions) if args.questions else Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
+    if path.is_file():
+        with path.open() as f:
+            questions = [json.loads(line)["question"] for line, _ in zip(f, range(args.rollout_prompts))]
+        return questions, str(path)
+    from rlatent.data.synthetic import generate_problems
+
+    return [p.question for p in generate_problems(args.rollout_prompts, args.seed)], "synthetic problems"
+
+
+def bench_rollout(model: LatentModel, tokenizer, args) -> dict:
+    """P prompts x G completions as GRPO samples them: temperature 1, sampled start/stop decisions, real EOS (ragged
+    lengths), against HF `generate` sampling the same rows at temperature 1 (text only)."""
+    from transformers import GenerationConfig
+
+    from rlatent.data.examples import format_prompt
+
+    model.eval()
+    questions, source = rollout_questions(args)
+    prompts = [format_prompt(q, tokenizer) for q in questions for _ in range(args.group_size)]
+    rows = len(prompts)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    base = dict(max_new_tokens=args.rollout_new_tokens, temperature=1.0, decisions="sample")
+
+    def rlatent(p_start: float, **extra):
+        settings = SamplingSettings(**base, **extra)
+
+        def run():
+            set_head(model.start_head, p_start)
+            set_head(model.stop_head, args.p_stop)
+            torch.manual_seed(args.seed)
+            with torch.inference_mode():
+                return sample(model, prompts, eos, pad, settings)
+        return run
+
+    width = max(len(p) for p in prompts)
+    left = torch.full((rows, width), pad, dtype=torch.long)
+    attention = torch.zeros(rows, width, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        left[b, width - len(prompt):] = torch.tensor(prompt)
+        attention[b, width - len(prompt):] = 1
+    left, attention = left.to(model.device), attention.to(model.device)
+    gen_config = GenerationConfig(max_new_tokens=args.rollout_new_tokens, do_sample=True, temperature=1.0, top_k=0,
+                                  top_p=1.0, eos_token_id=eos, pad_token_id=pad)
+
+    def hf():
+        torch.manual_seed(args.seed)
+        with torch.inference_mode():
+            return model.base.generate(input_ids=left, attention_mask=attention, generation_config=gen_config)
+
+    HF = "HF generate, text only"
+    cases = {"rlatent, latents on": rlatent(args.p_start)}
+    if args.baseline_sampler:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("baseline_sampler", args.baseline_sampler)
+        baseline = importlib.util.module_from_spec(spec)
+        sys.modules["baseline_sampler"] = baseline  # (dataclasses look their module up)
+        spec.loader.exec_module(baseline)
+
+        def before():
+            set_head(model.start_head, args.p_start)
+            set_head(model.stop_head, args.p_stop)
+            torch.manual_seed(args.seed)
+            with torch.inference_mode():
+                return baseline.sample(model, prompts, eos, pad, baseline.SamplingSettings(**base))
+        cases["baseline sampler, latents on"] = before
+    for slots in [int(x) for x in args.slots.split(",") if x]:
+        cases[f"rlatent, latents on, {slots} slots"] = rlatent(args.p_start, slots=slots)
+    if args.compile:
+        cases["rlatent, latents on, compile"] = rlatent(args.p_start, compile=True)
+    cases["rlatent, text only"] = rlatent(0.0)
+    cases[HF] = hf
+    memory = {}
+    for label, fn in cases.items():  # one call each for the peak memory, before any timing (also a warm-up)
+        _, memory[label] = peak_memory_mib(fn, model.device)
+    times, outputs, contention = interleaved(cases, args.repeats, args.max_wait, args.busy_threshold)
+
+    results = {}
+    for label, out in outputs.items():
+        if label == HF:
+            new = out[:, width:]
+            ended = (new == eos).int().cumsum(1)
+            produced = ((ended == 0) | ((ended == 1) & (new == eos))).sum(1)  # up to and including the first EOS
+            tokens, latents, lengths = int(produced.sum()), 0, produced
+            passes = new.shape[1]
+        else:
+            counts = out.counts()
+            tokens, latents = int(counts["tokens"].sum()), int(counts["latents"].sum())
+            lengths = counts["tokens"] + counts["latents"]
+            passes = out.forward_passes
+        seconds = median(times[label])
+        results[label] = dict(
+            seconds=seconds, times=times[label], tokens=tokens, latents=latents, generated=tokens + latents,
+            latents_per_row=latents / rows, forward_passes=passes, rate=(tokens + latents) / seconds,
+            row_length_min=int(lengths.min()), row_length_max=int(lengths.max()),
+            row_length_mean=float(lengths.float().mean()), peak_mib=memory[label],
+        )
+    for label, row in results.items():
+        row["ratio_to_hf"] = median(
+            (row["generated"] / t) / (results[HF]["generated"] / h) for t, h in zip(times[label], times[HF]))
+    set_head(model.start_head, 0.05)
+    set_head(model.stop_head, 1.0 / 3.0)
+    return dict(cases=results, rows=rows, prompts=args.rollout_prompts, group_size=args.group_size,
+                source=source, prompt_tokens_mean=sum(map(len, prompts)) / rows, contention=contention)
 
 
 # ---- 2. training step ---------------------------------------------------------------------------
@@ -307,16 +480,19 @@ def loss_of(model: LatentModel, batch: LatentBatch, hidden: torch.Tensor) -> tor
 def bench_training(model: LatentModel, tokenizer, args) -> dict:
     model.train()
     generator = torch.Generator().manual_seed(args.seed + 1)
-    batch = training_batch(args, tokenizer, generator)
+    batch = training_batch(args, tokenizer, generator).to(model.device)
     plain = LatentBatch(batch.input_ids, torch.zeros_like(batch.latent_mask), batch.attention_mask,
                         batch.prompt_lengths)
     pass_cost = default_pass_cost(model.device) if args.pass_cost is None else args.pass_cost
     real = int(batch.lengths.sum())
 
+    packed = model.kv_unsupported is None  # the packed recurrent forward (no padding in the linear layers)
+
     def plan(cost: float) -> dict:
-        starts, ends = plan_waves(batch.latent_mask, batch.lengths, cost)
+        starts, ends = plan_waves(batch.latent_mask.cpu(), batch.lengths.cpu(), cost, packed=packed)
         widths = (ends - starts).max(1).values
-        return dict(passes=len(widths), widths=widths.tolist(), padding=float(widths.sum()) * args.batch / real)
+        computed = (ends - starts).sum() if packed else widths.sum() * args.batch
+        return dict(passes=len(widths), widths=widths.tolist(), padding=float(computed) / real)
 
     params = model.trainable_parameters()
 
@@ -348,11 +524,14 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
 
     batches = {"plain (no latents)": (plain, "recurrent"), "recurrent": (batch, "recurrent"),
                "detached": (batch, "detached"), "detached, stored slot inputs": (batch, None)}
+    wanted = {"plain", *args.training_cases.split(",")}
+    keys = dict(zip(batches, ["plain", "recurrent", "detached", "stored"]))
+    batches = {label: value for label, value in batches.items() if keys[label] in wanted}
     cases = {}
     for label, (which, gradient) in batches.items():
         cases[f"{label}|forward"] = step(which, gradient, backward=False) if gradient else step_stored(False)
         cases[f"{label}|step"] = step(which, gradient, backward=True) if gradient else step_stored(True)
-    times, outputs, contention = interleaved(cases, args.repeats, args.max_wait)
+    times, outputs, contention = interleaved(cases, args.repeats, args.max_wait, args.busy_threshold)
 
     results = {}
     for label in batches:
@@ -369,20 +548,22 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
         costs = [float(c) for c in args.sweep_pass_cost.split(",")]
         sweep_cases = {"plain": cases["plain (no latents)|step"]}
         sweep_cases.update({f"{c:g}": step(batch, "recurrent", True, c) for c in costs})
-        sweep_times, sweep_out, sweep_contention = interleaved(sweep_cases, args.repeats, args.max_wait)
+        sweep_times, sweep_out, sweep_contention = interleaved(sweep_cases, args.repeats, args.max_wait, args.busy_threshold)
         for c in costs:
             key = f"{c:g}"
             sweep[key] = dict(plan(c), step_seconds=median(sweep_times[key]), step_ratio=median(
                 t / b for t, b in zip(sweep_times[key], sweep_times["plain"])), passes_run=sweep_out[key][0],
                               contention=sweep_contention)
     # `forward(..., "detached")` reports the one pass with gradient; it first runs the recurrent plan without.
-    results["detached"]["passes"] = f"{plan(pass_cost)['passes']} no-grad + 1"
+    if "detached" in results:
+        results["detached"]["passes"] = f"{plan(pass_cost)['passes']} no-grad + 1"
     if args.profile:
         profile("training step, recurrent", cases["recurrent|step"])
         profile("training step, plain", cases["plain (no latents)|step"])
     chosen = plan(pass_cost)
     return dict(
         cases=results, pass_cost=pass_cost, chunk_widths=chosen["widths"], padding_overhead=chosen["padding"],
+        packed=packed,
         real_positions=real, pass_cost_sweep=sweep,
         latents_per_row=float(batch.latent_mask.sum(1).float().mean()),
         trainable_parameters=sum(p.numel() for p in params), contention=contention,
@@ -419,12 +600,27 @@ def print_tables(report: dict) -> None:
         for label, r in s["cases"].items():
             print(f"| {label} | {r['generated']} | {r['latents_per_row']:.2f} | {r['forward_passes']} | "
                   f"{r['seconds']:.3f} | {r['rate']:.1f} | {r['ms_per_pass']:.1f} | {r['ratio_to_hf']:.2f} |")
+    if "rollout" in report:
+        r = report["rollout"]
+        print(f"\nrollout workload: {r['prompts']} prompts x G={r['group_size']} = {r['rows']} rows from {r['source']} "
+              f"(prompt {r['prompt_tokens_mean']:.0f} tokens on average), temperature 1, at most "
+              f"{cfg['rollout_new_tokens']} new tokens, EOS on; rlatent: P(start)={cfg['p_start']}, "
+              f"P(stop)={cfg['p_stop']} drawn; {_contention(r['contention'])}")
+        print("\n| rollout | tokens+latents | latents/row | row length min/mean/max | passes | seconds | items/s "
+              "| peak MiB | vs HF |")
+        print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+        for label, c in r["cases"].items():
+            peak = "-" if c["peak_mib"] is None else f"{c['peak_mib']:.0f}"
+            print(f"| {label} | {c['generated']} | {c['latents_per_row']:.2f} | {c['row_length_min']}/"
+                  f"{c['row_length_mean']:.0f}/{c['row_length_max']} | {c['forward_passes']} | {c['seconds']:.3f} | "
+                  f"{c['rate']:.1f} | {peak} | {c['ratio_to_hf']:.2f} |")
     if "training" in report:
         t = report["training"]
         print(f"\ntraining: {cfg['batch']} rows x {cfg['seq_len']} positions, {t['latents_per_row']:.0f} latents/row "
               f"({cfg['blocks']} blocks of {cfg['block_len']}); pass cost {t['pass_cost']:g}: "
               f"{len(t['chunk_widths'])} passes, chunk widths {_widths(t['chunk_widths'])}; "
-              f"padding overhead {t['padding_overhead']:.2f}x; {_contention(t['contention'])}")
+              f"{'packed' if t.get('packed') else 'padded'} passes: positions computed / real "
+              f"{t['padding_overhead']:.2f}x; {_contention(t['contention'])}")
         print("\n| training | passes | forward s | backward s | fwd+bwd s | fwd ratio | fwd+bwd ratio |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for label, r in t["cases"].items():
@@ -465,6 +661,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     if "sampler" not in args.skip:
         report["sampler"] = bench_sampler(model, tokenizer, args)
+    if "rollout" not in args.skip:
+        report["rollout"] = bench_rollout(model, tokenizer, args)
     if "training" not in args.skip:
         report["training"] = bench_training(model, tokenizer, args)
     report["wall_seconds"] = time.perf_counter() - start

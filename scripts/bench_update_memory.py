@@ -7,14 +7,25 @@ and the peak above the resident size before the update is reported. That peak
 holds the activations, the logits and their log-softmax temporaries, and the
 gradients; the model and the rollouts are already resident.
 
+Each case is measured twice, in two processes on the same seeded rollouts: the
+update as configured (`latent.gradient=recurrent`: one pass per latent wave,
+gradient through the recurrence) and a *plain forward+backward of the same
+tokens* (`latent.gradient=detached`: the sampler's latents fed as fixed
+inputs, one parallel pass over the same positions, same loss). The ratio
+columns divide the first by the second.
+
 `--tree DIR` runs the same measurement on another checkout of rlatent (for
 example `git worktree add /tmp/before 8d8d0b7`), whose modules may sit at the
 old flat paths; the script finds either layout.
 
     python scripts/bench_update_memory.py --json docs/update_memory.json
     python scripts/bench_update_memory.py --tree /tmp/before --json /tmp/before.json
+    python scripts/bench_update_memory.py --cases smollm2 --threads 1 --rollouts /tmp/r  # then the same with
+        --tree /tmp/before: both trees update on the very same rollouts
 
-Linux only (/proc). Prints a markdown table and writes JSON.
+On the CPU the figure is peak RSS (Linux only, /proc); with `--device cuda`
+it is peak allocated GPU memory (`torch.cuda.max_memory_allocated`) above
+what was allocated before the update. Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +50,29 @@ def rss_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def save_rollouts(traj, path: str) -> None:
+    """Plain tensors only, so they load with `weights_only=True` (no pickle)."""
+    import dataclasses
+
+    import torch
+
+    torch.save({"batch": {f.name: getattr(traj.batch, f.name) for f in dataclasses.fields(traj.batch)},
+                **{f.name: getattr(traj, f.name) for f in dataclasses.fields(traj) if f.name != "batch"}}, path)
+
+
+def load_rollouts(path: str):
+    import torch
+
+    try:
+        from rlatent.latent.batch import LatentBatch
+        from rlatent.latent.trajectory import Trajectories
+    except ImportError:  # the flat layout
+        from rlatent.batch import LatentBatch
+        from rlatent.sampler import Trajectories
+    data = torch.load(path, weights_only=True)
+    return Trajectories(batch=LatentBatch(**data.pop("batch")), **data)
 
 
 def measure(args) -> dict:
@@ -72,30 +106,47 @@ def measure(args) -> dict:
         model.resize_token_embeddings(case["vocab"])
         model.save_pretrained(base)
         name = str(base)
-    cfg = load_config(None, [f"model.name_or_path={name}", "model.device=cpu", "model.dtype=float32",
+    cfg = load_config(None, [f"model.name_or_path={name}", f"model.device={args.device}", "model.dtype=float32",
                              f"grpo.micro_batch_size={args.rows}", f"grpo.max_new_tokens={args.new_tokens}",
-                             "grpo.temperature=1.0", "latent.max_total_latents=16"])
+                             "grpo.temperature=1.0", f"latent.max_total_latents={args.latents}",
+                             f"latent.gradient={args.gradient}"])
     torch.manual_seed(0)
-    model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, torch.float32, torch.device("cpu"))
+    device = torch.device(args.device)
+    model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, torch.float32, device)
     with torch.no_grad():
         model.start_head.net.bias.fill_(-2.0)  # a few latent blocks per row
     learner = GRPOLearner(cfg, model)
     prompt = tokenizer("Tom has 3 apples and buys 4 more. How many apples does he have?").input_ids
     settings = SamplingSettings(max_new_tokens=args.new_tokens, temperature=1.0, decisions="sample",
-                                max_total_latents=16)
+                                max_total_latents=args.latents)
     model.eval()
-    traj = sample(model, [prompt] * args.rows, -1, tokenizer.pad_token_id, settings)
+    if args.rollouts and Path(args.rollouts).exists():  # the recurrent and the plain update on the same rollouts
+        traj = load_rollouts(args.rollouts).to(device)
+    else:
+        traj = sample(model, [prompt] * args.rows, -1, tokenizer.pad_token_id, settings)
+        if args.rollouts:
+            save_rollouts(traj.to(torch.device("cpu")), args.rollouts)
     advantages = torch.linspace(-1, 1, args.rows)
     import gc
 
     gc.collect()
-    before = rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    if device.type == "cuda":  # allocated tensor memory, in KiB like the RSS figures
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated() // 1024
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     started = time.perf_counter()
     learner.update(traj, advantages, step=1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    peak = rss_kib("VmHWM")
-    return {"case": args.case, "vocab": int(model.lm_head.weight.shape[0]), "rows": args.rows,
+    peak = torch.cuda.max_memory_allocated() // 1024 if device.type == "cuda" else rss_kib("VmHWM")
+    latents = traj.batch.latent_mask
+    first = latents & ~torch.nn.functional.pad(latents, (1, 0))[:, :-1]
+    return {"case": args.case, "gradient": args.gradient, "vocab": int(model.lm_head.weight.shape[0]), "rows": args.rows,
+            "waves": int(latents.sum(1).max()) + 1, "blocks": int(first.sum()),
             "positions": int(traj.batch.lengths.sum()), "latents": int(traj.batch.latent_mask.sum()),
             "update_peak_mib": (peak - before) / 1024, "resident_before_mib": before / 1024,
             "update_seconds": seconds, "tree": args.tree or "."}
@@ -106,26 +157,49 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--latents", type=int, default=16, help="latent.max_total_latents (latents per row)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (peak RSS, Linux) or cuda (peak allocated GPU memory)")
     parser.add_argument("--tree", default=None, help="another rlatent checkout to measure")
     parser.add_argument("--json", default=None)
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--gradient", default="recurrent", help=argparse.SUPPRESS)
+    parser.add_argument("--rollouts", default=None, metavar="DIR",
+                        help="sample each case's rollouts into DIR/<case>.pt, or update on the rollouts found there "
+                             "(the same rollouts for runs on other trees)")
     args = parser.parse_args()
     if args.case:  # the child
         print(json.dumps(measure(args)))
         return
     results = []
+    if args.rollouts:
+        Path(args.rollouts).mkdir(parents=True, exist_ok=True)
     for case in args.cases.split(","):
-        command = [sys.executable, __file__, "--case", case, "--rows", str(args.rows), "--new-tokens",
-                   str(args.new_tokens), "--threads", str(args.threads)] + (["--tree", args.tree] if args.tree else [])
-        env = {**os.environ, "PYTHONPATH": args.tree or ""}
-        out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    print("| case | vocab | rows | positions | latents | update peak (MiB) | update (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+        with tempfile.TemporaryDirectory() as work:
+            pair = {}
+            for gradient in ("recurrent", "detached"):
+                command = [sys.executable, __file__, "--case", case, "--rows", str(args.rows), "--new-tokens",
+                           str(args.new_tokens), "--latents", str(args.latents), "--threads", str(args.threads),
+                           "--device", args.device, "--gradient", gradient, "--rollouts",
+                           str(Path(args.rollouts or work) / f"{case}.pt")]
+                command += ["--tree", args.tree] if args.tree else []
+                env = {**os.environ, "PYTHONPATH": args.tree or ""}
+                out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+                pair[gradient] = json.loads(out.strip().splitlines()[-1])
+        result = pair["recurrent"]
+        plain = pair["detached"]
+        result.update(plain_peak_mib=plain["update_peak_mib"], plain_seconds=plain["update_seconds"],
+                      peak_ratio=result["update_peak_mib"] / plain["update_peak_mib"],
+                      time_ratio=result["update_seconds"] / plain["update_seconds"])
+        results.append(result)
+    print("| case | vocab | rows | positions | latents | blocks | latent waves | update peak (MiB) | plain fwd+bwd peak (MiB) "
+          "| peak ratio | update (s) | plain (s) | time ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['case']} | {r['vocab']} | {r['rows']} | {r['positions']} | {r['latents']} | "
-              f"{r['update_peak_mib']:.0f} | {r['update_seconds']:.2f} |")
+        print(f"| {r['case']} | {r['vocab']} | {r['rows']} | {r['positions']} | {r['latents']} | {r['blocks']} | "
+              f"{r['waves']} | {r['update_peak_mib']:.0f} | {r['plain_peak_mib']:.0f} | {r['peak_ratio']:.2f} | "
+              f"{r['update_seconds']:.2f} | {r['plain_seconds']:.2f} | {r['time_ratio']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -6,11 +6,18 @@ what Coconut does, batched over rows whose blocks sit at different places and
 have different lengths: one pass per *latent wave*. In pass w every row
 computes its w-th chunk, the positions from its (w-1)-th latent slot up to just
 before its w-th; the chunk's only latent (if any) is its first position, whose
-input comes from the last hidden state of the row's previous chunk. Chunks are
-right-padded to the widest one; the padding becomes holes in the KV cache that
-the attention mask hides, and explicit position ids keep every real position at
-its true index. Gradients flow through the cache and the fed-back states, so
-the recurrence is trained exactly.
+input comes from the last hidden state of the row's previous chunk. Explicit
+position ids keep every position at its true index. Gradients flow through the
+keys and values and the fed-back states, so the recurrence is trained exactly.
+
+Each pass's chunks are *packed*: all rows' new positions one after the other in
+one batch-1 sequence, so the linear layers compute real positions only, and
+rlatent's `PassCache` (`model/kv_cache.py`) attends row by row, keeping every
+pass's keys and values once (no cache copy per pass, no repeated K/V, attention
+recomputed in the backward). Models whose attention that cache cannot take
+(`LatentModel.kv_unsupported`) run the padded form instead: chunks right-padded
+to the widest, the padding holes hidden by the attention mask, against a
+Hugging Face cache.
 
 `parallel_forward` is the one-pass alternative when the latent inputs are
 already known: stored latents (`detached`), pause embeddings, or no latents.
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from rlatent.latent.batch import LatentBatch
+from rlatent.model.kv_cache import PassCache, RowLayout
 from rlatent.model.latent_model import LatentModel
 
 
@@ -73,8 +81,8 @@ def parallel_forward(model: LatentModel, batch: LatentBatch, slot_inputs: torch.
     return ForwardOutput(hidden, slot_inputs.detach(), num_passes=1)
 
 
-def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: float | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: float | None = None,
+               packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk boundaries per pass: `starts`, `ends`, each (P, B).
 
     Every latent slot must start a chunk (its input needs the state before it).
@@ -85,7 +93,10 @@ def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: floa
     plan minimises `rows * total width + pass_cost * passes` over a ladder of
     caps; `pass_cost` is what one extra model call costs, in positions per row.
     A row with fewer chunks gets empty ones (start = end = length). None = the
-    default for the mask's device (`default_pass_cost`).
+    default for the mask's device (`default_pass_cost`). `packed`: the passes
+    carry no padding (the packed forward), so the width term is the real
+    positions, the same for every plan, and the fewest passes win unless a
+    pass costs nothing.
     """
     pass_cost = default_pass_cost(latent_mask.device) if pass_cost is None else pass_cost
     rows = latent_mask.shape[0]
@@ -96,8 +107,11 @@ def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: floa
     for cap in sorted({longest} | {c for c in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if c < longest}):
         plan = [_capped_chunks(c, cap) for c in cuts]
         passes = max(len(p) for p in plan)
-        width = sum(max(p[w][1] - p[w][0] if w < len(p) else 0 for p in plan) for w in range(passes))
-        cost = rows * width + pass_cost * passes
+        if packed:
+            width = int(lengths.sum())
+        else:
+            width = rows * sum(max(p[w][1] - p[w][0] if w < len(p) else 0 for p in plan) for w in range(passes))
+        cost = width + pass_cost * passes
         if best is None or cost < best[0]:
             best = (cost, plan, passes)
     _, plan, passes = best
@@ -118,6 +132,59 @@ def _capped_chunks(cuts: list[int], cap: int) -> list[tuple[int, int]]:
 
 def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float | None = None) -> ForwardOutput:
     """Exact forward with gradient through the latent recurrence (one pass per latent wave)."""
+    if model.kv_unsupported:
+        return padded_recurrent_forward(model, batch, pass_cost)
+    rows, length = batch.input_ids.shape
+    device = batch.input_ids.device
+    pass_cost = default_pass_cost(device) if pass_cost is None else pass_cost
+    latent_mask, lengths = batch.latent_mask.cpu(), batch.lengths.cpu()
+    starts, ends = plan_waves(latent_mask, lengths, pass_cost, packed=True)  # (P, B) each
+    sizes = ends - starts
+    totals = sizes.sum(1)  # (P,) packed positions per pass
+    bases = totals.cumsum(0) - totals
+    # Every position's index in the concatenation of all passes' packed positions.
+    location = torch.zeros(rows, length, dtype=torch.long)
+    for start, size, base in zip(starts, sizes, bases):
+        offsets = base + size.cumsum(0) - size
+        column = torch.arange(int(size.max()))
+        valid = column[None, :] < size[:, None]
+        row_of, col_of = valid.nonzero(as_tuple=True)
+        location[row_of, start[row_of] + col_of] = offsets[row_of] + col_of
+    location_device = location.to(device)
+    slot_inputs = torch.zeros(rows, length, model.hidden_size, device=device, dtype=model.dtype)
+    cache = PassCache()
+    pieces, last_hidden = [], torch.zeros(rows, model.hidden_size, device=device, dtype=model.dtype)
+    row_index = torch.arange(rows)
+    for start, end, size, base in zip(starts, ends, sizes, bases):
+        total = int(size.sum())
+        layout = RowLayout.build(start, end, location, device)
+        packed_rows = row_index.repeat_interleave(size)  # (N,) row of each packed position
+        packed_positions = start.repeat_interleave(size) + torch.arange(total) - (size.cumsum(0) - size).repeat_interleave(size)
+        rows_d, positions_d = packed_rows.to(device), packed_positions.to(device)
+        embeds = model.embed(batch.input_ids[rows_d, positions_d])  # (N, H)
+        slots = latent_mask[packed_rows, packed_positions]  # (N,) only ever a row's first position
+        slots_d = slots.to(device)
+        if slots.any():
+            at = slots.nonzero().flatten()  # packed indices of this pass's latent slots
+            slot_rows = packed_rows[at].to(device)
+            latent = model.latent_inputs(last_hidden[slot_rows])  # (n, H)
+            embeds = embeds.index_copy(0, at.to(device), latent)
+            slot_inputs[slot_rows, packed_positions[at].to(device)] = latent.detach()
+        cache.next_pass(layout)
+        hidden, _ = model.trunk(embeds[None], None, positions_d[None], slots_d[None], cache=cache)
+        hidden = hidden[0]  # (N, H)
+        pieces.append(hidden)
+        has = size > 0
+        last = (size.cumsum(0) - 1).clamp_min(0)  # packed index of each row's last position in this pass
+        last_hidden = torch.where(has.to(device)[:, None], hidden[last.to(device)], last_hidden)
+    every = torch.cat(pieces)  # (sum of passes' positions, H)
+    hidden = every[location_device] * batch.attention_mask[..., None]
+    return ForwardOutput(hidden, slot_inputs, num_passes=len(pieces))
+
+
+def padded_recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float | None = None) -> ForwardOutput:
+    """`recurrent_forward` for models rlatent's `PassCache` does not cover: each pass right-padded to its widest
+    chunk, against a Hugging Face cache that grows by concatenation."""
     rows, length = batch.input_ids.shape
     device = batch.input_ids.device
     pass_cost = default_pass_cost(device) if pass_cost is None else pass_cost

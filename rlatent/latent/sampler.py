@@ -11,16 +11,40 @@ position, a row decides on its hidden state `h`:
 
 Decisions are thresholded (`greedy`) or drawn from a Bernoulli (`sample`). At a
 cap (latents per block, blocks per answer, total latents) the decision is
-forced and carries no log-probability. Each step runs one position per
-unfinished row against the cache; finished rows are dropped from the cache, so
-they stop costing compute. The trajectories come back as the same right-padded
-`LatentBatch` the training forward takes, with every log-probability aligned to
-the position where it was taken, so that recomputing them is a comparison of
-two tensors (the invariant).
+forced and carries no log-probability. The trajectories come back as the same
+right-padded `LatentBatch` the training forward takes, with every
+log-probability aligned to the position where it was taken, so that recomputing
+them is a comparison of two tensors (the invariant).
+
+**The engine.** A fixed number of *slots* (`SamplingSettings.slots`, default:
+every prompt at once) each hold one row; a queue of prompts refills a slot as
+soon as its row finishes (continuous batching), so a slow row never holds the
+others up. The KV cache is preallocated (`SlotCache`: slots x capacity per
+layer) and written in place; prompts are prefilled packed, and identical
+prompts (a GRPO group) are computed once. Each step computes one position for
+each of the first `A` slots. The bookkeeping (positions, block and latent
+counts, which row a slot holds) lives in device tensors and every write into
+the outputs is an index write, so a step has no host synchronisation; the host
+looks at which rows finished every `sync_every` steps (every step on a CPU,
+where that costs nothing), refills their slots, and, once the queue is empty,
+moves the last rows into the freed slots so that `A` shrinks with the work left
+(not with `compile`, which keeps every shape static). A finished row's slot
+computes garbage until then, written to a spare output row that is dropped.
+
+Random draws are uniforms (and Gaussians for exploration noise) drawn for all
+slots at every step, whatever is running, so a seeded run is reproducible and a
+row's draws do not depend on when other rows finish. Decisions are
+`uniform < P(yes)`; tokens are the inverse of the (nucleus-restricted) CDF.
+
+Models whose attention rlatent's cache does not cover (`LatentModel.kv_unsupported`)
+run against Hugging Face's cache: every prompt in one left-padded prefill, no
+refills.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +52,7 @@ import torch
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.policy import decision_logprobs, gaussian_logprob, precise_dtype, scaled_logits, token_logprobs
 from rlatent.latent.trajectory import Trajectories
+from rlatent.model.kv_cache import RowLayout, SlotCache
 from rlatent.model.latent_model import LatentModel
 
 
@@ -45,6 +70,9 @@ class SamplingSettings:
     latent_noise_std: float = 0.0  # Gaussian exploration on latents: z ~ N(proj(h), std^2 I)
     stop_sequences: tuple[tuple[int, ...], ...] = ()  # a row ends (finished) once its tokens end with one of these
     record_hidden: bool = False
+    slots: int | None = None  # rows computed at once; fewer than the prompts: the rest wait in a queue. None = all
+    compile: bool = False  # torch.compile the decode step (static shapes); eager when compiling fails
+    sync_every: int | None = None  # steps between the host's looks at finished rows; None = 1 on CPU, 8 on GPU
 
     @classmethod
     def from_config(cls, latent_cfg, eval_cfg, **overrides) -> "SamplingSettings":
@@ -106,130 +134,287 @@ def stop_reached(ids: torch.Tensor, active: torch.Tensor, position: torch.Tensor
     return hit
 
 
+# ---- decoders: the model against a cache ---------------------------------------------------------------
+
+
+class _SlotDecoder:
+    """The model against rlatent's `SlotCache`: packed prefills into any free slots, in-place decode steps."""
+
+    refills = True
+
+    def __init__(self, model: LatentModel, slots: int, capacity: int, compile: bool):
+        self.model, self.capacity = model, capacity
+        self.cache = SlotCache(slots, capacity)
+        self._step = self._eager_step
+        if compile:
+            try:
+                self._step = torch.compile(self._eager_step, dynamic=False)
+            except Exception as exc:  # noqa: BLE001 - eager is the documented fallback
+                warnings.warn(f"sampler: torch.compile unavailable ({exc}); decoding eagerly")
+        self._compiled = compile and self._step is not self._eager_step
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute `prompts` into `slots`; identical prompts are computed once. Returns the hidden state of each
+        prompt's last position (k, H), the packed hidden states (N, H) and, for the k prompts one after
+        another, the packed index of each of their positions (sum of lengths,)."""
+        device = self.model.device
+        unique: dict[tuple[int, ...], int] = {}
+        which = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+        computed = [list(p) for p in unique]
+        sizes = torch.tensor([len(p) for p in computed])
+        offsets = sizes.cumsum(0) - sizes
+        width = int(sizes.max())
+        location = offsets[:, None] + torch.arange(width)[None, :]
+        layout = RowLayout.build(torch.zeros_like(sizes), sizes, location, device)
+        source = torch.cat([offsets[u] + torch.arange(int(sizes[u])) for u in which])
+        slot = torch.cat([torch.full((int(sizes[u]),), s) for s, u in zip(slots, which)])
+        position = torch.cat([torch.arange(int(sizes[u])) for u in which])
+        ids = torch.tensor([t for p in computed for t in p], device=device)
+        positions = torch.cat([torch.arange(int(n)) for n in sizes]).to(device)
+        self.cache.prefill(layout, source.to(device), slot.to(device), position.to(device))
+        hidden, _ = self.model.trunk(self.model.embed(ids)[None], None, positions[None],
+                                     torch.zeros(1, ids.shape[0], dtype=torch.bool, device=device), cache=self.cache)
+        hidden = hidden[0]
+        last = (offsets + sizes - 1)[torch.tensor(which)].to(device)
+        return hidden[last], hidden, source.to(device)
+
+    def _eager_step(self, embeds: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, length: int
+                    ) -> torch.Tensor:
+        self.cache.decode(embeds.shape[0], positions, length)
+        hidden, _ = self.model.trunk(embeds[:, None], None, positions[:, None], latent[:, None], cache=self.cache)
+        return hidden[:, 0]
+
+    def step(self, embeds: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, length: int) -> torch.Tensor:
+        """One position for each of the first `len(positions)` slots; keys at columns < `length` are visible."""
+        if self._compiled:
+            try:
+                return self._step(embeds, positions, latent, length)
+            except Exception as exc:  # noqa: BLE001 - eager is the documented fallback
+                warnings.warn(f"sampler: the compiled decode step failed ({type(exc).__name__}: {exc}); "
+                              "decoding eagerly")
+                self._compiled, self._step = False, self._eager_step
+        return self._eager_step(embeds, positions, latent, length)
+
+    def move(self, destination: torch.Tensor, source: torch.Tensor, length: int) -> None:
+        self.cache.move(destination, source, length)
+
+
+class _HFDecoder:
+    """The model against Hugging Face's own cache, for models rlatent's attention does not cover: every prompt
+    in one left-padded prefill, then one column per step for every slot; no refills."""
+
+    refills = False
+
+    def __init__(self, model: LatentModel, slots: int):
+        self.model, self.slots = model, slots
+        self.cache, self.attention = None, None
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]):
+        device = self.model.device
+        assert slots == list(range(self.slots)) and self.cache is None, "Hugging Face caches are filled once"
+        width = max(len(p) for p in prompts)
+        left = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for b, prompt in enumerate(prompts):
+            left[b, width - len(prompt):] = torch.tensor(prompt)
+            mask[b, width - len(prompt):] = True
+        left, mask = left.to(device), mask.to(device)
+        positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+        hidden, self.cache = self.model.trunk(self.model.embed(left), mask, positions, torch.zeros_like(mask),
+                                              use_cache=True)
+        self.attention = mask
+        source = torch.cat([b * width + torch.arange(width - len(p), width) for b, p in enumerate(prompts)])
+        return hidden[:, -1], hidden.reshape(-1, hidden.shape[-1]), source.to(device)
+
+    def step(self, embeds, positions, latent, length):
+        self.attention = torch.cat([self.attention, self.attention.new_ones(self.slots, 1)], 1)
+        hidden, self.cache = self.model.trunk(embeds[:, None], self.attention, positions[:, None], latent[:, None],
+                                              self.cache, use_cache=True)
+        return hidden[:, 0]
+
+
+# ---- the sampler ----------------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: int,
            settings: SamplingSettings) -> Trajectories:
-    """Complete each prompt; see the module docstring for the decision rules."""
+    """Complete each prompt; see the module docstring for the decision rules and the engine."""
     device, dtype, mode = model.device, model.dtype, model.latent_mode
     rows = len(prompts)
-    prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(prompt_lengths.max())
+    own_cache = model.kv_unsupported is None
+    slots = rows if settings.slots is None or not own_cache else max(1, min(settings.slots, rows))
+    static = settings.compile or not own_cache  # every step computes every slot at full capacity
+    sync_every = settings.sync_every or (1 if device.type == "cpu" else 8)
+    width = max(len(p) for p in prompts)
     capacity = width + settings.max_new_tokens + settings.max_total_latents + 1
-    ids = torch.full((rows, capacity), pad_id, dtype=torch.long, device=device)
-    latent = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
-    precise = precise_dtype(dtype)
-    token_lp, start_lp, stop_lp, latent_lp = (torch.zeros(rows, capacity, device=device, dtype=precise)
-                                              for _ in range(4))
-    start_dec, stop_dec = (torch.zeros(rows, capacity, dtype=torch.bool, device=device) for _ in range(2))
-    slot_inputs = torch.zeros(rows, capacity, model.hidden_size, device=device, dtype=dtype)
-    hidden_out = torch.zeros_like(slot_inputs) if settings.record_hidden else None
+    spare = rows  # the output row that finished and idle slots write to (dropped at the end)
+    decoder = _SlotDecoder(model, slots, capacity, settings.compile) if own_cache else _HFDecoder(model, slots)
 
-    # Prefill: prompts left-padded so every row's last prompt state sits in the last column.
-    left = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
-    left_mask = torch.zeros(rows, width, dtype=torch.bool, device=device)
+    # Outputs, one row per prompt plus the spare.
+    precise = precise_dtype(dtype)
+    prompt_lengths_host = [len(p) for p in prompts] + [1]
+    ids_host = torch.full((rows + 1, capacity), pad_id, dtype=torch.long)
     for b, prompt in enumerate(prompts):
-        ids[b, : len(prompt)] = torch.tensor(prompt, device=device)
-        left[b, width - len(prompt):] = ids[b, : len(prompt)]
-        left_mask[b, width - len(prompt):] = True
-    positions = (left_mask.long().cumsum(1) - 1).clamp_min(0)
-    hidden, cache = model.trunk(model.embed(left), left_mask, positions, torch.zeros_like(left_mask),
-                                use_cache=True)
-    if hidden_out is not None:
-        for b, prompt in enumerate(prompts):
-            hidden_out[b, : len(prompt)] = hidden[b, width - len(prompt):]
-    h = hidden[:, -1]  # (A, H) state of each active row's last position
-    attention = torch.zeros(rows, width + capacity, dtype=torch.bool, device=device)  # grows by one column a step
-    attention[:, :width] = left_mask
-    columns = width
-    active = torch.arange(rows, device=device)  # rows still generating, in cache order
-    position = prompt_lengths - 1  # (A,) index of each active row's last position
-    in_block = torch.zeros(rows, dtype=torch.bool, device=device)
-    block_len = torch.zeros(rows, dtype=torch.long, device=device)
-    blocks = torch.zeros(rows, dtype=torch.long, device=device)
-    total = torch.zeros(rows, dtype=torch.long, device=device)
-    tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        ids_host[b, : len(prompt)] = torch.tensor(prompt)
+    ids = ids_host.to(device)
+    prompt_lengths = torch.tensor(prompt_lengths_host, device=device)
+    latent = torch.zeros(rows + 1, capacity, dtype=torch.bool, device=device)
+    token_lp, start_lp, stop_lp, latent_lp = (torch.zeros(rows + 1, capacity, device=device, dtype=precise)
+                                              for _ in range(4))
+    start_dec, stop_dec = (torch.zeros(rows + 1, capacity, dtype=torch.bool, device=device) for _ in range(2))
+    slot_inputs = torch.zeros(rows + 1, capacity, model.hidden_size, device=device, dtype=dtype)
+    hidden_out = torch.zeros_like(slot_inputs) if settings.record_hidden else None
     lengths = prompt_lengths.clone()
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    forward_passes = 1
+    finished = torch.zeros(rows + 1, dtype=torch.bool, device=device)
+
+    # Per-slot state, on the device.
+    slot_row = torch.full((slots,), spare, dtype=torch.long, device=device)
+    position = torch.zeros(slots, dtype=torch.long, device=device)  # index of the slot's last computed position
+    counters = torch.zeros(5, slots, dtype=torch.long, device=device)  # in block, block length, blocks, latents, tokens
+    h = torch.zeros(slots, model.hidden_size, device=device, dtype=dtype)
+    # What the host knows: the row each slot holds (None = free) and each slot's position (for the key length).
+    queue = deque(range(rows))
+    held: list[int | None] = [None] * slots
+    at: list[int] = [0] * slots
+    computed = 0  # slots 0..computed-1 run each step
+    forward_passes, steps = 0, 0
     sample_decisions = settings.decisions == "sample"
     stops = [torch.tensor(s, device=device) for s in settings.stop_sequences if s]
+    cap = model.settings.k if mode.fixed_block_length else settings.max_latents_per_block
 
-    while active.numel() > 0:
-        # 1. Decisions on the state of each active row's last position.
-        in_latent = in_block[active]
+    order, stale = None, True  # (A,) the slots of the live rows in row order: the order of every step's draws
+    while True:
+        # Refill free slots from the queue (on the HF cache: all rows once, at the start).
+        free = [s for s in range(slots) if held[s] is None]
+        if queue and free and (decoder.refills or forward_passes == 0):
+            take = free[: len(queue)]
+            new = [queue.popleft() for _ in take]
+            last, hidden, source = decoder.prefill(take, [prompts[r] for r in new])
+            forward_passes += 1
+            take_d, new_d = torch.tensor(take, device=device), torch.tensor(new, device=device)
+            slot_row[take_d] = new_d
+            position[take_d] = prompt_lengths[new_d] - 1
+            counters[:, take_d] = 0
+            h[take_d] = last.to(dtype)
+            if hidden_out is not None:
+                rows_of = torch.cat([torch.full((len(prompts[r]),), r) for r in new]).to(device)
+                positions_of = torch.cat([torch.arange(len(prompts[r])) for r in new]).to(device)
+                hidden_out[rows_of, positions_of] = hidden[source].to(dtype)
+            for s, r in zip(take, new):
+                held[s], at[s] = r, len(prompts[r]) - 1
+            computed = max(computed, max(take) + 1)
+            stale = True
+        live = [s for s in range(slots) if held[s] is not None]
+        if not live:
+            break
+        if not static and not queue and len(live) < computed:  # the queue is empty: move the last rows forward
+            holes = [s for s in range(len(live)) if held[s] is None]
+            movers = [s for s in live if s >= len(live)]
+            if movers:
+                destination, source_slots = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
+                decoder.move(destination, source_slots, max(at[s] for s in movers) + 1)
+                for tensor in (slot_row, position, h):
+                    tensor[destination] = tensor[source_slots]
+                counters[:, destination] = counters[:, source_slots]
+                for d, s in zip(holes, movers):
+                    held[d], at[d], held[s] = held[s], at[s], None
+            computed = len(live)
+            live = list(range(computed))
+            stale = True
+        if stale:
+            stale = False
+            order = torch.tensor(sorted(live, key=lambda s: held[s]), device=device)
+        count = slots if static else computed
+
+        # 1. Decisions on the state of each live row's last position, in row order.
+        row, pos, state = slot_row[order], position[order], h[order]
+        in_block, block_len, blocks, total, tokens = counters[:, order]
+        in_latent = in_block.bool()
         go_latent = torch.zeros_like(in_latent)
         if mode.has_slots:
-            can_open = ~in_latent & (blocks[active] < settings.max_blocks) & (total[active] < settings.max_total_latents)
-            opened, lp = _decide(model.start_logits(h), settings.start_threshold, sample_decisions)
-            start_lp[active, position] = torch.where(can_open, lp, 0.0).to(precise)
-            start_dec[active, position] = can_open
-            go_latent |= can_open & opened
-            cap = model.settings.k if mode.fixed_block_length else settings.max_latents_per_block
-            must_stop = in_latent & ((block_len[active] >= cap) | (total[active] >= settings.max_total_latents))
+            can_open = ~in_latent & (blocks < settings.max_blocks) & (total < settings.max_total_latents)
+            opened, lp = _decide(model.start_logits(state), settings.start_threshold, sample_decisions)
+            start_lp[row, pos] = torch.where(can_open, lp, 0.0).to(precise)
+            start_dec[row, pos] = can_open
+            must_stop = in_latent & ((block_len >= cap) | (total >= settings.max_total_latents))
             free_stop = in_latent & ~must_stop & mode.has_stop_decisions
-            stopped, lp = _decide(model.stop_logits(h), settings.stop_threshold, sample_decisions)
-            stop_lp[active, position] = torch.where(free_stop, lp, 0.0).to(precise)
-            stop_dec[active, position] = free_stop
+            stopped, lp = _decide(model.stop_logits(state), settings.stop_threshold, sample_decisions)
+            stop_lp[row, pos] = torch.where(free_stop, lp, 0.0).to(precise)
+            stop_dec[row, pos] = free_stop
             keeps_going = ~stopped if mode.has_stop_decisions else torch.ones_like(stopped)
-            go_latent |= in_latent & ~must_stop & keeps_going
+            go_latent = (can_open & opened) | (in_latent & ~must_stop & keeps_going)
 
-        # 2. Tokens for rows that continue in language.
-        logits = model.token_logits(h)  # (A, V)
+        # 2. A token for rows that continue in language.
+        logits = model.token_logits(state)  # (A, V)
         token = sample_tokens(scaled_logits(logits, settings.logprob_temperature), settings.temperature, settings.top_p)
         logprob = token_logprobs(logits, token, settings.logprob_temperature)
-        next_position = position + 1
+        following = (pos + 1).clamp(max=capacity - 1)  # (only a finished row's slot would run past the end)
         speaks = ~go_latent
-        ids[active[speaks], next_position[speaks]] = token[speaks]
-        token_lp[active[speaks], next_position[speaks]] = logprob[speaks]
-        latent[active[go_latent], next_position[go_latent]] = True
-        lengths[active] = next_position + 1
-        tokens[active] += speaks.long()
-        total[active] += go_latent.long()
-        blocks[active] += (go_latent & ~in_latent).long()
-        block_len[active] = torch.where(go_latent, block_len[active] + 1, 0)
-        in_block[active] = go_latent
+        ids[row, following] = torch.where(speaks, token, pad_id)
+        token_lp[row, following] = torch.where(speaks, logprob.to(precise), 0.0)
+        latent[row, following] = go_latent
+        lengths[row] = following + 1
+        tokens = tokens + speaks.long()
+        counters[:, order] = torch.stack([go_latent.long(), torch.where(go_latent, block_len + 1, 0),
+                                          blocks + (go_latent & ~in_latent).long(), total + go_latent.long(), tokens])
 
-        # 3. Rows that emitted EOS or a stop sequence, or ran out of tokens, are done: drop them from the cache.
-        done = (token == eos_id) | stop_reached(ids, active, next_position, prompt_lengths, stops)
-        ended = speaks & (done | (tokens[active] >= settings.max_new_tokens))
-        finished[active[ended & done]] = True
-        if ended.all():
-            break
-        if ended.any():
-            keep = (~ended).nonzero().flatten()
-            cache.batch_select_indices(keep)
-            active, attention, next_position, go_latent = active[keep], attention[keep], next_position[keep], go_latent[keep]
-            token, h = token[keep], h[keep]
+        # 3. Rows that emitted EOS or a stop sequence, or ran out of tokens, leave their slots.
+        done = (token == eos_id) | stop_reached(ids, row, following, prompt_lengths, stops)
+        ended = speaks & (done | (tokens >= settings.max_new_tokens))
+        finished[row] = finished[row] | (ended & done)
+        row = torch.where(ended, spare, row)
+        slot_row[order] = row
+        steps += 1
+        if steps % sync_every == 0:  # the host looks at which slots are free
+            holding = slot_row[:count].tolist()
+            for s in range(count):
+                if held[s] is not None and holding[s] == spare:
+                    held[s], stale = None, True
+            if not queue and all(r is None for r in held):
+                break  # nothing left to compute
 
-        # 4. One new position per active row: a token embedding or a latent input.
+        # 4. One new position per slot: a token embedding or a latent input.
         if mode.slot_input == "pause":
-            latent_input = model.pause_inputs((block_len[active] - 1).clamp_min(0))
+            latent_input = model.pause_inputs(torch.where(go_latent, block_len, 0))
         else:
-            latent_input = model.latent_inputs(h)
+            latent_input = model.latent_inputs(state)
             if settings.latent_noise_std > 0:
                 mean = latent_input
-                latent_input = mean + settings.latent_noise_std * torch.randn_like(mean)
+                if sync_every == 1:  # draws for the rows that go on only (the host looks at them every step anyway)
+                    going = (~ended).nonzero().flatten()
+                    noise = torch.zeros_like(mean).index_copy_(0, going, torch.randn(
+                        going.shape[0], mean.shape[1], device=device, dtype=mean.dtype))
+                else:
+                    noise = torch.randn_like(mean)
+                latent_input = mean + settings.latent_noise_std * noise
                 density = gaussian_logprob(latent_input, mean, settings.latent_noise_std).to(precise)
-                latent_lp[active[go_latent], next_position[go_latent]] = density[go_latent]
-        embeds = torch.where(go_latent[:, None], latent_input, model.embed(token))[:, None, :]  # (A, 1, H)
-        slot_inputs[active[go_latent], next_position[go_latent]] = embeds[go_latent, 0]
-        attention[:, columns] = True
-        columns += 1
-        hidden, cache = model.trunk(embeds, attention[:, :columns], next_position[:, None], go_latent[:, None], cache,
-                                    use_cache=True)
+                latent_lp[row, following] = torch.where(go_latent, density, 0.0)
+        embeds = torch.where(go_latent[:, None], latent_input, model.embed(token))  # (A, H)
+        slot_inputs[row, following] = torch.where(go_latent[:, None], embeds, 0.0)
+        # Per slot (a free slot among the first `count` computes garbage nobody reads).
+        slot_embeds = embeds.new_zeros(count, embeds.shape[1]).index_copy_(0, order, embeds)
+        slot_latent = torch.zeros(count, dtype=torch.bool, device=device).index_copy_(0, order, go_latent)
+        slot_following = (position[:count] + 1).clamp(max=capacity - 1)
+        for s in range(count):
+            at[s] = min(at[s] + 1, capacity - 1)
+        length = capacity if static else max(at[:count]) + 1
+        stepped = decoder.step(slot_embeds, slot_following, slot_latent, length)
         forward_passes += 1
-        h = hidden[:, 0]
-        position = next_position
+        h[:count] = stepped
+        position[:count] = slot_following
         if hidden_out is not None:
-            hidden_out[active, position] = h
+            hidden_out[row, following] = stepped[order]
 
-    used = int(lengths.max())
-    attention_mask = torch.arange(used, device=device)[None, :] < lengths[:, None]
-    batch = LatentBatch(ids[:, :used], latent[:, :used], attention_mask, prompt_lengths)
+
+    used = int(lengths[:rows].max())
+    attention_mask = torch.arange(used, device=device)[None, :] < lengths[:rows, None]
+    batch = LatentBatch(ids[:rows, :used], latent[:rows, :used], attention_mask, prompt_lengths[:rows])
     return Trajectories(
-        batch=batch, token_logprobs=token_lp[:, :used], start_logprobs=start_lp[:, :used],
-        start_decided=start_dec[:, :used], stop_logprobs=stop_lp[:, :used], stop_decided=stop_dec[:, :used],
-        latent_logprobs=latent_lp[:, :used],
-        slot_inputs=slot_inputs[:, :used], finished=finished,
-        hidden=None if hidden_out is None else hidden_out[:, :used], forward_passes=forward_passes,
+        batch=batch, token_logprobs=token_lp[:rows, :used], start_logprobs=start_lp[:rows, :used],
+        start_decided=start_dec[:rows, :used], stop_logprobs=stop_lp[:rows, :used],
+        stop_decided=stop_dec[:rows, :used], latent_logprobs=latent_lp[:rows, :used],
+        slot_inputs=slot_inputs[:rows, :used], finished=finished[:rows],
+        hidden=None if hidden_out is None else hidden_out[:rows, :used], forward_passes=forward_passes,
     )

@@ -33,6 +33,7 @@ from rlatent.io.atomic import load_tensors, save_tensors
 from rlatent.errors import CheckpointError, first_line
 from rlatent.modes import latent_mode
 from rlatent.model.heads import Head
+from rlatent.model.kv_cache import KVState, attending, attention_modules, unsupported
 from rlatent.model.loading import load_base_model
 from rlatent.model.projections import TokenSpace, build_projection
 
@@ -112,6 +113,11 @@ class LatentModel(nn.Module):
         self.backbone = getattr(hf_model, hf_model.base_model_prefix)
         self.lm_head = hf_model.get_output_embeddings()
         self.cache_argument = cache_argument(self.backbone)
+        self.kv_unsupported = unsupported(self.backbone)
+        """Why the backbone cannot run on rlatent's own KV states (`model/kv_cache.py`); None when it can."""
+        self._attention_configs = list({id(c): c for c in [self.backbone.config] + [
+            getattr(m, "config", self.backbone.config) for m in attention_modules(self.backbone)]}.values())
+        self._attention_layers = len(attention_modules(self.backbone))
         self.logit_softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         embeddings = hf_model.get_input_embeddings().weight
         hidden_size = embeddings.shape[1]
@@ -174,8 +180,18 @@ class LatentModel(nn.Module):
         (B, C) are explicit so holes do not shift positions; `latent_slots` (B, C)
         selects the latent trunk in `two` mode. The cache is created on first use
         and extended in place.
+
+        With one of rlatent's KV states as `cache` (`model/kv_cache.py`: `PassCache`, `SlotCache`), the state
+        attends instead of the model's own attention and cache: `attention_mask` is ignored (the state knows
+        which keys each position sees) and the state is returned as the cache.
         """
         route = self.router.route(latent_slots) if self.router is not None else contextlib.nullcontext()
+        if isinstance(cache, KVState):
+            if self.kv_unsupported:
+                raise RuntimeError(f"rlatent's KV states do not cover this model: {self.kv_unsupported}")
+            with route, attending(self._attention_configs, cache, self._attention_layers):
+                out = self.backbone(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False)
+            return out.last_hidden_state, cache
         with route:
             out = self.backbone(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
