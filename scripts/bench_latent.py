@@ -57,6 +57,7 @@ from rlatent.config import LatentConfig, ModelConfig
 from rlatent.latent.forward import default_pass_cost, forward, plan_waves
 from rlatent.model.latent_model import LatentModel
 from rlatent.latent.sampler import SamplingSettings, sample
+from rlatent.latent.trajectory import Trajectories
 from rlatent.model.tiny import build_tiny_model
 
 NEVER = -1  # an EOS id no argmax can produce: every row generates exactly --new-tokens tokens
@@ -100,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "../shared/data/gsm8k/test.jsonl when present, else synthetic problems)")
     p.add_argument("--training-cases", default="plain,recurrent,detached,stored",
                    help="training step: which of plain,recurrent,detached,stored to time (plain is always timed)")
+    p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--baseline-forward", default=None, metavar="FILE",
+                   help="training step: also time the recurrent `forward` of another version of "
+                        "rlatent/latent/forward.py, run against this checkout's model code")
     p.add_argument("--baseline-sampler", default=None, metavar="FILE",
                    help="rollout workload: also time the `sample` of another version of rlatent/latent/sampler.py "
                         "(for example from `git archive <commit>`), run against this checkout's model code")
@@ -331,6 +336,30 @@ def bench_sampler(model: LatentModel, tokenizer, args) -> dict:
 # ---- 1b. GRPO rollout workload --------------------------------------------------------------------
 
 
+def case_memory(label: str, args, device: torch.device) -> float | None:
+    """Peak memory of one call of rollout case `label`. On the CPU each case runs once in a fresh process (the
+    allocator of a process that already ran a case hides a later one's peak); on CUDA, in this process."""
+    if device.type == "cuda":
+        return None  # measured by `peak_memory_mib` in process, below
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            argv.append(arg)
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--skip", "sampler", "--skip", "training",
+               "--memory-case", label]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"memory of {label!r} not measured: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
 def rollout_questions(args) -> tuple[list[str], str]:
     """The first P questions of a GSM8K-format JSONL (the test split in ../shared when present), else synthetic."""
     path = Path(args.questions) if args.questions else Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
@@ -357,7 +386,7 @@ def bench_rollout(model: LatentModel, tokenizer, args) -> dict:
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     base = dict(max_new_tokens=args.rollout_new_tokens, temperature=1.0, decisions="sample")
 
-    def rlatent(p_start: float, **extra):
+    def rlatent(p_start: float, chunk: int | None = None, **extra):
         settings = SamplingSettings(**base, **extra)
 
         def run():
@@ -365,7 +394,10 @@ def bench_rollout(model: LatentModel, tokenizer, args) -> dict:
             set_head(model.stop_head, args.p_stop)
             torch.manual_seed(args.seed)
             with torch.inference_mode():
-                return sample(model, prompts, eos, pad, settings)
+                if chunk is None:
+                    return sample(model, prompts, eos, pad, settings)
+                parts = [sample(model, prompts[i:i + chunk], eos, pad, settings) for i in range(0, rows, chunk)]
+                return Trajectories.concat(parts, pad)
         return run
 
     width = max(len(p) for p in prompts)
@@ -401,14 +433,19 @@ def bench_rollout(model: LatentModel, tokenizer, args) -> dict:
                 return baseline.sample(model, prompts, eos, pad, baseline.SamplingSettings(**base))
         cases["baseline sampler, latents on"] = before
     for slots in [int(x) for x in args.slots.split(",") if x]:
-        cases[f"rlatent, latents on, {slots} slots"] = rlatent(args.p_start, slots=slots)
+        cases[f"rlatent, latents on, {slots} slots (continuous batching)"] = rlatent(args.p_start, slots=slots)
+        cases[f"rlatent, latents on, chunks of {slots} rows (lockstep)"] = rlatent(args.p_start, chunk=slots)
     if args.compile:
         cases["rlatent, latents on, compile"] = rlatent(args.p_start, compile=True)
     cases["rlatent, text only"] = rlatent(0.0)
     cases[HF] = hf
-    memory = {}
-    for label, fn in cases.items():  # one call each for the peak memory, before any timing (also a warm-up)
-        _, memory[label] = peak_memory_mib(fn, model.device)
+    if args.memory_case:  # the child process of `case_memory`: one call of one case in a fresh process
+        _, peak = peak_memory_mib(cases[args.memory_case], model.device)
+        print(json.dumps({"peak_mib": peak}))
+        raise SystemExit(0)
+    memory = {label: case_memory(label, args, model.device) for label in cases}
+    if model.device.type == "cuda":
+        memory = {label: peak_memory_mib(fn, model.device)[1] for label, fn in cases.items()}
     times, outputs, contention = interleaved(cases, args.repeats, args.max_wait, args.busy_threshold)
 
     results = {}
@@ -496,11 +533,20 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
 
     params = model.trainable_parameters()
 
-    def step(which: LatentBatch, gradient: str, backward: bool, cost: float = pass_cost):
+    baseline = None
+    if args.baseline_forward:  # another version's `forward`, run against this checkout's model code
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("baseline_forward", args.baseline_forward)
+        baseline = importlib.util.module_from_spec(spec)
+        sys.modules["baseline_forward"] = baseline
+        spec.loader.exec_module(baseline)
+
+    def step(which: LatentBatch, gradient: str, backward: bool, cost: float = pass_cost, fn=forward):
         def run():
             for p in params:
                 p.grad = None
-            out = forward(model, which, gradient=gradient, pass_cost=cost)  # with autograd recording, as in training
+            out = fn(model, which, gradient=gradient, pass_cost=cost)  # with autograd recording, as in training
             loss = loss_of(model, which, out.hidden)
             if backward:
                 loss.backward()
@@ -531,6 +577,11 @@ def bench_training(model: LatentModel, tokenizer, args) -> dict:
     for label, (which, gradient) in batches.items():
         cases[f"{label}|forward"] = step(which, gradient, backward=False) if gradient else step_stored(False)
         cases[f"{label}|step"] = step(which, gradient, backward=True) if gradient else step_stored(True)
+    if baseline is not None:
+        label = "recurrent, baseline forward"
+        batches[label] = (batch, "recurrent")
+        cases[f"{label}|forward"] = step(batch, "recurrent", backward=False, fn=baseline.forward)
+        cases[f"{label}|step"] = step(batch, "recurrent", backward=True, fn=baseline.forward)
     times, outputs, contention = interleaved(cases, args.repeats, args.max_wait, args.busy_threshold)
 
     results = {}

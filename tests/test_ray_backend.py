@@ -71,8 +71,10 @@ def assert_same_metrics(a, b):
         assert keys >= {"reward_mean", "loss", "grad_norm", "tokens_per_completion", "latents_per_completion"}
         for key in keys:
             if isinstance(ra[key], float):
-                # Bounded, not bitwise: the learner actor may run another number of torch threads.
-                assert math.isclose(ra[key], rb[key], rel_tol=1e-5, abs_tol=1e-7), (ra["step"], key, ra[key], rb[key])
+                # Bounded, not bitwise: the learner actor may run another number of torch threads. A deviation of
+                # the first ratio from 1 is itself float32 rounding (a few ulps of 1.0), so only its size is compared.
+                abs_tol = 1e-5 if key.endswith("_deviation") else 1e-7
+                assert math.isclose(ra[key], rb[key], rel_tol=1e-5, abs_tol=abs_tol), (ra["step"], key, ra[key], rb[key])
 
 
 @pytest.mark.slow

@@ -20,25 +20,27 @@ them is a comparison of two tensors (the invariant).
 every prompt at once) each hold one row; a queue of prompts refills a slot as
 soon as its row finishes (continuous batching), so a slow row never holds the
 others up. The KV cache is preallocated (`SlotCache`: slots x capacity per
-layer) and written in place; prompts are prefilled packed, and identical
-prompts (a GRPO group) are computed once. Each step computes one position for
-each of the first `A` slots. The bookkeeping (positions, block and latent
-counts, which row a slot holds) lives in device tensors and every write into
-the outputs is an index write, so a step has no host synchronisation; the host
-looks at which rows finished every `sync_every` steps (every step on a CPU,
-where that costs nothing), refills their slots, and, once the queue is empty,
-moves the last rows into the freed slots so that `A` shrinks with the work left
-(not with `compile`, which keeps every shape static). A finished row's slot
-computes garbage until then, written to a spare output row that is dropped.
+layer) and written in place; prompts are prefilled packed, identical prompts
+(a GRPO group) are computed once, and a queued prompt that a live slot already
+holds is copied from that slot instead of computed. Each step computes one
+position for each of the first `A` slots. The bookkeeping (positions, block
+and latent counts, which row a slot holds) lives in device tensors and every
+write into the outputs is an index write, so a step needs no host
+synchronisation; the host reads which rows finished every `sync_every` steps
+(every step on a CPU, where that costs nothing), refills their slots and, once
+the queue is empty, moves the last rows into the freed slots so that `A`
+shrinks with the work left (not with `compile`, which keeps every shape
+static). Until the host has looked, a finished row's slot computes garbage
+that is written to a spare output row, dropped at the end.
 
-Random draws are uniforms (and Gaussians for exploration noise) drawn for all
-slots at every step, whatever is running, so a seeded run is reproducible and a
-row's draws do not depend on when other rows finish. Decisions are
-`uniform < P(yes)`; tokens are the inverse of the (nucleus-restricted) CDF.
+Random draws (Bernoulli decisions, multinomial tokens, exploration noise) are
+taken over the live rows in row order, as the sampler always did, so a seeded
+run is reproducible and, with the default settings (every prompt in a slot,
+`sync_every` 1), draws exactly what the sampler drew before it had slots.
 
 Models whose attention rlatent's cache does not cover (`LatentModel.kv_unsupported`)
 run against Hugging Face's cache: every prompt in one left-padded prefill, no
-refills.
+refills, finished rows dropped from the cache.
 """
 
 from __future__ import annotations
@@ -196,13 +198,18 @@ class _SlotDecoder:
                 self._compiled, self._step = False, self._eager_step
         return self._eager_step(embeds, positions, latent, length)
 
-    def move(self, destination: torch.Tensor, source: torch.Tensor, length: int) -> None:
+    def compact(self, destination: torch.Tensor, source: torch.Tensor, count: int, length: int) -> None:
+        """Slots `source` move to slots `destination` (their first `length` columns); `count` slots stay in use."""
+        self.cache.move(destination, source, length)
+
+    def copy_prefix(self, destination: torch.Tensor, source: torch.Tensor, length: int) -> None:
+        """Slots `destination` start with the first `length` columns of slots `source` (a shared prompt)."""
         self.cache.move(destination, source, length)
 
 
 class _HFDecoder:
     """The model against Hugging Face's own cache, for models rlatent's attention does not cover: every prompt
-    in one left-padded prefill, then one column per step for every slot; no refills."""
+    in one left-padded prefill, then one column per step; no refills; finished rows leave the cache."""
 
     refills = False
 
@@ -227,8 +234,15 @@ class _HFDecoder:
         source = torch.cat([b * width + torch.arange(width - len(p), width) for b, p in enumerate(prompts)])
         return hidden[:, -1], hidden.reshape(-1, hidden.shape[-1]), source.to(device)
 
+    def compact(self, destination: torch.Tensor, source: torch.Tensor, count: int, length: int) -> None:
+        keep = torch.arange(self.attention.shape[0], device=self.attention.device)
+        keep[destination] = source
+        keep = keep[:count]
+        self.cache.batch_select_indices(keep)
+        self.attention = self.attention[keep]
+
     def step(self, embeds, positions, latent, length):
-        self.attention = torch.cat([self.attention, self.attention.new_ones(self.slots, 1)], 1)
+        self.attention = torch.cat([self.attention, self.attention.new_ones(embeds.shape[0], 1)], 1)
         hidden, self.cache = self.model.trunk(embeds[:, None], self.attention, positions[:, None], latent[:, None],
                                               self.cache, use_cache=True)
         return hidden[:, 0]
@@ -245,7 +259,7 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
     rows = len(prompts)
     own_cache = model.kv_unsupported is None
     slots = rows if settings.slots is None or not own_cache else max(1, min(settings.slots, rows))
-    static = settings.compile or not own_cache  # every step computes every slot at full capacity
+    static = settings.compile and own_cache  # every step computes every slot at full capacity
     sync_every = settings.sync_every or (1 if device.type == "cpu" else 8)
     width = max(len(p) for p in prompts)
     capacity = width + settings.max_new_tokens + settings.max_total_latents + 1
@@ -276,6 +290,8 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
     h = torch.zeros(slots, model.hidden_size, device=device, dtype=dtype)
     # What the host knows: the row each slot holds (None = free) and each slot's position (for the key length).
     queue = deque(range(rows))
+    keys = [tuple(p) for p in prompts]
+    prompt_state: dict[tuple[int, ...], torch.Tensor] = {}  # each prefilled prompt's last hidden state
     held: list[int | None] = [None] * slots
     at: list[int] = [0] * slots
     computed = 0  # slots 0..computed-1 run each step
@@ -291,17 +307,34 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
         if queue and free and (decoder.refills or forward_passes == 0):
             take = free[: len(queue)]
             new = [queue.popleft() for _ in take]
-            last, hidden, source = decoder.prefill(take, [prompts[r] for r in new])
-            forward_passes += 1
+            # A prompt some live slot already holds (the rest of a GRPO group) is copied from that slot, not computed.
+            donors: dict[tuple[int, ...], int] = {}
+            for s, r in enumerate(held):
+                if r is not None:
+                    donors.setdefault(keys[r], s)
+            copied = [(s, r, donors[keys[r]]) for s, r in zip(take, new) if keys[r] in donors]
+            fresh = [(s, r) for s, r in zip(take, new) if keys[r] not in donors]
+            if fresh:
+                last, hidden, source = decoder.prefill([s for s, _ in fresh], [prompts[r] for _, r in fresh])
+                forward_passes += 1
+                for (_, r), state in zip(fresh, last.to(dtype)):
+                    prompt_state[keys[r]] = state
+                if hidden_out is not None:
+                    rows_of = torch.cat([torch.full((len(prompts[r]),), r) for _, r in fresh]).to(device)
+                    positions_of = torch.cat([torch.arange(len(prompts[r])) for _, r in fresh]).to(device)
+                    hidden_out[rows_of, positions_of] = hidden[source].to(dtype)
+            if copied:
+                width_copied = max(len(prompts[r]) for _, r, _ in copied)
+                decoder.copy_prefix(torch.tensor([s for s, _, _ in copied], device=device),
+                                    torch.tensor([d for _, _, d in copied], device=device), width_copied)
+                if hidden_out is not None:
+                    for _, r, donor in copied:
+                        hidden_out[r, : len(prompts[r])] = hidden_out[held[donor], : len(prompts[r])]
             take_d, new_d = torch.tensor(take, device=device), torch.tensor(new, device=device)
             slot_row[take_d] = new_d
             position[take_d] = prompt_lengths[new_d] - 1
             counters[:, take_d] = 0
-            h[take_d] = last.to(dtype)
-            if hidden_out is not None:
-                rows_of = torch.cat([torch.full((len(prompts[r]),), r) for r in new]).to(device)
-                positions_of = torch.cat([torch.arange(len(prompts[r])) for r in new]).to(device)
-                hidden_out[rows_of, positions_of] = hidden[source].to(dtype)
+            h[take_d] = torch.stack([prompt_state[keys[r]] for r in new])
             for s, r in zip(take, new):
                 held[s], at[s] = r, len(prompts[r]) - 1
             computed = max(computed, max(take) + 1)
@@ -312,9 +345,10 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
         if not static and not queue and len(live) < computed:  # the queue is empty: move the last rows forward
             holes = [s for s in range(len(live)) if held[s] is None]
             movers = [s for s in live if s >= len(live)]
+            destination = torch.tensor(holes, dtype=torch.long, device=device)
+            source_slots = torch.tensor(movers, dtype=torch.long, device=device)
+            decoder.compact(destination, source_slots, len(live), max([at[s] for s in movers], default=0) + 1)
             if movers:
-                destination, source_slots = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
-                decoder.move(destination, source_slots, max(at[s] for s in movers) + 1)
                 for tensor in (slot_row, position, h):
                     tensor[destination] = tensor[source_slots]
                 counters[:, destination] = counters[:, source_slots]
