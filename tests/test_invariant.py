@@ -18,11 +18,11 @@ from rlatent.latent.sampler import SamplingSettings, sample
 TOLERANCE = 1e-9
 
 
-def build_model(model_dir, trunk, mode="latent", proj="norm_match"):
+def build_model(model_dir, trunk, mode="latent", proj="norm_match", device="cpu", dtype=torch.float64):
     torch.manual_seed(0)
     model, tokenizer = LatentModel.from_config(
         ModelConfig(name_or_path=str(model_dir), lora_r=4), LatentConfig(mode=mode, trunk=trunk, proj=proj, k=2),
-        dtype=torch.float64, device=torch.device("cpu"),
+        dtype=dtype, device=torch.device(device),
     )
     # Make the adapter and heads non-trivial (LoRA B starts at zero) and the heads eager to use latents.
     with torch.no_grad():

@@ -14,7 +14,7 @@ from test_invariant import build_model, sample_batch
 
 
 def loss_and_grads(model, out, batch):
-    loss = (out.hidden.sum(-1) * torch.linspace(-1, 1, batch.input_ids.shape[1])).pow(2).sum()
+    loss = (out.hidden.sum(-1) * torch.linspace(-1, 1, batch.input_ids.shape[1], device=out.hidden.device)).pow(2).sum()
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return loss, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]

@@ -7,6 +7,13 @@ byte-level BPE trained on arithmetic word-problem lines (digits and operators
 are tokens of their own, so numbers tokenise sensibly) with a chat template.
 
     python -m rlatent.model.tiny OUT_DIR [--architecture llama]
+    python -m rlatent.model.tiny OUT_DIR --like smollm2   # SmolLM2-135M's shapes, random weights
+
+`--like smollm2` gives a model with SmolLM2-135M's shapes (30 layers, hidden 576,
+grouped-query attention 9/3, vocabulary 49,152, tied embeddings) and random
+weights: what a speed or memory benchmark needs on a machine where the real
+weights cannot be had (a GPU machine with no network). Its tokenizer is the tiny
+one, so only the first few hundred token ids occur.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ from transformers import (
 )
 
 ARCHITECTURES = {"qwen2": Qwen2Config, "llama": LlamaConfig}
+# Real models' shapes, for benchmarks with random weights.
+SHAPES = {
+    "smollm2": dict(architecture="llama", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                    intermediate_size=1536, vocab_size=49_152, tie_embeddings=True, max_positions=8192),
+}
 VOCAB_SIZE = 400
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
@@ -96,24 +108,34 @@ def build_tiny_model(
     num_heads: int = 4,
     seed: int = 0,
     corpus: list[str] | None = None,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    vocab_size: int | None = None,
+    tie_embeddings: bool = False,
+    max_positions: int = 512,
 ) -> Path:
     """Save a random `architecture` model and its tokenizer to `path`; return it.
 
-    Deterministic: the same arguments give byte-identical weights.
+    Deterministic: the same arguments give byte-identical weights. By default the
+    key/value heads are half the query heads (grouped-query attention is
+    exercised), the MLP is 4x the hidden size and the vocabulary is the
+    tokenizer's; `vocab_size` may only make it larger.
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture: {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
     path = Path(path)
     tokenizer = build_tokenizer(corpus)
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size: {vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
     config = ARCHITECTURES[architecture](
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),  # exercise grouped-query attention
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
+        num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -134,7 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--like", choices=sorted(SHAPES), default=None,
+                        help="a real model's shapes with random weights (overrides the size options)")
     args = parser.parse_args(argv)
+    if args.like:
+        path = build_tiny_model(args.out_dir, seed=args.seed, **SHAPES[args.like])
+        print(f"random model with {args.like}'s shapes written to {path}")
+        return
     path = build_tiny_model(
         args.out_dir,
         architecture=args.architecture,
