@@ -198,13 +198,12 @@ class _SlotDecoder:
                 self._compiled, self._step = False, self._eager_step
         return self._eager_step(embeds, positions, latent, length)
 
-    def compact(self, destination: torch.Tensor, source: torch.Tensor, count: int, length: int) -> None:
-        """Slots `source` move to slots `destination` (their first `length` columns); `count` slots stay in use."""
+    def copy_prefix(self, destination: torch.Tensor, source: torch.Tensor, length: int) -> None:
+        """Slots `destination` take the first `length` columns of slots `source` (a shared prompt, a moved row)."""
         self.cache.move(destination, source, length)
 
-    def copy_prefix(self, destination: torch.Tensor, source: torch.Tensor, length: int) -> None:
-        """Slots `destination` start with the first `length` columns of slots `source` (a shared prompt)."""
-        self.cache.move(destination, source, length)
+    def compact(self, destination: torch.Tensor, source: torch.Tensor, count: int, length: int) -> None:
+        self.copy_prefix(destination, source, length)  # the first `count` slots stay in use; the rest idle
 
 
 class _HFDecoder:
@@ -308,10 +307,7 @@ def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: in
             take = free[: len(queue)]
             new = [queue.popleft() for _ in take]
             # A prompt some live slot already holds (the rest of a GRPO group) is copied from that slot, not computed.
-            donors: dict[tuple[int, ...], int] = {}
-            for s, r in enumerate(held):
-                if r is not None:
-                    donors.setdefault(keys[r], s)
+            donors = {keys[r]: s for s, r in reversed(list(enumerate(held))) if r is not None}  # lowest slot wins
             copied = [(s, r, donors[keys[r]]) for s, r in zip(take, new) if keys[r] in donors]
             fresh = [(s, r) for s, r in zip(take, new) if keys[r] not in donors]
             if fresh:
