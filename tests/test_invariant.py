@@ -19,10 +19,10 @@ TOLERANCE = 1e-9
 
 
 def build_model(model_dir, trunk, mode="latent", proj="norm_match", device="cpu", dtype=torch.float64):
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # initialised on the CPU (the same weights for every `device`), then moved
     model, tokenizer = LatentModel.from_config(
         ModelConfig(name_or_path=str(model_dir), lora_r=4), LatentConfig(mode=mode, trunk=trunk, proj=proj, k=2),
-        dtype=dtype, device=torch.device(device),
+        dtype=dtype, device=torch.device("cpu"),
     )
     # Make the adapter and heads non-trivial (LoRA B starts at zero) and the heads eager to use latents.
     with torch.no_grad():
@@ -31,7 +31,7 @@ def build_model(model_dir, trunk, mode="latent", proj="norm_match", device="cpu"
                 param.normal_(0, 0.05)
         model.start_head.net.bias.fill_(-0.5)
         model.stop_head.net.bias.fill_(-0.5)
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def sample_batch(model, tokenizer, seed=0, **settings):
