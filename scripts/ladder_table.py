@@ -38,11 +38,12 @@ def collect(root: Path) -> list[dict]:
     for run in sorted(p for p in root.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file()):
         row, _, seed = run.name.rpartition("-seed")
         metrics = read_metrics(run / "metrics.jsonl")
-        two_phase = any(r["phase"] == "grpo" for r in metrics)
+        # `rlatent train` names phase 1's evaluation test_sft (also when phase 2 was stopped before it finished)
+        two_phase = any(r["phase"] == "test_sft" for r in metrics)
         gains = next((r for r in reversed(metrics) if r["phase"] == "eval"), {})
         for phase, (two_name, one_name, two_stem, one_stem) in PHASES.items():
             name, stem = (two_name, two_stem) if two_phase else (one_name, one_stem)
-            if name is None or (phase == "grpo" and not two_phase):
+            if name is None:
                 continue
             record = {"row": row, "seed": int(seed or 0), "phase": phase, "run": str(run),
                       "gains": {k: gains.get(f"latent_gain_{k}") for k in ("zeros", "noise", "shuffle")}}

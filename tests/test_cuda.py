@@ -1,8 +1,11 @@
 """The same computation on a CUDA device as on the CPU (skipped where CUDA is not available).
 
-Float64 on both devices, so the comparisons are as tight as the CPU invariant tests: the sampler's slot cache,
-the packed recurrent forward and its gradients, and the compiled decode step must not depend on the device.
-One end-to-end `rlatent train` runs in the dtype a user gets by default on a GPU (`auto`: bfloat16).
+Float64 on both devices. Within one device the invariant holds to 1e-9 (the sampler's log-probs are what the
+training forward recomputes). Across devices the discrete outcome (tokens, blocks, decisions) must be identical
+and the values equal to float32 precision, not float64: Hugging Face computes the rotary cos/sin in float32
+whatever the model's dtype, and CUDA's float32 sin/cos differ from the CPU's in the last bits (the first H200
+run measured a 7e-8 relative difference in a float64 loss). One end-to-end `rlatent train` runs in the dtype a
+user gets by default on a GPU (`auto`: bfloat16).
 """
 
 import json
@@ -17,6 +20,8 @@ from rlatent.run.cli import main
 from test_invariant import build_model, recomputed_logprobs, sample_batch
 from test_kv_cache import assert_same, loss_and_grads, sample_prompts
 
+ACROSS_DEVICES = dict(rtol=1e-5, atol=1e-6)  # float32 rotary tables (module docstring)
+
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = dict(temperature=0.0, decisions="greedy", start_threshold=0.4)
@@ -24,6 +29,16 @@ GREEDY = dict(temperature=0.0, decisions="greedy", start_threshold=0.4)
 
 def on_cpu(traj):
     return traj.to(torch.device("cpu"))
+
+
+def assert_same_across_devices(a, b):
+    """Discrete outcome identical, values equal to float32 precision."""
+    for name in ("input_ids", "latent_mask", "attention_mask", "prompt_lengths"):
+        assert torch.equal(getattr(a.batch, name), getattr(b.batch, name)), name
+    assert torch.equal(a.finished, b.finished)
+    assert torch.equal(a.start_decided, b.start_decided) and torch.equal(a.stop_decided, b.stop_decided)
+    for name in ("token_logprobs", "start_logprobs", "stop_logprobs", "slot_inputs", "hidden"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), **ACROSS_DEVICES), name
 
 
 @pytest.mark.parametrize("trunk, mode, proj", [("shared", "latent", "norm_match"), ("two", "latent", "mlp"),
@@ -34,7 +49,7 @@ def test_sampler_on_cuda_matches_cpu(tiny_model_dir, trunk, mode, proj):
     expected = sample_prompts(cpu_model, tokenizer, **GREEDY)
     assert expected.batch.latent_mask.any() or mode == "pause"
     for slots in (None, 2):
-        assert_same(on_cpu(sample_prompts(cuda_model, tokenizer, slots=slots, **GREEDY)), expected, tolerance=1e-9)
+        assert_same_across_devices(on_cpu(sample_prompts(cuda_model, tokenizer, slots=slots, **GREEDY)), expected)
 
 
 def test_training_forward_recomputes_the_cuda_sampler(tiny_model_dir):
@@ -70,10 +85,10 @@ def test_packed_forward_and_gradients_on_cuda_match_cpu(tiny_model_dir):
         loss, grads = loss_and_grads(model, packed, on_device)
         results.append((loss.item(), [g.cpu() for g in grads]))
     (cpu_loss, cpu_grads), (cuda_loss, cuda_grads) = results
-    assert math.isclose(cpu_loss, cuda_loss, rel_tol=1e-9)
+    assert math.isclose(cpu_loss, cuda_loss, rel_tol=1e-6)
     assert any(g.abs().sum() > 0 for g in cuda_grads)
     for a, b in zip(cpu_grads, cuda_grads):
-        assert torch.allclose(a, b, atol=1e-9, rtol=1e-7)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
 
 
 def test_compiled_decode_step_on_cuda_samples_like_eager(tiny_model_dir):
