@@ -134,3 +134,14 @@ def test_compile_falls_back_to_eager(tiny_model_dir, monkeypatch):
     with pytest.warns(UserWarning, match="decoding eagerly"):
         compiled = sample_prompts(model, tokenizer, compile=True)
     assert_same(compiled, eager, tolerance=1e-12)
+
+
+def test_config_options_reach_the_sampler():
+    """`grpo.slots`, `grpo.compile` and `eval.compile` are what the rollouts and evaluations sample with."""
+    from rlatent.config import load_config
+
+    cfg = load_config(None, ["grpo.slots=3", "grpo.compile=true", "eval.compile=true"])
+    rollouts = SamplingSettings.for_rollouts(cfg)
+    assert rollouts.slots == 3 and rollouts.compile and rollouts.decisions == "sample"
+    assert SamplingSettings.from_config(cfg.latent, cfg.eval).compile
+    assert not SamplingSettings.from_config(cfg.latent, load_config(None, []).eval).compile

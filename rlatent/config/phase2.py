@@ -98,6 +98,11 @@ class GRPOConfig(Section):
     engine: Literal["rlatent", "vllm"] = "rlatent"
     """Rollout engine: rlatent's latent-aware sampler, or vLLM for text-only policies (`latent.mode: none`;
     needs the `vllm` extra). vLLM cannot feed hidden states back, so latent policies always use rlatent's."""
+    compile: bool = False
+    """As `eval.compile`, for the rollouts."""
+    slots: int | None = Field(None, ge=1)
+    """Rows the sampler computes at once (continuous batching: a finished row's slot takes the next queued
+    completion); null = every completion of the chunk at once, the fastest on a CPU."""
     rollout_chunks: int | None = Field(None, ge=1)
     """The step's prompts are split into this many chunks, each sampled with its own seed (seed, step,
     chunk): the unit a Ray rollout worker takes, and redoes if it dies. Equal chunks give equal rollouts on

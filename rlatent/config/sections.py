@@ -307,3 +307,6 @@ class EvalConfig(Section):
     """`rlatent eval`: checkpoint directory to load (null: the base model with fresh heads)."""
     engine: Literal["rlatent", "vllm"] = "rlatent"
     """Sampler for evaluation: rlatent's, or vLLM for text-only policies (`latent.mode: none`)."""
+    compile: bool = False
+    """`torch.compile` rlatent's shape-static decode step (CUDA graphs on a GPU, where a small model is bound
+    by kernel launches); the first batch pays the compilation; eager if compiling fails. Same samples."""

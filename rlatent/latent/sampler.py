@@ -78,14 +78,12 @@ class SamplingSettings:
 
     @classmethod
     def from_config(cls, latent_cfg, eval_cfg, **overrides) -> "SamplingSettings":
-        values = dict(
+        return cls(**{**dict(
             max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
             decisions=eval_cfg.decisions, start_threshold=latent_cfg.start_threshold,
             stop_threshold=latent_cfg.stop_threshold, max_latents_per_block=latent_cfg.max_latents_per_block,
             max_blocks=latent_cfg.max_blocks, max_total_latents=latent_cfg.max_total_latents,
-        )
-        values.update(overrides)
-        return cls(**values)
+            compile=eval_cfg.compile), **overrides})
 
     @classmethod
     def for_rollouts(cls, cfg) -> "SamplingSettings":
@@ -93,7 +91,8 @@ class SamplingSettings:
         g = cfg.grpo
         return cls(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, decisions="sample",
                    max_latents_per_block=cfg.latent.max_latents_per_block, max_blocks=cfg.latent.max_blocks,
-                   max_total_latents=cfg.latent.max_total_latents, latent_noise_std=g.latent_noise_std)
+                   max_total_latents=cfg.latent.max_total_latents, latent_noise_std=g.latent_noise_std,
+                   slots=g.slots, compile=g.compile)
 
     @property
     def logprob_temperature(self) -> float:
