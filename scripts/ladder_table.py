@@ -7,7 +7,8 @@ held-out problems and on the out-of-distribution ones, tokens / latents / forwar
 last phase-1 latent gains (zeros / noise / shuffle); then exact McNemar tests between rows on the same
 problems (per-problem outcomes from the samples files, which hold every problem when
 `eval.num_samples >= eval.limit`). A row evaluated after phase 2 as well (`rlatent train`) gets a second
-line. The JSON keeps every number, so the tables can be regenerated from it alone (`--from-json`).
+line, and a paired test against its own phase-1 start. The JSON keeps every number, so the tables can be
+regenerated from it alone (`--from-json`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,19 @@ def tables(records: list[dict]) -> str:
                 if oa and ob and len(oa) == len(ob):
                     only_a, only_b = discordant_pairs(oa, ob)
                     lines.append(f"| {a} | {b} | {split} | {only_a} | {only_b} | {mcnemar_exact(only_a, only_b):.4f} |")
+        lines.append("")
+    lifted = [row for row in order if pooled(records, row, "sft", "test") is not None
+              and pooled(records, row, "grpo", "test") is not None]
+    if lifted:  # the same policy before and after phase 2, on the same problems
+        lines += ["### Phase 2 against its own phase-1 start", "",
+                  "| row | split | phase 1 | phase 2 | phase 1 only | phase 2 only | p |", "|---|---|---:|---:|---:|---:|---:|"]
+        for row in lifted:
+            for split in ("test", "ood"):
+                before, after = pooled(records, row, "sft", split), pooled(records, row, "grpo", split)
+                if before and after and len(before) == len(after):
+                    only_before, only_after = discordant_pairs(before, after)
+                    lines.append(f"| {row} | {split} | {sum(before) / len(before):.3f} | {sum(after) / len(after):.3f} | "
+                                 f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} |")
         lines.append("")
     return "\n".join(lines)
 
