@@ -23,7 +23,12 @@ from rlatent.run.stats import discordant_pairs, mcnemar_exact, wilson_interval
 
 ROWS = ["cot", "nocot", "pause", "latent", "latent_two"]
 SPLITS = {"test": "", "ood": "_ood"}  # split -> suffix of its phase and samples file
-PHASES = {"sft": ("test_sft", "test", "eval_samples_sft", "eval_samples"), "grpo": ("test", None, "eval_samples", None)}
+# Where each phase's final evaluation is, by the kind of run: (metrics phase, samples file stem) per phase.
+RUN_KINDS = {
+    "train": {"sft": ("test_sft", "eval_samples_sft"), "grpo": ("test", "eval_samples")},  # `rlatent train`
+    "sft": {"sft": ("test", "eval_samples")},                                            # `rlatent sft`
+    "grpo": {"grpo": ("test", "eval_samples")},                  # `rlatent grpo` from grpo.init_checkpoint
+}
 
 
 def outcomes(run: Path, stem: str, suffix: str) -> list[int] | None:
@@ -39,13 +44,11 @@ def collect(root: Path) -> list[dict]:
     for run in sorted(p for p in root.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file()):
         row, _, seed = run.name.rpartition("-seed")
         metrics = read_metrics(run / "metrics.jsonl")
+        phases = {r["phase"] for r in metrics}
         # `rlatent train` names phase 1's evaluation test_sft (also when phase 2 was stopped before it finished)
-        two_phase = any(r["phase"] == "test_sft" for r in metrics)
+        kind = "train" if "test_sft" in phases else "sft" if "train" in phases else "grpo"
         gains = next((r for r in reversed(metrics) if r["phase"] == "eval"), {})
-        for phase, (two_name, one_name, two_stem, one_stem) in PHASES.items():
-            name, stem = (two_name, two_stem) if two_phase else (one_name, one_stem)
-            if name is None:
-                continue
+        for phase, (name, stem) in RUN_KINDS[kind].items():
             record = {"row": row, "seed": int(seed or 0), "phase": phase, "run": str(run),
                       "gains": {k: gains.get(f"latent_gain_{k}") for k in ("zeros", "noise", "shuffle")}}
             for split, suffix in SPLITS.items():
@@ -107,17 +110,19 @@ def tables(records: list[dict]) -> str:
                     only_a, only_b = discordant_pairs(oa, ob)
                     lines.append(f"| {a} | {b} | {split} | {only_a} | {only_b} | {mcnemar_exact(only_a, only_b):.4f} |")
         lines.append("")
-    lifted = [row for row in order if pooled(records, row, "sft", "test") is not None
-              and pooled(records, row, "grpo", "test") is not None]
-    if lifted:  # the same policy before and after phase 2, on the same problems
+    # The same policy before and after phase 2, on the same problems: one `rlatent train` run, or an
+    # `rlatent grpo` run named `<row>-grpo` started from row's checkpoint.
+    lifted = [(row, after) for row in order for after in (row, f"{row}-grpo")
+              if pooled(records, row, "sft", "test") is not None and pooled(records, after, "grpo", "test") is not None]
+    if lifted:
         lines += ["### Phase 2 against its own phase-1 start", "",
                   "| row | split | phase 1 | phase 2 | phase 1 only | phase 2 only | p |", "|---|---|---:|---:|---:|---:|---:|"]
-        for row in lifted:
+        for row, after_row in lifted:
             for split in ("test", "ood"):
-                before, after = pooled(records, row, "sft", split), pooled(records, row, "grpo", split)
+                before, after = pooled(records, row, "sft", split), pooled(records, after_row, "grpo", split)
                 if before and after and len(before) == len(after):
                     only_before, only_after = discordant_pairs(before, after)
-                    lines.append(f"| {row} | {split} | {sum(before) / len(before):.3f} | {sum(after) / len(after):.3f} | "
+                    lines.append(f"| {after_row} | {split} | {sum(before) / len(before):.3f} | {sum(after) / len(after):.3f} | "
                                  f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} |")
         lines.append("")
     return "\n".join(lines)
