@@ -62,12 +62,23 @@ def collect(root: Path) -> list[dict]:
     return records
 
 
-def pooled(records: list[dict], row: str, phase: str, split: str) -> list[int] | None:
-    """The row's per-problem outcomes over its seeds, concatenated in seed order (paired across rows)."""
-    runs = sorted((r for r in records if r["row"] == row and r["phase"] == phase and split in r), key=lambda r: r["seed"])
+def pooled(records: list[dict], row: str, phase: str, split: str, seeds: set[int] | None = None) -> list[int] | None:
+    """The row's per-problem outcomes over its seeds (or only `seeds`), concatenated in seed order."""
+    runs = sorted((r for r in records if r["row"] == row and r["phase"] == phase and split in r
+                   and (seeds is None or r["seed"] in seeds)), key=lambda r: r["seed"])
     if not runs or any(r[split]["outcomes"] is None for r in runs):
         return None
     return [o for r in runs for o in r[split]["outcomes"]]
+
+
+def paired(records: list[dict], a: tuple[str, str], b: tuple[str, str], split: str):
+    """Outcomes of (row, phase) `a` and `b` on the same problems: the seeds both have, in seed order."""
+    def seeds(row, phase):
+        return {r["seed"] for r in records if r["row"] == row and r["phase"] == phase and split in r}
+
+    common = seeds(*a) & seeds(*b)
+    oa, ob = pooled(records, *a, split, common), pooled(records, *b, split, common)
+    return (oa, ob) if common and oa and ob and len(oa) == len(ob) else (None, None)
 
 
 def fmt(x, digits=3):
@@ -101,12 +112,13 @@ def tables(records: list[dict]) -> str:
             lines.append(f"| {row} | {len(runs)} | {cells[0]} | {cells[1]} | {mean('tokens_per_answer'):.1f} | "
                          f"{mean('latents_per_answer'):.1f} | {mean('forward_passes_per_answer'):.1f} | "
                          + " | ".join(fmt(g, 4) for g in gains) + " |")
-        lines += ["", "Paired exact McNemar tests (same problems; `a only` / `b only`: problems only that row got right):",
+        lines += ["", "Paired exact McNemar tests (same problems, the seeds both rows have; `a only` / `b only`: problems "
+                  "only that row got right):",
                   "", "| a | b | split | a only | b only | p |", "|---|---|---|---:|---:|---:|"]
         for a, b in combinations(present, 2):
             for split in ("test", "ood"):
-                oa, ob = pooled(records, a, phase, split), pooled(records, b, phase, split)
-                if oa and ob and len(oa) == len(ob):
+                oa, ob = paired(records, (a, phase), (b, phase), split)
+                if oa:
                     only_a, only_b = discordant_pairs(oa, ob)
                     lines.append(f"| {a} | {b} | {split} | {only_a} | {only_b} | {mcnemar_exact(only_a, only_b):.4f} |")
         lines.append("")
@@ -119,8 +131,8 @@ def tables(records: list[dict]) -> str:
                   "| row | split | phase 1 | phase 2 | phase 1 only | phase 2 only | p |", "|---|---|---:|---:|---:|---:|---:|"]
         for row, after_row in lifted:
             for split in ("test", "ood"):
-                before, after = pooled(records, row, "sft", split), pooled(records, after_row, "grpo", split)
-                if before and after and len(before) == len(after):
+                before, after = paired(records, (row, "sft"), (after_row, "grpo"), split)
+                if before:
                     only_before, only_after = discordant_pairs(before, after)
                     lines.append(f"| {after_row} | {split} | {sum(before) / len(before):.3f} | {sum(after) / len(after):.3f} | "
                                  f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} |")
