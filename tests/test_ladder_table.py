@@ -1,0 +1,60 @@
+"""scripts/ladder_table.py on hand-built run directories: where each kind of run keeps each phase's
+evaluation, and paired tests only on the problems and seeds two rows share."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from rlatent.run.stats import mcnemar_exact
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ladder_table.py"
+
+
+@pytest.fixture(scope="module")
+def ladder_table():
+    spec = importlib.util.spec_from_file_location("ladder_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(root: Path, name: str, evaluations: dict[str, list[int]], trained: str | None):
+    """`evaluations`: metrics phase (test, test_sft, ...) -> per-problem outcomes; `trained`: train | grpo | None."""
+    run = root / name
+    (run / "samples").mkdir(parents=True)
+    rows = [{"phase": trained, "step": 1}] if trained else []
+    rows.append({"phase": "eval", "step": 1, "latent_gain_zeros": 0.1, "latent_gain_noise": 0.2,
+                 "latent_gain_shuffle": 0.03})
+    stems = {"test": "eval_samples", "test_sft": "eval_samples_sft"}
+    for phase, outcomes in evaluations.items():
+        base, ood = (phase[:-4], "_ood") if phase.endswith("_ood") else (phase, "")
+        rows.append({"phase": phase, "step": 1, "accuracy": sum(outcomes) / len(outcomes), "strict_match": 0.0,
+                     "tokens_per_answer": 10.0, "latents_per_answer": 2.0, "forward_passes_per_answer": 12.0,
+                     "problems": len(outcomes)})
+        lines = "".join(json.dumps({"correct": bool(o)}) + "\n" for o in outcomes)
+        (run / "samples" / f"{stems[base]}{ood}.jsonl").write_text(lines)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_each_kind_of_run_and_the_paired_tests(ladder_table, tmp_path):
+    a, b, c = [1, 0, 1, 0], [0, 0, 1, 1], [1, 1, 1, 0]
+    write_run(tmp_path, "pause-seed0", {"test": a}, trained="train")  # rlatent sft
+    write_run(tmp_path, "pause-seed1", {"test": b}, trained="train")
+    write_run(tmp_path, "latent-seed0", {"test_sft": b, "test": c}, trained="train")  # rlatent train, both phases
+    write_run(tmp_path, "nocot-seed0", {"test_sft": a}, trained="train")  # train stopped in phase 2
+    write_run(tmp_path, "pause-grpo-seed0", {"test": c}, trained="grpo")  # rlatent grpo from pause-seed0
+    records = ladder_table.collect(tmp_path)
+    kinds = sorted((r["row"], r["seed"], r["phase"], r["test"]["accuracy"]) for r in records if "test" in r)
+    assert kinds == [("latent", 0, "grpo", 0.75), ("latent", 0, "sft", 0.5), ("nocot", 0, "sft", 0.5),
+                     ("pause", 0, "sft", 0.5), ("pause", 1, "sft", 0.5), ("pause-grpo", 0, "grpo", 0.75)]
+    # pause has seeds 0 and 1, latent only 0: the pair is seed 0 against seed 0.
+    assert ladder_table.paired(records, ("pause", "sft"), ("latent", "sft"), "test") == (a, b)
+    assert ladder_table.paired(records, ("pause", "sft"), ("latent", "sft"), "ood") == (None, None)
+    table = ladder_table.tables(records)
+    assert "| pause | 2 | 0.500 [" in table and "(n=8)" in table
+    assert f"| pause | latent | test | 1 | 1 | {mcnemar_exact(1, 1):.4f} |" in table
+    lifted = table.split("### Phase 2 against its own phase-1 start")[1]
+    assert "| latent | test | 0.500 | 0.750 | 1 | 2 |" in lifted  # one train run, before and after
+    assert "| pause-grpo | test | 0.500 | 0.750 | 0 | 1 |" in lifted  # seed 0 of pause against its grpo run
