@@ -97,7 +97,7 @@ def tables(records: list[dict]) -> str:
                   "| row | seeds | accuracy [95% CI] | OOD accuracy [95% CI] | tokens/answer | latents/answer | "
                   "passes/answer | gain zeros | gain noise | gain shuffle |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in present:
-            runs = [r for r in records if r["row"] == row and r["phase"] == phase]
+            runs = [r for r in records if r["row"] == row and r["phase"] == phase and "test" in r]  # finished ones
             cells = []
             for split in ("test", "ood"):
                 o = pooled(records, row, phase, split)

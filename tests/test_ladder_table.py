@@ -45,6 +45,7 @@ def test_each_kind_of_run_and_the_paired_tests(ladder_table, tmp_path):
     write_run(tmp_path, "latent-seed0", {"test_sft": b, "test": c}, trained="train")  # rlatent train, both phases
     write_run(tmp_path, "nocot-seed0", {"test_sft": a}, trained="train")  # train stopped in phase 2
     write_run(tmp_path, "pause-grpo-seed0", {"test": c}, trained="grpo")  # rlatent grpo from pause-seed0
+    write_run(tmp_path, "latent-seed1", {}, trained="train")  # still training: no evaluation yet
     records = ladder_table.collect(tmp_path)
     kinds = sorted((r["row"], r["seed"], r["phase"], r["test"]["accuracy"]) for r in records if "test" in r)
     assert kinds == [("latent", 0, "grpo", 0.75), ("latent", 0, "sft", 0.5), ("nocot", 0, "sft", 0.5),
@@ -54,6 +55,7 @@ def test_each_kind_of_run_and_the_paired_tests(ladder_table, tmp_path):
     assert ladder_table.paired(records, ("pause", "sft"), ("latent", "sft"), "ood") == (None, None)
     table = ladder_table.tables(records)
     assert "| pause | 2 | 0.500 [" in table and "(n=8)" in table
+    assert "| latent | 1 | 0.500 [" in table  # the run still training is left out
     assert f"| pause | latent | test | 1 | 1 | {mcnemar_exact(1, 1):.4f} |" in table
     lifted = table.split("### Phase 2 against its own phase-1 start")[1]
     assert "| latent | test | 0.500 | 0.750 | 1 | 2 |" in lifted  # one train run, before and after
