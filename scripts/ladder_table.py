@@ -112,15 +112,16 @@ def tables(records: list[dict]) -> str:
             lines.append(f"| {row} | {len(runs)} | {cells[0]} | {cells[1]} | {mean('tokens_per_answer'):.1f} | "
                          f"{mean('latents_per_answer'):.1f} | {mean('forward_passes_per_answer'):.1f} | "
                          + " | ".join(fmt(g, 4) for g in gains) + " |")
-        lines += ["", "Paired exact McNemar tests (same problems, the seeds both rows have; `a only` / `b only`: problems "
-                  "only that row got right):",
-                  "", "| a | b | split | a only | b only | p |", "|---|---|---|---:|---:|---:|"]
-        for a, b in combinations(present, 2):
-            for split in ("test", "ood"):
-                oa, ob = paired(records, (a, phase), (b, phase), split)
-                if oa:
-                    only_a, only_b = discordant_pairs(oa, ob)
-                    lines.append(f"| {a} | {b} | {split} | {only_a} | {only_b} | {mcnemar_exact(only_a, only_b):.4f} |")
+        if len(present) > 1:
+            lines += ["", "Paired exact McNemar tests (same problems, the seeds both rows have; "
+                      "`a only` / `b only`: problems only that row got right):",
+                      "", "| a | b | split | a only | b only | p |", "|---|---|---|---:|---:|---:|"]
+            for a, b in combinations(present, 2):
+                for split in ("test", "ood"):
+                    oa, ob = paired(records, (a, phase), (b, phase), split)
+                    if oa:
+                        only_a, only_b = discordant_pairs(oa, ob)
+                        lines.append(f"| {a} | {b} | {split} | {only_a} | {only_b} | {mcnemar_exact(only_a, only_b):.4f} |")
         lines.append("")
     # The same policy before and after phase 2, on the same problems: one `rlatent train` run, or an
     # `rlatent grpo` run named `<row>-grpo` started from row's checkpoint.
