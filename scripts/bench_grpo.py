@@ -55,6 +55,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing; `rewards` is a top-level package
 
+import peak_rss  # noqa: E402 - scripts/peak_rss.py, beside this script
+
 LORA_R, LORA_ALPHA = 16, 32.0
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
@@ -325,32 +327,6 @@ def summarise(name: str, steps: list[dict], args, trainable: int) -> dict:
     return out
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def start_peak_rss() -> int | None:
-    """Reset the process's peak-RSS counter (Linux: /proc/self/clear_refs); returns the resident KiB now."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return _status_kib("VmRSS")
-
-
-def peak_rss_above(before: int | None) -> float | None:
-    """Peak resident MiB since `start_peak_rss` above what was resident then (None off Linux). The side run
-    second reuses memory the first one's allocator kept, so its figure is a lower bound."""
-    peak = _status_kib("VmHWM")
-    return None if before is None or peak is None else (peak - before) / 1024
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     missing = [m for m in ("trl", "peft", "datasets") if importlib.util.find_spec(m) is None]
@@ -386,12 +362,12 @@ def main(argv=None) -> int:
         sides = [s for s in ("rlatent", "trl") if args.only in ("both", s)]
         for side in reversed(sides) if args.trl_first else sides:
             print(f"{'rlatent' if side == 'rlatent' else 'TRL'}:", flush=True)
-            before = start_peak_rss()
+            before = peak_rss.start()
             if side == "rlatent":
                 result["rlatent"] = run_rlatent(args, path, workdir)
             else:
                 result["trl_result"] = run_trl(args, path, workdir)
-            result["rlatent" if side == "rlatent" else "trl_result"]["peak_rss_mib"] = peak_rss_above(before)
+            result["rlatent" if side == "rlatent" else "trl_result"]["peak_rss_mib"] = peak_rss.mib_above(before)
         result["order"] = "trl-first" if args.trl_first else "rlatent-first"
     result["load_avg_after"] = load_avg()
 

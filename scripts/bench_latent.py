@@ -49,6 +49,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import peak_rss  # noqa: E402 - scripts/peak_rss.py, beside this script
+
 import torch
 import torch.nn.functional as F
 
@@ -197,16 +199,6 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peak_memory_mib(fn, device: torch.device) -> tuple[object, float | None]:
     """Run `fn` once; returns (its result, its peak memory above what was in use before, MiB). CUDA: allocated
     tensor memory (`torch.cuda.max_memory_allocated`). CPU: the process's peak resident size (VmHWM, reset
@@ -222,14 +214,8 @@ def peak_memory_mib(fn, device: torch.device) -> tuple[object, float | None]:
     import gc
 
     gc.collect()
-    before = _rss_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return fn(), None
-    result = fn()
-    peak = _rss_kib("VmHWM")
-    return result, None if before is None or peak is None else (peak - before) / 1024
+    before = peak_rss.start()
+    return fn(), peak_rss.mib_above(before)
 
 
 def load_model(args, workdir: Path) -> tuple[LatentModel, object, str]:

