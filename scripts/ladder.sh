@@ -6,6 +6,8 @@
 # Rows (one override apart from CONFIG): text CoT (none, insert), no-CoT (none, replace), pause (pause,
 # replace), latent (latent, replace), latent two-trunk; the levers latent_soft and latent_gated on request.
 # Every row shares CONFIG's curriculum and data. Environment:
+#   LADDER_PLACEMENT=replace            how the rows other than CoT remove the written step: `replace` (its
+#                                       expression) or `step` (its whole line; the graph task needs this)
 #   LADDER_ROWS="cot nocot pause latent latent_two"   which rows (any of the names above)
 #   LADDER_PHASE2_ROWS="latent pause"   rows run as `rlatent train` (phase 1, then phase 2 at the same budget)
 #   LADDER_PHASE2="grpo.steps=40 ..."   overrides for phase 2 (default: none)
@@ -15,14 +17,15 @@
 # `python scripts/ladder_table.py OUT_DIR` then writes the table (Wilson intervals, paired McNemar tests).
 set -euo pipefail
 config="$1"; out="$2"; seeds="${3:-0}"; shift $(( $# < 3 ? $# : 3 ))
+removed="latent.placement=${LADDER_PLACEMENT:-replace}"
 declare -A rows=(
   [cot]="latent.mode=none latent.placement=insert"
-  [nocot]="latent.mode=none latent.placement=replace"
-  [pause]="latent.mode=pause latent.placement=replace"
-  [latent]="latent.mode=latent latent.placement=replace"
-  [latent_two]="latent.mode=latent latent.placement=replace latent.trunk=two"
-  [latent_soft]="latent.mode=latent latent.placement=replace latent.proj=soft"
-  [latent_gated]="latent.mode=latent latent.placement=replace latent.proj=gated"
+  [nocot]="latent.mode=none $removed"
+  [pause]="latent.mode=pause $removed"
+  [latent]="latent.mode=latent $removed"
+  [latent_two]="latent.mode=latent $removed latent.trunk=two"
+  [latent_soft]="latent.mode=latent $removed latent.proj=soft"
+  [latent_gated]="latent.mode=latent $removed latent.proj=gated"
 )
 phase2_rows=" ${LADDER_PHASE2_ROWS:-} "
 jobs="${LADDER_JOBS:-1}"

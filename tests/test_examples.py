@@ -111,6 +111,25 @@ def test_curriculum_stages_convert_the_first_marks_and_leave_the_rest_written():
     assert answer_segments(NATALIA, 2, "insert", latent_marks=5) == answer_segments(NATALIA, 2, "insert")
 
 
+def test_step_placement_replaces_each_marked_line_as_coconut_does():
+    """`step`: the mark's whole line goes and one block stands for it; with k=0 (no-CoT) only the lines
+    without a mark remain; the curriculum converts the first lines and leaves the rest written."""
+    assert answer_segments(NATALIA, 2, "step") == [4, "#### 72"]  # two lines back to back: one block
+    assert answer_segments(NATALIA, 0, "step") == ["#### 72"]
+    assert answer_segments(NATALIA, 3, "step", latent_marks=1) == [
+        3, "Natalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"]
+    lead = "Intro line.\n" + NATALIA
+    assert answer_segments(lead, 2, "step")[:2] == ["Intro line.\n", 4]
+
+
+def test_step_placement_counts_every_mark_on_a_removed_line():
+    answer = "a <<1+1=2>>2 and <<2+2=4>>4\nb <<3*3=9>>9\n#### 9"
+    assert answer_segments(answer, 2, "step") == [6, "#### 9"]
+    # The first mark converted takes its line, the second mark's with it; that mark adds no latents.
+    assert answer_segments(answer, 2, "step", latent_marks=1) == [2, "b 9\n#### 9"]
+    assert answer_segments(answer, 2, "step", latent_marks=2) == [4, "b 9\n#### 9"]
+
+
 def test_unknown_placement():
     with pytest.raises(ValueError, match="placement"):
         answer_segments(NATALIA, 2, "before")
@@ -123,6 +142,9 @@ def test_no_empty_text_pieces_in_synthetic_answers():
             assert all(s != "" for s in segments)
             assert all(type(a) is not type(b) for a, b in itertools.pairwise(segments))
             assert sum(isinstance(s, int) for s in segments) == problem.answer.count("<<")
+        steps = answer_segments(problem.answer, 2, "step")
+        assert all(s != "" for s in steps) and "<<" not in "".join(s for s in steps if isinstance(s, str))
+        assert sum(s for s in steps if isinstance(s, int)) == 2 * problem.answer.count("<<")
 
 
 PROBLEM = Problem("How many clips?", NATALIA, "72", "test:1")

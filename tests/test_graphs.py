@@ -95,6 +95,18 @@ def test_one_latent_block_per_hop(placement, tiny_tokenizer):
         assert sum(example.next_step_mask) > 0
 
 
+def test_step_placement_removes_every_hop(tiny_tokenizer):
+    """`step`: each hop's line becomes its block (one block for the back-to-back hops), so the conclusion
+    follows the latents directly; with k=0 it is no-CoT, the conclusion alone."""
+    for p in generate_graph_problems(30, seed=3, min_hops=1, max_hops=5):
+        hops = len(parse_marks(p.answer))
+        conclusion = p.answer[p.answer.index("So "):]
+        assert answer_segments(p.answer, k=2, placement="step") == [2 * hops, conclusion]
+        assert answer_segments(p.answer, k=0, placement="step") == [conclusion]
+        example = build_example(p, tiny_tokenizer, 2, "step")
+        assert sum(example.latent_mask) == 2 * hops and sum(example.next_step_mask) > 0
+
+
 def test_validation():
     with pytest.raises(ValueError, match="min_hops"):
         generate_graph_problems(1, seed=0, min_hops=3, max_hops=2)

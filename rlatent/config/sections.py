@@ -93,9 +93,11 @@ class LatentConfig(Section):
     """`proj: soft`: temperature of the mixture weights (lower: closer to the greedy token)."""
     k: int = Field(2, ge=1)
     """Latents per calculator mark in the supervised warm start."""
-    placement: Literal["insert", "replace"] = "insert"
+    placement: Literal["insert", "replace", "step"] = "insert"
     """`insert`: latents before the written result. `replace`: latents also replace the written
-    expression, so the computation can only happen inside them (sharper test, fewer tokens)."""
+    expression, so the computation can only happen inside them (sharper test, fewer tokens). `step`:
+    latents replace the mark's whole line, as Coconut replaces reasoning steps (the graph task's hops
+    are only removed this way). With `mode: none`, `replace` and `step` are no-CoT for those steps."""
     gradient: Literal["recurrent", "detached"] = "recurrent"
     """`recurrent`: exact gradients through the latent recurrence (one pass per latent wave).
     `detached`: latents fed as fixed inputs, no gradient through them. With stored latents (GRPO's

@@ -1,7 +1,7 @@
 """From a problem to a supervised example with latent blocks (phase 1).
 
 Each calculator mark is where a hard step happens, so that is where a block of
-`k` latents goes. Two placements:
+`k` latents goes. Three placements:
 
 - `insert`: the block stands where the mark stood, after the written
   expression and before the result: `48/2 = [z z] 24 clips`. The model can
@@ -9,6 +9,11 @@ Each calculator mark is where a hard step happens, so that is where a block of
 - `replace`: the written expression (and its `=`) goes too:
   `Natalia sold [z z] 24 clips`. The computation can only happen inside the
   latents -- the sharper test of whether they are used, and fewer tokens.
+- `step`: the whole line holding the mark goes, as Coconut replaces each
+  reasoning step of its GSM8K-Aug and ProsQA answers with continuous thoughts:
+  `Answer: [z z z z] #### 72`. Needed where a step's result is more than a
+  number after an expression (a graph-search hop "Every wumpus is a yimpus.":
+  `replace` leaves it written), and the setting of Coconut's published ladder.
 
 Whitespace (and a currency sign) standing just before a mark moves after the block, to
 the start of the result, so the result tokenises as it would in running text
@@ -24,7 +29,7 @@ from rlatent.data.gsm8k import Problem
 from rlatent.errors import ModelError
 from rlatent.data.marks import parse_marks, strip_marks
 
-PLACEMENTS = ("insert", "replace")
+PLACEMENTS = ("insert", "replace", "step")
 # Without a chat template; the answer follows after one space.
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
 LATENT_TEXT = "[z]"
@@ -40,11 +45,15 @@ def answer_segments(answer: str, k: int, placement: str = "insert", latent_marks
 
     Marks are stripped. Each of the first `latent_marks` marks (all when None)
     becomes a block of `k` latents, `placement` saying whether the written
-    expression before it stays (`insert`) or goes (`replace`); the marks after
-    those stay written as text, as in a chain-of-thought answer (the stages of
-    a Coconut-style curriculum). With `k == 0` no mark gets a block: `insert`
+    expression before it stays (`insert`) or goes (`replace`), or its whole
+    line goes (`step`: the block stands where the line stood; a later mark on
+    a line already gone adds its `k` to that block). The marks after those
+    stay written as text, as in a chain-of-thought answer (the stages of a
+    Coconut-style curriculum). With `k == 0` no mark gets a block: `insert`
     gives the stripped answer (text CoT), `replace` removes the expressions
-    too (no-CoT for those steps: the result is written with nothing before it).
+    too (no-CoT for those steps: the result is written with nothing before
+    it), `step` removes the steps' lines (no-CoT: only the lines without a
+    mark, such as the final `#### N`, remain).
     Adjacent text pieces are merged, so are adjacent blocks (consecutive
     latents are one block), and no text piece is empty.
     """
@@ -58,6 +67,13 @@ def answer_segments(answer: str, k: int, placement: str = "insert", latent_marks
     for index, mark in enumerate(parse_marks(answer)):
         converted = latent_marks is None or index < latent_marks
         size = k if converted else 0
+        if placement == "step" and (converted or mark.start < cursor):
+            if mark.start >= cursor:  # this mark's line goes, from its start to its line break
+                pending += answer[cursor : answer.rfind("\n", cursor, mark.start) + 1]
+                line_end = answer.find("\n", mark.end)
+                cursor = len(answer) if line_end < 0 else line_end + 1
+            pending = _add_block(segments, pending, size)
+            continue
         before = answer[cursor : mark.start]
         if size and not before and segments and isinstance(segments[-1], int):
             segments[-1] += size  # back-to-back marks: one block; the carried space waits
@@ -76,20 +92,27 @@ def answer_segments(answer: str, k: int, placement: str = "insert", latent_marks
             spaces = removed[: len(removed) - len(removed.lstrip(" \t"))]
         else:
             spaces = lead.group(1)
-        pending += before[:cut]
-        if size:
-            if pending:
-                segments.append(pending)
-                pending = ""
-            if segments and isinstance(segments[-1], int):
-                segments[-1] += size  # the text between two marks was all expression
-            else:
-                segments.append(size)
+        pending = _add_block(segments, pending + before[:cut], size)
         pending, cursor = pending + spaces + lead.group(2), mark.end
     pending += answer[cursor:]
     if pending:
         segments.append(pending)
     return segments
+
+
+def _add_block(segments: list[str | int], pending: str, size: int) -> str:
+    """Append the `pending` text (when any) and a block of `size` latents (none when 0) to `segments`,
+    a block right after a block growing it (the text between two marks was all expression, or a
+    step's line); the text still pending: "" once a block was added."""
+    if not size:
+        return pending
+    if pending:
+        segments.append(pending)
+    if segments and isinstance(segments[-1], int):
+        segments[-1] += size
+    else:
+        segments.append(size)
+    return ""
 
 
 def _expression_start(text: str, end: int) -> int:
