@@ -7,7 +7,8 @@ held-out problems and on the out-of-distribution ones, tokens / latents / forwar
 last phase-1 latent gains (zeros / noise / shuffle); then exact McNemar tests between rows on the same
 problems (per-problem outcomes from the samples files, which hold every problem when
 `eval.num_samples >= eval.limit`). A row evaluated after phase 2 as well (`rlatent train`) gets a second
-line, and a paired test against its own phase-1 start. The JSON keeps every number, so the tables can be
+line, and a paired test against its own phase-1 start; so does an `rlatent grpo` run, against the row whose
+checkpoint its `grpo.init_checkpoint` names. The JSON keeps every number, so the tables can be
 regenerated from it alone (`--from-json`).
 """
 
@@ -17,6 +18,8 @@ import argparse
 import json
 from itertools import combinations
 from pathlib import Path
+
+import yaml
 
 from rlatent.io.run_dir import read_metrics
 from rlatent.run.stats import discordant_pairs, mcnemar_exact, wilson_interval
@@ -38,6 +41,19 @@ def outcomes(run: Path, stem: str, suffix: str) -> list[int] | None:
     return [int(json.loads(line)["correct"]) for line in path.read_text().splitlines() if line.strip()]
 
 
+def start_row(run: Path, row: str) -> str:
+    """The row whose phase-1 checkpoint an `rlatent grpo` run started from (its `grpo.init_checkpoint`,
+    `<row>-seed<s>/checkpoints/step_N`); without one, what the name says (`<row>-grpo`, or an
+    `rlatent train` run's own row)."""
+    config = run / "config.yaml"
+    init = (yaml.safe_load(config.read_text()) or {}).get("grpo", {}).get("init_checkpoint") if config.is_file() else None
+    return Path(init).parent.parent.name.rpartition("-seed")[0] if init else named_start(row)
+
+
+def named_start(row: str) -> str:
+    return row.removesuffix("-grpo")
+
+
 def collect(root: Path) -> list[dict]:
     """One record per (row, seed, phase) with its metrics and per-problem outcomes."""
     records = []
@@ -50,6 +66,7 @@ def collect(root: Path) -> list[dict]:
         gains = next((r for r in reversed(metrics) if r["phase"] == "eval"), {})
         for phase, (name, stem) in RUN_KINDS[kind].items():
             record = {"row": row, "seed": int(seed or 0), "phase": phase, "run": str(run),
+                      "start": start_row(run, row) if phase == "grpo" else row,
                       "gains": {k: gains.get(f"latent_gain_{k}") for k in ("zeros", "noise", "shuffle")}}
             for split, suffix in SPLITS.items():
                 found = [r for r in metrics if r["phase"] == name + suffix]
@@ -124,9 +141,10 @@ def tables(records: list[dict]) -> str:
                         lines.append(f"| {a} | {b} | {split} | {only_a} | {only_b} | {mcnemar_exact(only_a, only_b):.4f} |")
         lines.append("")
     # The same policy before and after phase 2, on the same problems: one `rlatent train` run, or an
-    # `rlatent grpo` run named `<row>-grpo` started from row's checkpoint.
-    lifted = [(row, after) for row in order for after in (row, f"{row}-grpo")
-              if pooled(records, row, "sft", "test") is not None and pooled(records, after, "grpo", "test") is not None]
+    # `rlatent grpo` run from a row's phase-1 checkpoint (JSON written before "start" was kept: by name).
+    starts = {rec["row"]: rec.get("start", named_start(rec["row"])) for rec in records if rec["phase"] == "grpo"}
+    lifted = [(starts[after], after) for after in order if after in starts
+              if pooled(records, starts[after], "sft", "test") is not None and pooled(records, after, "grpo", "test") is not None]
     if lifted:
         lines += ["### Phase 2 against its own phase-1 start", "",
                   "| row | split | phase 1 | phase 2 | phase 1 only | phase 2 only | p |", "|---|---|---:|---:|---:|---:|---:|"]

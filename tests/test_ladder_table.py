@@ -60,3 +60,16 @@ def test_each_kind_of_run_and_the_paired_tests(ladder_table, tmp_path):
     lifted = table.split("### Phase 2 against its own phase-1 start")[1]
     assert "| latent | test | 0.500 | 0.750 | 1 | 2 |" in lifted  # one train run, before and after
     assert "| pause-grpo | test | 0.500 | 0.750 | 0 | 1 |" in lifted  # seed 0 of pause against its grpo run
+
+
+def test_a_grpo_run_is_paired_with_the_row_its_init_checkpoint_names(ladder_table, tmp_path):
+    before, after = [1, 0, 0, 0], [1, 1, 1, 0]
+    write_run(tmp_path, "latent-seed0", {"test": before}, trained="train")
+    write_run(tmp_path, "latent_explore-seed0", {"test": after}, trained="grpo")
+    init = tmp_path / "latent-seed0" / "checkpoints" / "step_000120"
+    (tmp_path / "latent_explore-seed0" / "config.yaml").write_text(f"grpo:\n  init_checkpoint: {init}\n")
+    records = ladder_table.collect(tmp_path)
+    assert {(r["row"], r["phase"], r["start"]) for r in records} == {
+        ("latent", "sft", "latent"), ("latent_explore", "grpo", "latent")}
+    lifted = ladder_table.tables(records).split("### Phase 2 against its own phase-1 start")[1]
+    assert "| latent_explore | test | 0.250 | 0.750 | 0 | 2 |" in lifted
