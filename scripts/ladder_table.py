@@ -63,11 +63,12 @@ def collect(root: Path) -> list[dict]:
         phases = {r["phase"] for r in metrics}
         # `rlatent train` names phase 1's evaluation test_sft (also when phase 2 was stopped before it finished)
         kind = "train" if "test_sft" in phases else "sft" if "train" in phases else "grpo"
-        gains = next((r for r in reversed(metrics) if r["phase"] == "eval"), {})
+        gains = next((r for r in reversed(metrics) if r["phase"] == "eval"), {})  # phase 1's diagnostics
         for phase, (name, stem) in RUN_KINDS[kind].items():
             record = {"row": row, "seed": int(seed or 0), "phase": phase, "run": str(run),
                       "start": start_row(run, row) if phase == "grpo" else row,
-                      "gains": {k: gains.get(f"latent_gain_{k}") for k in ("zeros", "noise", "shuffle")}}
+                      "gains": {k: gains.get(f"latent_gain_{k}") if phase == "sft" else None
+                                for k in ("zeros", "noise", "shuffle")}}
             for split, suffix in SPLITS.items():
                 found = [r for r in metrics if r["phase"] == name + suffix]
                 if found:
