@@ -51,6 +51,8 @@ def start_row(run: Path, row: str) -> str:
 
 
 def named_start(row: str) -> str:
+    """The start a run's name gives: `<row>-grpo` started from `<row>` (the convention the JSON of older
+    ladders, which kept no "start", relies on)."""
     return row.removesuffix("-grpo")
 
 
