@@ -33,7 +33,8 @@ def main() -> None:
     counts, stated = Counter(), 0
     for row in rows:
         hops = walk(row["completion"])
-        stated += bool(hops) and all(hop in set(FACT.findall(row["question"])) for hop in hops)
+        facts = set(FACT.findall(row["question"]))
+        stated += bool(hops) and all(hop in facts for hop in hops)
         asked = QUESTION.search(row["question"]).group(1)
         ends_there = bool(hops) and hops[-1].rsplit(" is a ", 1)[1] == asked
         counts[(row["reference"], ends_there, row["predicted"])] += 1

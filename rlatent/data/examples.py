@@ -67,11 +67,13 @@ def answer_segments(answer: str, k: int, placement: str = "insert", latent_marks
     for index, mark in enumerate(parse_marks(answer)):
         converted = latent_marks is None or index < latent_marks
         size = k if converted else 0
-        if placement == "step" and (converted or mark.start < cursor):
-            if mark.start >= cursor:  # this mark's line goes, from its start to its line break
-                pending += answer[cursor : answer.rfind("\n", cursor, mark.start) + 1]
-                line_end = answer.find("\n", mark.end)
-                cursor = len(answer) if line_end < 0 else line_end + 1
+        if placement == "step" and mark.start < cursor:  # its line went with an earlier mark's
+            pending = _add_block(segments, pending, size)
+            continue
+        if placement == "step" and converted:  # its line goes, from the line's start to its line break
+            pending += answer[cursor : answer.rfind("\n", cursor, mark.start) + 1]
+            line_end = answer.find("\n", mark.end)
+            cursor = len(answer) if line_end < 0 else line_end + 1
             pending = _add_block(segments, pending, size)
             continue
         before = answer[cursor : mark.start]
