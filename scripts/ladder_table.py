@@ -6,7 +6,9 @@ Per row (run directory `<row>-seed<s>`, pooled over seeds): accuracy with its Wi
 held-out problems and on the out-of-distribution ones, tokens / latents / forward passes per answer, the
 last phase-1 latent gains (zeros / noise / shuffle); then exact McNemar tests between rows on the same
 problems (per-problem outcomes from the samples files, which hold every problem when
-`eval.num_samples >= eval.limit`). A row evaluated after phase 2 as well (`rlatent train`) gets a second
+`eval.num_samples >= eval.limit`). Beside the rows, a `constant answer` row gives every problem the
+commonest reference answer of its split: on a Yes/No task a row must beat it to show that it reads the
+question at all. A row evaluated after phase 2 as well (`rlatent train`) gets a second
 line, and a paired test against its own phase-1 start; so does an `rlatent grpo` run, against the row whose
 checkpoint its `grpo.init_checkpoint` names. The JSON keeps every number, so the tables can be
 regenerated from it alone (`--from-json`).
@@ -22,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from rlatent.io.run_dir import read_metrics
-from rlatent.run.stats import discordant_pairs, mcnemar_exact, wilson_interval
+from rlatent.run.stats import constant_answer, discordant_pairs, mcnemar_exact, wilson_interval
 
 ROWS = ["cot", "nocot", "pause", "latent", "latent_two"]
 SPLITS = {"test": "", "ood": "_ood"}  # split -> suffix of its phase and samples file
@@ -34,11 +36,14 @@ RUN_KINDS = {
 }
 
 
-def outcomes(run: Path, stem: str, suffix: str) -> list[int] | None:
+CONSTANT = "constant answer"
+
+
+def samples(run: Path, stem: str, suffix: str) -> list[dict] | None:
     path = run / "samples" / f"{stem}{suffix}.jsonl"
     if not path.is_file():
         return None
-    return [int(json.loads(line)["correct"]) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def start_row(run: Path, row: str) -> str:
@@ -77,7 +82,9 @@ def collect(root: Path) -> list[dict]:
                     record[split] = {k: found[-1].get(k) for k in ("accuracy", "strict_match", "tokens_per_answer",
                                                                    "latents_per_answer", "forward_passes_per_answer",
                                                                    "problems")}
-                    record[split]["outcomes"] = outcomes(run, stem, suffix)
+                    found = samples(run, stem, suffix)
+                    record[split]["outcomes"] = None if found is None else [int(x["correct"]) for x in found]
+                    record[split]["references"] = None if found is None else [x.get("reference") for x in found]
             records.append(record)
     return records
 
@@ -101,6 +108,28 @@ def paired(records: list[dict], a: tuple[str, str], b: tuple[str, str], split: s
     return (oa, ob) if common and oa and ob and len(oa) == len(ob) else (None, None)
 
 
+def constant_answer_records(records: list[dict]) -> list[dict]:
+    """The `constant answer` row (`rlatent.run.stats.constant_answer`), one record per seed and phase the
+    rows have: on each split, the commonest reference of the problems every row of a seed was graded on."""
+    references = {split: {} for split in SPLITS}  # split -> seed -> references, the same for every row
+    for rec in records:
+        for split in SPLITS:
+            if rec.get(split, {}).get("references") and None not in rec[split]["references"]:
+                references[split].setdefault(rec["seed"], rec[split]["references"])
+    answers = {split: constant_answer(refs) for split, refs in references.items() if refs}
+    constant = []
+    for phase in sorted({rec["phase"] for rec in records}):
+        for seed in sorted(references["test"]):
+            record = {"row": CONSTANT, "seed": seed, "phase": phase, "start": CONSTANT,
+                      "gains": dict.fromkeys(("zeros", "noise", "shuffle"))}
+            for split, (answer, outcomes) in answers.items():
+                if seed in outcomes:
+                    record[split] = {"answer": answer, "accuracy": sum(outcomes[seed]) / len(outcomes[seed]),
+                                     "outcomes": outcomes[seed], "problems": len(outcomes[seed])}
+            constant.append(record)
+    return constant
+
+
 def fmt(x, digits=3):
     return "" if x is None else f"{x:.{digits}f}"
 
@@ -109,6 +138,14 @@ def tables(records: list[dict]) -> str:
     lines = []
     order = [r for r in ROWS if any(rec["row"] == r for rec in records)]
     order += sorted({rec["row"] for rec in records} - set(order))
+    # The row each phase-2 run started from (JSON written before "start" was kept: by name); taken before the
+    # constant answer joins, which has no start of its own.
+    starts = {rec["row"]: rec.get("start", named_start(rec["row"])) for rec in records if rec["phase"] == "grpo"}
+    constant = constant_answer_records(records)
+    if constant:
+        records, order = records + constant, order + [CONSTANT]
+        lines += ["`constant answer`: " + ", ".join(f"\"{constant[0][split]['answer']}\" on {split}" for split in SPLITS
+                                                    if split in constant[0]) + " (the commonest reference)", ""]
     for phase in ("sft", "grpo"):
         present = [row for row in order if pooled(records, row, phase, "test") is not None]
         if not present:
@@ -126,12 +163,12 @@ def tables(records: list[dict]) -> str:
                     cells.append(f"{sum(o) / len(o):.3f} [{low:.3f}, {high:.3f}] (n={len(o)})")
                 else:
                     cells.append("")
-            mean = lambda key: sum(r["test"][key] for r in runs) / len(runs)  # noqa: E731
+            means = [None if row == CONSTANT else sum(r["test"][key] for r in runs) / len(runs)
+                     for key in ("tokens_per_answer", "latents_per_answer", "forward_passes_per_answer")]
             gains = [sum(r["gains"][k] or 0.0 for r in runs) / len(runs) if any(r["gains"][k] is not None for r in runs)
                      else None for k in ("zeros", "noise", "shuffle")]
-            lines.append(f"| {row} | {len(runs)} | {cells[0]} | {cells[1]} | {mean('tokens_per_answer'):.1f} | "
-                         f"{mean('latents_per_answer'):.1f} | {mean('forward_passes_per_answer'):.1f} | "
-                         + " | ".join(fmt(g, 4) for g in gains) + " |")
+            lines.append(f"| {row} | {len(runs)} | {cells[0]} | {cells[1]} | "
+                         + " | ".join([fmt(m, 1) for m in means] + [fmt(g, 4) for g in gains]) + " |")
         if len(present) > 1:
             lines += ["", "Paired exact McNemar tests (same problems, the seeds both rows have; "
                       "`a only` / `b only`: problems only that row got right):",
@@ -144,8 +181,7 @@ def tables(records: list[dict]) -> str:
                         lines.append(f"| {a} | {b} | {split} | {only_a} | {only_b} | {mcnemar_exact(only_a, only_b):.4f} |")
         lines.append("")
     # The same policy before and after phase 2, on the same problems: one `rlatent train` run, or an
-    # `rlatent grpo` run from a row's phase-1 checkpoint (JSON written before "start" was kept: by name).
-    starts = {rec["row"]: rec.get("start", named_start(rec["row"])) for rec in records if rec["phase"] == "grpo"}
+    # `rlatent grpo` run from a row's phase-1 checkpoint.
     lifted = [(starts[after], after) for after in order if after in starts
               if pooled(records, starts[after], "sft", "test") is not None and pooled(records, after, "grpo", "test") is not None]
     if lifted:

@@ -9,7 +9,7 @@ import pytest
 from rlatent.errors import ConfigError
 from rlatent.run import ablate
 from rlatent.run.cli import main
-from rlatent.run.stats import (discordant_pairs, mcnemar_exact, mean_t_interval, t_quantile_975,
+from rlatent.run.stats import (constant_answer, discordant_pairs, mcnemar_exact, mean_t_interval, t_quantile_975,
                                wilson_interval)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +64,12 @@ def test_discordant_pairs():
         discordant_pairs([1, 0], [1])
 
 
+def test_constant_answer_is_the_commonest_reference_over_every_group():
+    answer, outcomes = constant_answer({0: ["7", "3", "3"], 1: ["7", "7", "5"]})
+    assert answer == "7" and outcomes == {0: [1, 0, 0], 1: [1, 1, 0]}
+    assert constant_answer({"a": ["No", "Yes"]}) == ("No", {"a": [1, 0]})  # a tie: the reference seen first
+
+
 def test_t_interval_known_sample():
     # [1, 2, 3, 4]: mean 2.5, s = 1.290994, se = 0.645497, t(0.975, 3) = 3.182446 -> half-width 2.054260
     mean, low, high = mean_t_interval([1.0, 2.0, 3.0, 4.0])
@@ -103,11 +109,13 @@ def test_cell_ids_are_readable_safe_and_unique(tmp_path):
     assert [c.seed for c in cells[:2]] == [0, 1] and cells[0].label == "a=x/y b=1 seed=0"
 
 
-def fake_cell(point, seed, test, ood=None, questions="q"):
+def fake_cell(point, seed, test, ood=None, questions="q", references=None):
     splits = {"test": {"correct": test, "metrics": {"accuracy": sum(test) / len(test), "strict_match": 0.5,
                                                      "tokens_per_answer": 10.0, "latents_per_answer": 2.0,
                                                      "forward_passes_per_answer": 12.0},
                        "questions_sha1": questions}}
+    if references is not None:
+        splits["test"]["references"] = references
     if ood is not None:
         splits["ood"] = {"correct": ood, "metrics": {"accuracy": sum(ood) / len(ood)}, "questions_sha1": "o"}
     return {"id": f"{point},seed={seed}", "overrides": [point], "seed": seed, "status": "done", "splits": splits,
@@ -137,6 +145,26 @@ def test_rows_pool_seeds_and_pairs_match_seeds():
     assert not any("m=c" in key for key in tests)  # nothing finished: nothing to pair
     md = render_markdown({"name": "x", "cells": cells})
     assert "| m=a | 2/2 | 0.625 [" in md and "different problems" in md and "| m=c | 0/1 |" in md
+
+
+def test_the_constant_answer_row_pairs_with_every_grid_point():
+    from rlatent.run.ablation_report import CONSTANT, aggregate, paired_tests, render_markdown, with_constant_answer
+
+    cells = [fake_cell("m=a", 0, [1, 0, 1, 0], references=["No", "Yes", "Yes", "Yes"]),
+             fake_cell("m=a", 1, [1, 1, 1, 1], references=["No", "No", "No", "Yes"]),
+             fake_cell("m=b", 0, [0, 1, 1, 1], references=["No", "Yes", "Yes", "Yes"]),
+             fake_cell("m=c", 1, [0, 0], questions="other", references=["Yes", "Yes"])]
+    constant = with_constant_answer(cells)[len(cells):]
+    # seed 1's cells were graded on different problems: no constant answer for it. Seed 0 alone: "Yes".
+    assert [(c["seed"], c["splits"]["test"]["answer"], c["splits"]["test"]["correct"]) for c in constant] == [
+        (0, "Yes", [0, 1, 1, 1])]
+    assert "ood" not in constant[0]["splits"]  # no references recorded there
+    rows = {r["point"]: r for r in aggregate(with_constant_answer(cells))}
+    assert rows[CONSTANT]["test"]["accuracy"] == 0.75 and rows[CONSTANT]["tokens_per_answer"] is None
+    tests = {(t["a"], t["b"]): t for t in paired_tests(with_constant_answer(cells))}
+    assert (tests[("m=a", CONSTANT)]["only_a"], tests[("m=a", CONSTANT)]["only_b"]) == (1, 2)  # seed 0 only
+    assert tests[("m=b", CONSTANT)]["only_a"] == tests[("m=b", CONSTANT)]["only_b"] == 0
+    assert "| constant answer | 1/1 | 0.750 [" in render_markdown({"name": "x", "cells": cells})
 
 
 # ---- end to end on the tiny model ------------------------------------------------------------------------
@@ -177,7 +205,8 @@ def test_grid_runs_every_cell_and_writes_the_table(grid_run):
             assert entry["wilson95"][0] <= entry["metrics"]["accuracy"] <= entry["wilson95"][1]
         assert {"latent_gain_zeros", "latent_gain_noise", "latent_gain_shuffle"} <= set(cell["diagnostics"])
         assert cell["wall_seconds"] > 0
-    assert len(data["rows"]) == 4 and len(data["mcnemar"]) == 6 * 2  # every pair, in and out of distribution
+    assert [r["point"] for r in data["rows"]][4:] == ["constant answer"]
+    assert len(data["mcnemar"]) == 10 * 2  # every pair of the 5 rows, in and out of distribution
     assert all(t["problems"] == 4 and 0 <= t["p"] <= 1 for t in data["mcnemar"])
     md = (root / "ablation.md").read_text()
     assert "| latent.mode=pause, latent.k=2 | 1/1 |" in md and "exact McNemar" in md and "out of distribution" in md
@@ -196,6 +225,8 @@ def test_every_cell_is_evaluated_on_the_same_problems(grid_run):
         expected = [p.question for p in load_split(cfg.data, split, 4)[0]]
         assert len(expected) == 4
         assert all(c["splits"][split]["questions"] == expected for c in cells.values())
+        references = [p.final_answer for p in load_split(cfg.data, split, 4)[0]]
+        assert all(c["splits"][split]["references"] == references for c in cells.values())
     assert cells["latent.mode=latent,latent.k=1,seed=0"]["splits"]["test"]["questions"] != \
         cells["latent.mode=latent,latent.k=1,seed=0"]["splits"]["ood"]["questions"]
 

@@ -264,6 +264,7 @@ def _split_record(outcome: dict) -> dict:
         "questions_sha1": hashlib.sha1("\n".join(questions).encode()).hexdigest(),
         "wilson95": list(wilson_interval(sum(correct), len(correct))) if correct else None,
         "questions": questions,
+        "references": outcome["references"],  # what the `constant answer` row is built from
     }
 
 

@@ -2,7 +2,9 @@
 
 ablation.json holds every cell's per-problem outcomes; from them: one row per grid point pooled over seeds
 (Wilson interval of the pooled accuracy, Student-t interval of the seeds' accuracies), exact McNemar tests
-between every two grid points seed against seed on the same problems, and the figure. The statistics are
+between every two grid points seed against seed on the same problems, and the figure. Beside the grid
+points, a `constant answer` row: every problem answered with the commonest reference, what a policy that
+ignores the question scores (on a Yes/No task the majority rate, not 50 %). The statistics are
 `rlatent.run.stats`.
 
     OUTPUT_DIR/NAME/
@@ -25,7 +27,7 @@ from typing import Any
 from rlatent.errors import ConfigError, first_line
 from rlatent.io.atomic import atomic_file, atomic_write_text
 from rlatent.io.run_dir import metrics_table
-from rlatent.run.stats import discordant_pairs, mcnemar_exact, mean_t_interval, wilson_interval
+from rlatent.run.stats import constant_answer, discordant_pairs, mcnemar_exact, mean_t_interval, wilson_interval
 
 JSON_FILE = "ablation.json"
 MD_FILE = "ablation.md"
@@ -33,6 +35,7 @@ PNG_FILE = "ablation.png"
 SPLITS = {"test": "in distribution", "ood": "out of distribution"}
 GAINS = ("zeros", "noise", "shuffle")
 DIAGNOSTIC_KEYS = tuple(f"latent_gain_{g}" for g in GAINS) + ("start_f1", "stop_f1", "next_step_loss")
+CONSTANT = "constant answer"
 
 
 def write_ablation(root: Path, spec: dict, records: list[dict]) -> None:
@@ -42,12 +45,37 @@ def write_ablation(root: Path, spec: dict, records: list[dict]) -> None:
         if "splits" in cell:
             cell["splits"] = {s: {k: v for k, v in d.items() if k != "questions"} for s, d in cell["splits"].items()}
     data = {"version": 1, **spec, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells}
-    data["rows"] = aggregate(cells)
-    data["mcnemar"] = paired_tests(cells)
+    data["rows"] = aggregate(with_constant_answer(cells))
+    data["mcnemar"] = paired_tests(with_constant_answer(cells))
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / JSON_FILE, json.dumps(data, indent=1) + "\n")
     write_report(root)
 
+
+
+def with_constant_answer(cells: list[dict]) -> list[dict]:
+    """`cells` and, after them, one cell per seed for the `constant answer` row: on each split, every problem
+    answered with the commonest reference (`rlatent.run.stats.constant_answer`). A split gets one only where
+    every finished cell of a seed was graded on the same problems with their references recorded (cells of
+    an ablation.json written before references were kept have none)."""
+    done = [c for c in cells if c["status"] == "done"]
+    constant = {seed: {"id": f"{CONSTANT},seed={seed}", "overrides": [CONSTANT], "seed": seed, "status": "done",
+                       "splits": {}} for seed in sorted({c["seed"] for c in done})}
+    for split in SPLITS:
+        graded = {}  # seed -> the one split record its cells share
+        for seed in constant:
+            mine = [c["splits"][split] for c in done if c["seed"] == seed and split in c["splits"]]
+            if mine and all(m.get("references") for m in mine) and len({m["questions_sha1"] for m in mine}) == 1:
+                graded[seed] = mine[0]
+        if not graded:
+            continue
+        answer, outcomes = constant_answer({seed: g["references"] for seed, g in graded.items()})
+        for seed, g in graded.items():
+            correct = outcomes[seed]
+            constant[seed]["splits"][split] = {"answer": answer, "correct": correct, "problems": len(correct),
+                                               "questions_sha1": g["questions_sha1"],
+                                               "metrics": {"accuracy": sum(correct) / len(correct)}}
+    return cells + [c for c in constant.values() if "test" in c["splits"]]
 
 
 def _point(cell: dict) -> str:
@@ -146,8 +174,8 @@ def _num(value: float | None, digits: int = 3) -> str:
 def render_markdown(data: dict) -> str:
     """ablation.md from the content of ablation.json."""
     cells = data["cells"]
-    rows = aggregate(cells)
-    tests = paired_tests(cells)
+    rows = aggregate(with_constant_answer(cells))
+    tests = paired_tests(with_constant_answer(cells))
     counts = {s: sum(1 for c in cells if c["status"] == s) for s in ("done", "failed", "not run")}
     grid = " ".join(f"--grid {g['key']}={','.join(g['values'])}" for g in data.get("grid", []))
     command = " ".join(["rlatent ablate", data.get("config", "CONFIG"), *data.get("overrides", []), grid,
@@ -161,7 +189,8 @@ def render_markdown(data: dict) -> str:
                  "interval; *seeds* is the mean of the per-seed accuracies with its Student-t 95 % interval "
                  "(seed-to-seed spread; needs 2+ seeds). Cost columns are per answer on the in-distribution "
                  "split; latent gains (nats) are from each cell's last phase-1 diagnostics (~0: latents "
-                 "ignored); all columns are means over seeds; wall s is per cell.\n")
+                 "ignored); all columns are means over seeds; wall s is per cell. *constant answer* gives "
+                 "every problem the commonest reference: the score of ignoring the question.\n")
     columns = ["grid point", "seeds", "accuracy [Wilson 95 %]", "seeds [t 95 %]"]
     if has_ood:
         columns += ["OOD accuracy [Wilson 95 %]", "OOD seeds [t 95 %]"]
@@ -212,8 +241,9 @@ def render_plot(data: dict, out: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = aggregate(data["cells"])
-    points = _points(data["cells"])
+    cells = with_constant_answer(data["cells"])
+    rows = aggregate(cells)
+    points = _points(cells)
     width = max(6.0, 1.1 * len(rows) + 2)
     fig = Figure(figsize=(width, 4.5), layout="constrained")
     FigureCanvasAgg(fig)

@@ -35,10 +35,11 @@ def record_outcomes() -> Iterator[dict[str, dict]]:
     """Collect the per-problem outcomes of every `evaluate_problems` call made inside the block.
 
     Yields a dict filled as evaluations finish: the resolved samples path (the string "None" for a call
-    without one) -> {"correct": [0/1 per problem, in problem order], "questions": [...], "metrics": {...}};
-    a later call with the same path replaces the earlier one. Paired tests (`rlatent ablate`'s McNemar) need
-    these vectors, but the returned metrics must stay scalars (metrics.jsonl, TensorBoard), and the
-    evaluation sits deep inside `run_phases`: recording beside it keeps the training code unaware of it.
+    without one) -> {"correct": [0/1 per problem, in problem order], "questions": [...], "references":
+    [...], "metrics": {...}}; a later call with the same path replaces the earlier one. Paired tests
+    (`rlatent ablate`'s McNemar) and its constant-answer row need these vectors, but the returned metrics
+    must stay scalars (metrics.jsonl, TensorBoard), and the evaluation sits deep inside `run_phases`:
+    recording beside it keeps the training code unaware of it.
     """
     recorded: dict[str, dict] = {}
     _outcome_recorders.append(recorded)
@@ -139,5 +140,6 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
     }
     for recorded in _outcome_recorders:
         recorded[outcome_key(samples_path)] = {"correct": list(outcomes), "questions": [p.question for p in problems],
+                                              "references": [p.final_answer for p in problems],
                                               "metrics": dict(metrics)}
     return metrics

@@ -15,12 +15,15 @@ interval, and two cells are compared with a paired test on the same problems.
   discordant pair goes either way with probability 1/2, so the exact test is a two-sided binomial
   test on them; exact because the discordant counts of small evaluations are far too small for
   the chi-square approximation.
+- `constant_answer`: the control every table needs beside its rows: what a policy that ignores the
+  question scores. On a Yes/No task that is the majority rate of these problems, not 50 %.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Hashable, Mapping, Sequence
 from fractions import Fraction
 
 Z_975 = 1.959963984540054
@@ -111,3 +114,14 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
     return float(min(Fraction(1), Fraction(2 * tail, 2**n)))
+
+
+def constant_answer(references: Mapping[Hashable, Sequence[str]]) -> tuple[str, dict[Hashable, list[int]]]:
+    """The best answer that ignores the question, and its per-problem outcomes.
+
+    `references`: the reference answers of each group of problems (one group per seed). The answer is the
+    commonest reference over every group, chosen on these very problems, so no constant answer scores more;
+    per group, 1 where giving it to every problem is right. Ties go to the reference seen first.
+    """
+    answer = Counter(ref for refs in references.values() for ref in refs).most_common(1)[0][0]
+    return answer, {group: [int(ref == answer) for ref in refs] for group, refs in references.items()}
