@@ -255,8 +255,7 @@ def _train_and_evaluate(spec: dict, cfg: RunConfig) -> tuple[dict[str, dict], Pa
 
 
 def _split_record(outcome: dict) -> dict:
-    correct = outcome["correct"]
-    questions = outcome["questions"]
+    correct, questions = outcome["correct"], outcome["questions"]
     return {
         "metrics": outcome["metrics"],
         "correct": correct,

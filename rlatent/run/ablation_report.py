@@ -52,7 +52,6 @@ def write_ablation(root: Path, spec: dict, records: list[dict]) -> None:
     write_report(root)
 
 
-
 def with_constant_answer(cells: list[dict]) -> list[dict]:
     """`cells` and, after them, one cell per seed for the `constant answer` row: on each split, every problem
     answered with the commonest reference (`rlatent.run.stats.constant_answer`). A split gets one only where
