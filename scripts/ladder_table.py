@@ -28,15 +28,13 @@ from rlatent.run.stats import constant_answer, discordant_pairs, mcnemar_exact, 
 
 ROWS = ["cot", "nocot", "pause", "latent", "latent_two"]
 SPLITS = {"test": "", "ood": "_ood"}  # split -> suffix of its phase and samples file
+CONSTANT = "constant answer"  # the row that answers every problem with the commonest reference
 # Where each phase's final evaluation is, by the kind of run: (metrics phase, samples file stem) per phase.
 RUN_KINDS = {
     "train": {"sft": ("test_sft", "eval_samples_sft"), "grpo": ("test", "eval_samples")},  # `rlatent train`
     "sft": {"sft": ("test", "eval_samples")},                                            # `rlatent sft`
     "grpo": {"grpo": ("test", "eval_samples")},                  # `rlatent grpo` from grpo.init_checkpoint
 }
-
-
-CONSTANT = "constant answer"
 
 
 def samples(run: Path, stem: str, suffix: str) -> list[dict] | None:
@@ -82,9 +80,9 @@ def collect(root: Path) -> list[dict]:
                     record[split] = {k: found[-1].get(k) for k in ("accuracy", "strict_match", "tokens_per_answer",
                                                                    "latents_per_answer", "forward_passes_per_answer",
                                                                    "problems")}
-                    found = samples(run, stem, suffix)
-                    record[split]["outcomes"] = None if found is None else [int(x["correct"]) for x in found]
-                    record[split]["references"] = None if found is None else [x.get("reference") for x in found]
+                    graded = samples(run, stem, suffix)
+                    record[split]["outcomes"] = None if graded is None else [int(x["correct"]) for x in graded]
+                    record[split]["references"] = None if graded is None else [x.get("reference") for x in graded]
             records.append(record)
     return records
 
