@@ -45,8 +45,9 @@ def write_ablation(root: Path, spec: dict, records: list[dict]) -> None:
         if "splits" in cell:
             cell["splits"] = {s: {k: v for k, v in d.items() if k != "questions"} for s, d in cell["splits"].items()}
     data = {"version": 1, **spec, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells}
-    data["rows"] = aggregate(with_constant_answer(cells))
-    data["mcnemar"] = paired_tests(with_constant_answer(cells))
+    with_constant = with_constant_answer(cells)
+    data["rows"] = aggregate(with_constant)
+    data["mcnemar"] = paired_tests(with_constant)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / JSON_FILE, json.dumps(data, indent=1) + "\n")
     write_report(root)
@@ -173,8 +174,9 @@ def _num(value: float | None, digits: int = 3) -> str:
 def render_markdown(data: dict) -> str:
     """ablation.md from the content of ablation.json."""
     cells = data["cells"]
-    rows = aggregate(with_constant_answer(cells))
-    tests = paired_tests(with_constant_answer(cells))
+    with_constant = with_constant_answer(cells)
+    rows = aggregate(with_constant)
+    tests = paired_tests(with_constant)
     counts = {s: sum(1 for c in cells if c["status"] == s) for s in ("done", "failed", "not run")}
     grid = " ".join(f"--grid {g['key']}={','.join(g['values'])}" for g in data.get("grid", []))
     command = " ".join(["rlatent ablate", data.get("config", "CONFIG"), *data.get("overrides", []), grid,
