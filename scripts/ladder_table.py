@@ -10,7 +10,8 @@ problems (per-problem outcomes from the samples files, which hold every problem 
 commonest reference answer of its split: on a Yes/No task a row must beat it to show that it reads the
 question at all. A row evaluated after phase 2 as well (`rlatent train`) gets a second
 line, and a paired test against its own phase-1 start; so does an `rlatent grpo` run, against the row whose
-checkpoint its `grpo.init_checkpoint` names. The JSON keeps every number, so the tables can be
+checkpoint its `grpo.init_checkpoint` names; that table also counts, before and after, the answers equal to the
+constant answer, which shows a phase 2 that gains by saying the commonest answer more often. The JSON keeps every number, so the tables can be
 regenerated from it alone (`--from-json`).
 """
 
@@ -83,26 +84,30 @@ def collect(root: Path) -> list[dict]:
                     graded = samples(run, stem, suffix)
                     record[split]["outcomes"] = None if graded is None else [int(x["correct"]) for x in graded]
                     record[split]["references"] = None if graded is None else [x.get("reference") for x in graded]
+                    record[split]["predictions"] = None if graded is None else [x.get("predicted") for x in graded]
             records.append(record)
     return records
 
 
-def pooled(records: list[dict], row: str, phase: str, split: str, seeds: set[int] | None = None) -> list[int] | None:
-    """The row's per-problem outcomes over its seeds (or only `seeds`), concatenated in seed order."""
+def pooled(records: list[dict], row: str, phase: str, split: str, seeds: set[int] | None = None,
+           field: str = "outcomes") -> list | None:
+    """The row's per-problem outcomes (or another per-problem `field`) over its seeds (or only `seeds`),
+    concatenated in seed order; None when a run lacks them."""
     runs = sorted((r for r in records if r["row"] == row and r["phase"] == phase and split in r
                    and (seeds is None or r["seed"] in seeds)), key=lambda r: r["seed"])
-    if not runs or any(r[split]["outcomes"] is None for r in runs):
+    if not runs or any(r[split].get(field) is None for r in runs):
         return None
-    return [o for r in runs for o in r[split]["outcomes"]]
+    return [o for r in runs for o in r[split][field]]
 
 
-def paired(records: list[dict], a: tuple[str, str], b: tuple[str, str], split: str):
-    """Outcomes of (row, phase) `a` and `b` on the same problems: the seeds both have, in seed order."""
+def paired(records: list[dict], a: tuple[str, str], b: tuple[str, str], split: str, field: str = "outcomes"):
+    """Outcomes (or another per-problem `field`) of (row, phase) `a` and `b` on the same problems: the seeds
+    both have, in seed order."""
     def seeds(row, phase):
         return {r["seed"] for r in records if r["row"] == row and r["phase"] == phase and split in r}
 
     common = seeds(*a) & seeds(*b)
-    oa, ob = pooled(records, *a, split, common), pooled(records, *b, split, common)
+    oa, ob = pooled(records, *a, split, common, field), pooled(records, *b, split, common, field)
     return (oa, ob) if common and oa and ob and len(oa) == len(ob) else (None, None)
 
 
@@ -128,6 +133,16 @@ def constant_answer_records(records: list[dict]) -> list[dict]:
     return constant
 
 
+def constant_shift(records: list[dict], before: tuple[str, str], after: tuple[str, str], split: str,
+                   answer: str | None) -> str:
+    """`n -> m`: how many of the problems `before` and `after` share each answered with the constant answer
+    (blank without one, or for runs whose samples kept no predictions)."""
+    said = paired(records, before, after, split, field="predictions")
+    if answer is None or said[0] is None:
+        return ""
+    return " -> ".join(str(sum(p == answer for p in predictions)) for predictions in said)
+
+
 def fmt(x, digits=3):
     return "" if x is None else f"{x:.{digits}f}"
 
@@ -140,6 +155,7 @@ def tables(records: list[dict]) -> str:
     # constant answer joins, which has no start of its own.
     starts = {rec["row"]: rec.get("start", named_start(rec["row"])) for rec in records if rec["phase"] == "grpo"}
     constant = constant_answer_records(records)
+    answer = {split: constant[0][split]["answer"] for split in SPLITS if constant and split in constant[0]}
     if constant:
         records, order = records + constant, order + [CONSTANT]
         lines += ["`constant answer`: " + ", ".join(f"\"{constant[0][split]['answer']}\" on {split}" for split in SPLITS
@@ -184,14 +200,16 @@ def tables(records: list[dict]) -> str:
               if pooled(records, starts[after], "sft", "test") is not None and pooled(records, after, "grpo", "test") is not None]
     if lifted:
         lines += ["### Phase 2 against its own phase-1 start", "",
-                  "| row | split | phase 1 | phase 2 | phase 1 only | phase 2 only | p |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "| row | split | phase 1 | phase 2 | phase 1 only | phase 2 only | p | says the constant answer, "
+                  "phase 1 -> 2 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for row, after_row in lifted:
             for split in ("test", "ood"):
                 before, after = paired(records, (row, "sft"), (after_row, "grpo"), split)
                 if before:
                     only_before, only_after = discordant_pairs(before, after)
                     lines.append(f"| {after_row} | {split} | {sum(before) / len(before):.3f} | {sum(after) / len(after):.3f} | "
-                                 f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} |")
+                                 f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} | "
+                                 f"{constant_shift(records, (row, 'sft'), (after_row, 'grpo'), split, answer.get(split))} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -21,9 +21,10 @@ def ladder_table():
 
 
 def write_run(root: Path, name: str, evaluations: dict[str, list[int]], trained: str | None,
-              references: list[str] | None = None):
+              references: list[str] | None = None, predictions: list[str] | None = None):
     """`evaluations`: metrics phase (test, test_sft, ...) -> per-problem outcomes; `trained`: train | grpo | None;
-    `references`: the problems' reference answers (left out of the samples when None)."""
+    `references`, `predictions`: the problems' reference and predicted answers (left out of the samples when
+    None)."""
     run = root / name
     (run / "samples").mkdir(parents=True)
     rows = [{"phase": trained, "step": 1}] if trained else []
@@ -35,9 +36,10 @@ def write_run(root: Path, name: str, evaluations: dict[str, list[int]], trained:
         rows.append({"phase": phase, "step": 1, "accuracy": sum(outcomes) / len(outcomes), "strict_match": 0.0,
                      "tokens_per_answer": 10.0, "latents_per_answer": 2.0, "forward_passes_per_answer": 12.0,
                      "problems": len(outcomes)})
-        refs = references or [None] * len(outcomes)
-        lines = "".join(json.dumps({"correct": bool(o)} | ({"reference": r} if r else {})) + "\n"
-                        for o, r in zip(outcomes, refs))
+        refs, said = references or [None] * len(outcomes), predictions or [None] * len(outcomes)
+        lines = "".join(json.dumps({"correct": bool(o)} | ({"reference": r} if r else {})
+                                   | ({"predicted": p} if p else {})) + "\n"
+                        for o, r, p in zip(outcomes, refs, said))
         (run / "samples" / f"{stems[base]}{ood}.jsonl").write_text(lines)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -77,12 +79,15 @@ def test_a_grpo_run_is_paired_with_the_row_its_init_checkpoint_names(ladder_tabl
         ("latent", "sft", "latent"), ("latent_explore", "grpo", "latent")}
     lifted = ladder_table.tables(records).split("### Phase 2 against its own phase-1 start")[1]
     assert "| latent_explore | test | 0.250 | 0.750 | 0 | 2 |" in lifted
+    assert lifted.splitlines()[4].endswith(" |  |")  # no constant answer without references: nothing to count
 
 
 def test_the_constant_answer_row_is_the_commonest_reference(ladder_table, tmp_path):
     references = ["No", "No", "Yes", "No", "Yes"]
-    write_run(tmp_path, "latent-seed0", {"test": [1, 0, 1, 0, 1]}, trained="train", references=references)
-    write_run(tmp_path, "latent-grpo-seed0", {"test": [1, 1, 0, 1, 0]}, trained="grpo", references=references)
+    write_run(tmp_path, "latent-seed0", {"test": [1, 0, 1, 0, 1]}, trained="train", references=references,
+              predictions=["No", "Yes", "Yes", "Yes", "Yes"])
+    write_run(tmp_path, "latent-grpo-seed0", {"test": [1, 1, 0, 1, 0]}, trained="grpo", references=references,
+              predictions=["No"] * 5)
     write_run(tmp_path, "pause-seed1", {"test": [1, 1]}, trained="train", references=["No", "Yes"])
     records = ladder_table.collect(tmp_path)
     constant = ladder_table.constant_answer_records(records)
@@ -96,7 +101,8 @@ def test_the_constant_answer_row_is_the_commonest_reference(ladder_table, tmp_pa
     assert f"| latent | constant answer | test | 2 | 2 | {mcnemar_exact(2, 2):.4f} |" in table
     assert f"| latent-grpo | constant answer | test | 0 | 0 | {mcnemar_exact(0, 0):.4f} |" in table  # it answers "No"
     lifted = table.split("### Phase 2 against its own phase-1 start")[1]
-    assert "constant answer" not in lifted
+    assert "| constant answer |" not in lifted  # no row of its own there, but a count per row:
+    assert f"| latent-grpo | test | 0.600 | 0.600 | 2 | 2 | {mcnemar_exact(2, 2):.4f} | 1 -> 5 |" in lifted
 
 
 def test_no_constant_answer_without_references(ladder_table, tmp_path):
