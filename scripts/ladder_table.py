@@ -10,9 +10,9 @@ problems (per-problem outcomes from the samples files, which hold every problem 
 commonest reference answer of its split: on a Yes/No task a row must beat it to show that it reads the
 question at all. A row evaluated after phase 2 as well (`rlatent train`) gets a second
 line, and a paired test against its own phase-1 start; so does an `rlatent grpo` run, against the row whose
-checkpoint its `grpo.init_checkpoint` names; that table also counts, before and after, the answers equal to the
-constant answer, which shows a phase 2 that gains by saying the commonest answer more often. The JSON keeps every number, so the tables can be
-regenerated from it alone (`--from-json`).
+checkpoint its `grpo.init_checkpoint` names. That table also counts, before and after, the answers equal to
+the constant answer: it shows a phase 2 that gains by saying the commonest answer more often. The JSON keeps
+every number, so the tables can be regenerated from it alone (`--from-json`).
 """
 
 from __future__ import annotations
@@ -207,9 +207,9 @@ def tables(records: list[dict]) -> str:
                 before, after = paired(records, (row, "sft"), (after_row, "grpo"), split)
                 if before:
                     only_before, only_after = discordant_pairs(before, after)
+                    shift = constant_shift(records, (row, "sft"), (after_row, "grpo"), split, answer.get(split))
                     lines.append(f"| {after_row} | {split} | {sum(before) / len(before):.3f} | {sum(after) / len(after):.3f} | "
-                                 f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} | "
-                                 f"{constant_shift(records, (row, 'sft'), (after_row, 'grpo'), split, answer.get(split))} |")
+                                 f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} | {shift} |")
         lines.append("")
     return "\n".join(lines)
 
