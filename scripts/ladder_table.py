@@ -158,8 +158,8 @@ def tables(records: list[dict]) -> str:
     answer = {split: constant[0][split]["answer"] for split in SPLITS if constant and split in constant[0]}
     if constant:
         records, order = records + constant, order + [CONSTANT]
-        lines += ["`constant answer`: " + ", ".join(f"\"{constant[0][split]['answer']}\" on {split}" for split in SPLITS
-                                                    if split in constant[0]) + " (the commonest reference)", ""]
+        lines += ["`constant answer`: " + ", ".join(f'"{said}" on {split}' for split, said in answer.items())
+                  + " (the commonest reference)", ""]
     for phase in ("sft", "grpo"):
         present = [row for row in order if pooled(records, row, phase, "test") is not None]
         if not present:
