@@ -10,6 +10,7 @@ from rlatent.data.grading import (
     FLEXIBLE_PATTERN,
     INVALID,
     STRICT_PATTERN,
+    answer_concentration,
     flexible_extract,
     grade,
     lm_eval_extract,
@@ -159,3 +160,15 @@ def test_lm_eval_patterns_and_extraction():
     assert lm_eval_normalize("$1,000.") == "1000"
     assert lm_eval_normalize("Natalia sold 48/2 = 24 clips.\n#### 72") == "72"
     assert lm_eval_normalize(INVALID) == "[invalid]"
+
+
+def test_answer_concentration_counts_one_answer_across_problems():
+    # Five problems; "0" (written two ways) is said three times and is right once; 7 is right once.
+    predicted = ["0", "0.0", "7", None, "0"]
+    references = ["0", "5", "7", "3", "12"]
+    assert answer_concentration(predicted, references) == {"answer_top_share": 0.6, "accuracy_top_answer": 0.2}
+    # Yes/No answers (as `extract_final_answer` writes them); no answers at all give zeros.
+    assert answer_concentration(["Yes", "Yes", "No", "Yes"], ["Yes", "No", "No", "No"]) == {
+        "answer_top_share": 0.75, "accuracy_top_answer": 0.25}
+    assert answer_concentration([None, None], ["1", "2"]) == {"answer_top_share": 0.0, "accuracy_top_answer": 0.0}
+    assert answer_concentration([], []) == {"answer_top_share": 0.0, "accuracy_top_answer": 0.0}

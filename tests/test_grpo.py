@@ -95,6 +95,12 @@ def test_kill_and_resume_reaches_the_same_metrics(tiny_model_dir, tmp_path, monk
                         ("sft", "loss"), ("test", "accuracy"), ("test", "tokens_per_answer")]:
         phase_name = "train" if phase == "sft" else phase
         assert phase_metric(killed, phase_name, name) == phase_metric(whole, phase_name, name), (phase, name)
+    # Every step says how much its rollouts agree on one answer, and that answer's part of the accuracy.
+    shares = list(zip(*(phase_metric(whole, "grpo", name)
+                        for name in ("answer_top_share", "accuracy_top_answer", "accuracy"))))
+    assert len(shares) == 4
+    for top_share, top_accuracy, accuracy in shares:
+        assert 0.0 <= top_accuracy <= min(top_share, accuracy) and top_share <= 1.0
     assert json.loads((killed / "run.json").read_text())["command"] == "train"
 
 

@@ -73,3 +73,30 @@ def grade(completion: str, reference: str, finished: bool = True) -> dict[str, b
     return {"correct": numeric_match(completion, reference, finished),
             "strict_match": strict_match(completion, reference),
             "flexible_extract": flexible_extract(completion, reference)}
+
+
+def answer_concentration(predicted: list[str | None], references: list[str]) -> dict[str, float]:
+    """How much a batch of answers to different problems agrees, and how much of its accuracy that is.
+
+    A policy can raise its reward without learning the task by saying the
+    answer that is right most often (a base rate: "0" for a task where many
+    chains end at zero, "No" for a reachability question). Rollouts then
+    agree across problems that have different answers. `answer_top_share` is
+    the share of all `predicted` taken by the commonest answer (None, no
+    answer, never counts as one), and `accuracy_top_answer` the share that is
+    that answer and right: the part of the batch's accuracy the one answer
+    makes. Answers are compared as the same number or Yes/No (`answers_match`).
+    """
+    if not predicted:
+        return {"answer_top_share": 0.0, "accuracy_top_answer": 0.0}
+    counts: dict[str, int] = {}
+    for answer in predicted:
+        if answer is not None:
+            key = next((seen for seen in counts if answers_match(answer, seen)), answer)
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return {"answer_top_share": 0.0, "accuracy_top_answer": 0.0}
+    top = max(counts, key=counts.get)
+    right = sum(answers_match(answer, top) and answers_match(answer, reference)
+                for answer, reference in zip(predicted, references))
+    return {"answer_top_share": counts[top] / len(predicted), "accuracy_top_answer": right / len(predicted)}

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from rlatent.config import RunConfig
 from rlatent.data.gsm8k import Problem
 from rlatent.errors import LearnerFailure, TrainingError
-from rlatent.data.grading import flexible_extract, strict_match
+from rlatent.data.grading import answer_concentration, flexible_extract, strict_match
 from rlatent.data.examples import format_prompt, special_token_ids
+from rlatent.data.marks import extract_final_answer
 from rlatent.grpo.losses import group_advantages
 from rlatent.model.latent_model import LatentModel
 from rewards.registry import reward_stats
@@ -152,6 +153,10 @@ class GRPOTrainer:
         # lm-evaluation-harness's two GSM8K filters, so rollout accuracy compares with published tables.
         metrics["strict_match"] = sum(map(strict_match, completions, facts["answer"])) / len(problems)
         metrics["flexible_extract"] = sum(map(flexible_extract, completions, facts["answer"])) / len(problems)
+        # A policy that learns one answer for every problem shows here before it shows in an evaluation.
+        finished = traj.finished.tolist()
+        predicted = [extract_final_answer(text, done) for text, done in zip(completions, finished)]
+        metrics.update(answer_concentration(predicted, facts["answer"]))
         return rewards, metrics
 
     # ---- logging and state ------------------------------------------------------------------

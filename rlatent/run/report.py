@@ -12,8 +12,9 @@ from rlatent.io.run_dir import RunDir, metrics_table, read_metrics, write_report
 
 GENERATION_COLUMNS = ["accuracy", "latents_per_answer", "blocks_per_answer", "tokens_per_answer",
                       "forward_passes_per_answer", "truncated", "wall_seconds", "problems"]
-GRPO_COLUMNS = ["step", "reward_mean", "accuracy", "latents_per_completion", "blocks_per_completion",
-                "tokens_per_completion", "start_rate", "stop_rate", "clip_fraction", "kl", "entropy"]
+GRPO_COLUMNS = ["step", "reward_mean", "accuracy", "answer_top_share", "latents_per_completion",
+                "blocks_per_completion", "tokens_per_completion", "start_rate", "stop_rate", "clip_fraction", "kl",
+                "entropy"]
 DIAGNOSTIC_COLUMNS = ["step", "lm_loss", "start_f1", "stop_f1", "next_step_loss", "latent_gain_zeros",
                       "latent_gain_noise", "latent_gain_shuffle", "latent_norm", "embedding_norm"]
 
