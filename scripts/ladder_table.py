@@ -11,8 +11,9 @@ commonest reference answer of its split: on a Yes/No task a row must beat it to 
 question at all. A row evaluated after phase 2 as well (`rlatent train`) gets a second
 line, and a paired test against its own phase-1 start; so does an `rlatent grpo` run, against the row whose
 checkpoint its `grpo.init_checkpoint` names. That table also counts, before and after, the answers equal to
-the constant answer: it shows a phase 2 that gains by saying the commonest answer more often. The JSON keeps
-every number, so the tables can be regenerated from it alone (`--from-json`).
+the constant answer, and the problems right whose reference is another answer: together they show a phase 2
+that gains by saying the commonest answer more often. The JSON keeps every number, so the tables can be
+regenerated from it alone (`--from-json`).
 """
 
 from __future__ import annotations
@@ -143,6 +144,19 @@ def constant_shift(records: list[dict], before: tuple[str, str], after: tuple[st
     return " -> ".join(str(sum(p == answer for p in predictions)) for predictions in said)
 
 
+def other_right_shift(records: list[dict], before: tuple[str, str], after: tuple[str, str], split: str,
+                      answer: str | None) -> str:
+    """`n -> m`: how many of the problems `before` and `after` share each got right whose reference is not the
+    constant answer: the part of the accuracy that saying one answer more often cannot make (blank without a
+    constant answer or references)."""
+    outcomes = paired(records, before, after, split)
+    references = paired(records, before, after, split, field="references")
+    if answer is None or outcomes[0] is None or references[0] is None:
+        return ""
+    return " -> ".join(str(sum(bool(right) and reference != answer for right, reference in zip(rights, refs)))
+                       for rights, refs in zip(outcomes, references))
+
+
 def fmt(x, digits=3):
     return "" if x is None else f"{x:.{digits}f}"
 
@@ -201,15 +215,16 @@ def tables(records: list[dict]) -> str:
     if lifted:
         lines += ["### Phase 2 against its own phase-1 start", "",
                   "| row | split | phase 1 | phase 2 | phase 1 only | phase 2 only | p | says the constant answer, "
-                  "phase 1 -> 2 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "phase 1 -> 2 | right, other answers, phase 1 -> 2 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row, after_row in lifted:
             for split in ("test", "ood"):
                 before, after = paired(records, (row, "sft"), (after_row, "grpo"), split)
                 if before:
                     only_before, only_after = discordant_pairs(before, after)
-                    shift = constant_shift(records, (row, "sft"), (after_row, "grpo"), split, answer.get(split))
+                    pair = (records, (row, "sft"), (after_row, "grpo"), split, answer.get(split))
                     lines.append(f"| {after_row} | {split} | {sum(before) / len(before):.3f} | {sum(after) / len(after):.3f} | "
-                                 f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} | {shift} |")
+                                 f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} | "
+                                 f"{constant_shift(*pair)} | {other_right_shift(*pair)} |")
         lines.append("")
     return "\n".join(lines)
 
