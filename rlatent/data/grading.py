@@ -87,8 +87,6 @@ def answer_concentration(predicted: list[str | None], references: list[str]) -> 
     that answer and right: the part of the batch's accuracy the one answer
     makes. Answers are compared as the same number or Yes/No (`answers_match`).
     """
-    if not predicted:
-        return {"answer_top_share": 0.0, "accuracy_top_answer": 0.0}
     counts: dict[str, int] = {}
     for answer in predicted:
         if answer is not None:
