@@ -116,3 +116,20 @@ def test_multi_op_steps(multi_op):
     for p in problems:
         assert p.question.count(".") == 1 + sum(len(re.findall(r"[-+*/]", m.expression))
                                                  for m in parse_marks(p.answer)), p.source
+
+
+def test_allow_zero_false_keeps_every_amount_positive():
+    """With the default, some chains pass through or end at 0 (the commonest answer); with
+    `allow_zero=False` no step's result is 0, subtraction still occurs, and the config reaches
+    every split."""
+    kwargs = dict(min_steps=2, max_steps=4, max_operand=20, max_multiplier=20, operators="+-*")
+    with_zero = generate_problems(1000, seed=0, **kwargs)
+    assert any(p.final_answer == "0" for p in with_zero)
+    problems = generate_problems(1000, seed=0, allow_zero=False, **kwargs)
+    check_marks(problems)
+    values = [m.value for p in problems for m in parse_marks(p.answer)]
+    assert min(values) >= 1 and all(p.final_answer != "0" for p in problems)
+    assert any("-" in m.expression for p in problems for m in parse_marks(p.answer))
+    cfg = data(num_train=300, num_eval=300, allow_zero=False, max_multiplier=20)
+    for split in ("train", "test", "ood"):
+        assert all(p.final_answer != "0" for p in load_split(cfg, split)[0]), split

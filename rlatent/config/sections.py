@@ -140,6 +140,9 @@ class SyntheticConfig(Section):
     only, so e.g. 20 gives two-digit x one-digit products (`7 * 16`, `14 * 6`): a step hard in one forward pass."""
     multi_op: float = Field(0.0, ge=0, le=1)
     """Chance that a step applies two operations in one mark (`<<12*7+5=89>>`, one latent block); 0 = one each."""
+    allow_zero: bool = True
+    """Whether a subtraction may take the whole amount. true: ~6 % of chains end at 0, the commonest answer by far,
+    which a rewarded policy can learn to say without reading the problem; false: every amount stays >= 1."""
     num_ood: int | None = Field(None, ge=1)
     """Out-of-distribution evaluation problems (split `ood`: more steps, its own seed stream); null = `num_eval`."""
     ood_min_steps: int | None = Field(None, ge=1)

@@ -38,7 +38,7 @@ def load_split(data: DataConfig, split: str, limit: int | None = None) -> tuple[
     if data.source == "synthetic":
         low, high = cfg.ood_steps if split == "ood" else (cfg.min_steps, cfg.max_steps)
         problems = generate_problems(count, seed, low, high, cfg.max_operand, cfg.operators,
-                                     cfg.max_multiplier, cfg.multi_op)
+                                     cfg.max_multiplier, cfg.multi_op, cfg.allow_zero)
     else:
         low, high = cfg.ood_hops if split == "ood" else (cfg.min_hops, cfg.max_hops)
         problems = generate_graph_problems(count, seed, low, high, cfg.distractors)

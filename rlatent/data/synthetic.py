@@ -12,6 +12,12 @@ and `multi_op`, the chance that one step (one mark, one latent block) applies
 two operations, `<<12*7+5=89>>`. Their defaults draw nothing extra from the
 random stream, so problems stay byte-identical to those of earlier versions.
 
+A third, `allow_zero=False`, keeps every running amount at 1 or more. With it
+on (the default), about 6 % of the chains end at 0 (a subtraction takes all,
+and products of 0 stay 0), which makes "0" by far the commonest answer: a
+policy rewarded for right answers can gain by saying "0" without reading the
+problem. Off, the answers have no such base rate.
+
 A problem is a chain: a person starts with some amount, each step applies one
 operator (or two, see `multi_op`) to the running amount, and the question asks for the final amount.
 Templates vary the wording, the item (or dollars) and how the expression is
@@ -76,6 +82,7 @@ def generate_problems(
     operators: str = "+-*",
     max_multiplier: int = MAX_FACTOR,
     multi_op: float = 0.0,
+    allow_zero: bool = True,
 ) -> list[Problem]:
     """`n` problems of `min_steps`..`max_steps` marked steps each.
 
@@ -85,7 +92,8 @@ def generate_problems(
     multiplies two multi-digit numbers (`7 * 16` and `14 * 6`, never `14 * 16`).
     Subtraction never goes below zero and division is used only when exact.
     With probability `multi_op` a step applies two operations in one mark
-    (`(12+7)*5`: parentheses where precedence needs them).
+    (`(12+7)*5`: parentheses where precedence needs them). `allow_zero=False`
+    stops a subtraction one short of the whole amount, so no answer is 0.
     """
     if n < 0 or not 1 <= min_steps <= max_steps or max_operand < 2 or max_multiplier < 2:
         raise ValueError(
@@ -101,7 +109,7 @@ def generate_problems(
     problems, failures = [], 0
     while len(problems) < n:
         problem = _try_problem(rng, len(problems), min_steps, max_steps, operators,
-                               (max_operand, max_multiplier), multi_op)
+                               (max_operand, max_multiplier, 0 if allow_zero else 1), multi_op)
         if problem is not None:
             problems.append(problem)
             failures = 0
@@ -182,11 +190,11 @@ def _expression(x: int, terms: list[tuple[str, int]], symbols: list[str], spaces
 
 def _operands(op: str, x: int, bounds: tuple[int, int]) -> list[int]:
     """The operands `op` may take with running amount `x` (empty: op not usable)."""
-    max_operand, max_multiplier = bounds
+    max_operand, max_multiplier, lowest = bounds
     if op == "+":
         return list(range(1, max_operand + 1))
     if op == "-":
-        return list(range(1, min(x, max_operand) + 1))
+        return list(range(1, min(x - lowest, max_operand) + 1))
     factors = range(2, min(max_multiplier, max_operand) + 1)
     if op == "*":
         return [b for b in factors if x <= ONE_DIGIT or b <= ONE_DIGIT]
