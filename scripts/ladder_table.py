@@ -26,7 +26,8 @@ from pathlib import Path
 import yaml
 
 from rlatent.io.run_dir import read_metrics
-from rlatent.run.stats import constant_answer, discordant_pairs, mcnemar_exact, wilson_interval
+from rlatent.run.stats import (constant_answer, constant_answer_split, discordant_pairs, mcnemar_exact,
+                              wilson_interval)
 
 ROWS = ["cot", "nocot", "pause", "latent", "latent_two"]
 SPLITS = {"test": "", "ood": "_ood"}  # split -> suffix of its phase and samples file
@@ -134,27 +135,16 @@ def constant_answer_records(records: list[dict]) -> list[dict]:
     return constant
 
 
-def constant_shift(records: list[dict], before: tuple[str, str], after: tuple[str, str], split: str,
-                   answer: str | None) -> str:
-    """`n -> m`: how many of the problems `before` and `after` share each answered with the constant answer
-    (blank without one, or for runs whose samples kept no predictions)."""
-    said = paired(records, before, after, split, field="predictions")
-    if answer is None or said[0] is None:
-        return ""
-    return " -> ".join(str(sum(p == answer for p in predictions)) for predictions in said)
-
-
-def other_right_shift(records: list[dict], before: tuple[str, str], after: tuple[str, str], split: str,
-                      answer: str | None) -> str:
-    """`n -> m`: how many of the problems `before` and `after` share each got right whose reference is not the
-    constant answer: the part of the accuracy that saying one answer more often cannot make (blank without a
-    constant answer or references)."""
-    outcomes = paired(records, before, after, split)
-    references = paired(records, before, after, split, field="references")
-    if answer is None or outcomes[0] is None or references[0] is None:
-        return ""
-    return " -> ".join(str(sum(bool(right) and reference != answer for right, reference in zip(rights, refs)))
-                       for rights, refs in zip(outcomes, references))
+def answer_shifts(records: list[dict], before: tuple[str, str], after: tuple[str, str], split: str,
+                  answer: str | None) -> tuple[str, str]:
+    """`n -> m` twice (`rlatent.run.stats.constant_answer_split`), on the problems `before` and `after` share:
+    how many each answered with the constant answer, and how many each got right whose reference is another
+    answer (blank without a constant answer, or for runs whose samples kept no predictions or references)."""
+    fields = [paired(records, before, after, split, field) for field in ("predictions", "outcomes", "references")]
+    if answer is None or any(pair[0] is None for pair in fields):
+        return "", ""
+    counts = [constant_answer_split(answer, *per_run) for per_run in zip(*fields)]
+    return tuple(" -> ".join(str(c[i]) for c in counts) for i in (0, 1))
 
 
 def fmt(x, digits=3):
@@ -224,7 +214,7 @@ def tables(records: list[dict]) -> str:
                     pair = (records, (row, "sft"), (after_row, "grpo"), split, answer.get(split))
                     lines.append(f"| {after_row} | {split} | {sum(before) / len(before):.3f} | {sum(after) / len(after):.3f} | "
                                  f"{only_before} | {only_after} | {mcnemar_exact(only_before, only_after):.4f} | "
-                                 f"{constant_shift(*pair)} | {other_right_shift(*pair)} |")
+                                 f"{' | '.join(answer_shifts(*pair))} |")
         lines.append("")
     return "\n".join(lines)
 

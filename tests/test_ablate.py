@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from rlatent.errors import ConfigError
-from rlatent.run import ablate
+from rlatent.run import ablate, ablation_grid
 from rlatent.run.cli import main
-from rlatent.run.stats import (constant_answer, discordant_pairs, mcnemar_exact, mean_t_interval, t_quantile_975,
-                               wilson_interval)
+from rlatent.run.stats import (constant_answer, constant_answer_split, discordant_pairs, mcnemar_exact,
+                               mean_t_interval, t_quantile_975, wilson_interval)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -70,6 +70,14 @@ def test_constant_answer_is_the_commonest_reference_over_every_group():
     assert constant_answer({"a": ["No", "Yes"]}) == ("No", {"a": [1, 0]})  # a tie: the reference seen first
 
 
+def test_constant_answer_split_counts_the_answer_and_the_rest():
+    # said "0" twice (once rightly); right with another answer: "7" only (None never matches)
+    assert constant_answer_split("0", ["0", "0", "7", None, "3"], [1, 0, 1, 0, 0], ["0", "5", "7", "0", "4"]) == (2, 1)
+    assert constant_answer_split("Yes", [], [], []) == (0, 0)
+    with pytest.raises(ValueError, match="one prediction, outcome and reference per problem"):
+        constant_answer_split("0", ["0"], [1, 0], ["0", "1"])
+
+
 def test_t_interval_known_sample():
     # [1, 2, 3, 4]: mean 2.5, s = 1.290994, se = 0.645497, t(0.975, 3) = 3.182446 -> half-width 2.054260
     mean, low, high = mean_t_interval([1.0, 2.0, 3.0, 4.0])
@@ -92,19 +100,19 @@ def test_t_quantiles():
 
 
 def test_parse_grid():
-    assert ablate.parse_grid(["latent.mode=latent,pause", "data.synthetic.operators=[+,-],'*'"]) == [
+    assert ablation_grid.parse_grid(["latent.mode=latent,pause", "data.synthetic.operators=[+,-],'*'"]) == [
         ("latent.mode", ["latent", "pause"]), ("data.synthetic.operators", ["[+,-]", "'*'"])]
     for bad in (["latent.mode"], ["latent.mode="], ["=1,2"], ["latent.k=1,,2"], ["seed=1,2"], ["output.dir=a,b"],
                 ["latent.k=1", "latent.k=2"], ["latent.k=1,1"]):
         with pytest.raises(ConfigError):
-            ablate.parse_grid(bad)
+            ablation_grid.parse_grid(bad)
 
 
 def test_cell_ids_are_readable_safe_and_unique(tmp_path):
-    assert ablate.cell_id([("latent.mode", "pause")], 1) == "latent.mode=pause,seed=1"
-    assert "/" not in ablate.cell_id([("model.name_or_path", "/a/b c")], 0)
-    assert len(ablate.cell_id([("x", "v" * 500)], 0)) <= 120
-    cells = ablate.plan_cells([("a", ["x/y", "x:y"]), ("b", ["1", "2"])], [0, 1], tmp_path)
+    assert ablation_grid.cell_id([("latent.mode", "pause")], 1) == "latent.mode=pause,seed=1"
+    assert "/" not in ablation_grid.cell_id([("model.name_or_path", "/a/b c")], 0)
+    assert len(ablation_grid.cell_id([("x", "v" * 500)], 0)) <= 120
+    cells = ablation_grid.plan_cells([("a", ["x/y", "x:y"]), ("b", ["1", "2"])], [0, 1], tmp_path)
     assert len(cells) == 8 and len({c.id for c in cells}) == 8
     assert [c.seed for c in cells[:2]] == [0, 1] and cells[0].label == "a=x/y b=1 seed=0"
 
@@ -165,6 +173,34 @@ def test_the_constant_answer_row_pairs_with_every_grid_point():
     assert (tests[("m=a", CONSTANT)]["only_a"], tests[("m=a", CONSTANT)]["only_b"]) == (1, 2)  # seed 0 only
     assert tests[("m=b", CONSTANT)]["only_a"] == tests[("m=b", CONSTANT)]["only_b"] == 0
     assert "| constant answer | 1/1 | 0.750 [" in render_markdown({"name": "x", "cells": cells})
+
+
+def test_phase_two_is_set_against_each_cells_own_start():
+    """Two seeds of one grid point, phase 1 -> 2 on the same problems: pooled discordant counts, and the
+    drift to the constant answer ("0", the commonest reference) told apart from right answers that are not it."""
+    from rlatent.run.ablation_report import phase_two_tests, render_markdown, with_constant_answer
+
+    refs = ["0", "7", "0", "12"]
+
+    def cell(seed, before, after, said_before, said_after):
+        c = fake_cell("m=a", seed, after, references=refs)
+        c["splits"]["test"]["predictions"] = said_after
+        c["phase1_splits"] = {"test": {"correct": before, "questions_sha1": "q", "references": refs,
+                                       "predictions": said_before}}
+        return c
+
+    cells = [cell(0, [0, 1, 0, 1], [1, 0, 1, 1], [None, "7", "3", "12"], ["0", "0", "0", "12"]),
+             cell(1, [0, 1, 0, 0], [1, 1, 0, 0], ["5", "7", "5", "1"], ["0", "7", "5", "1"]),
+             fake_cell("m=b", 0, [1, 1, 1, 1], references=refs)]  # phase 1 only: no phase-2 row
+    [test] = phase_two_tests(with_constant_answer(cells))
+    assert (test["point"], test["split"], test["seeds"], test["problems"]) == ("m=a", "test", 2, 8)
+    assert (test["accuracy_phase1"], test["accuracy_phase2"]) == (3 / 8, 5 / 8)
+    assert (test["only_phase1"], test["only_phase2"], test["p"]) == (1, 3, mcnemar_exact(1, 3))
+    assert test["constant_answer"] == "0"
+    assert test["says_constant"] == [0, 4] and test["right_other"] == [3, 2]  # the gain is all "0"
+    md = render_markdown({"name": "x", "cells": cells})
+    assert "## Phase 2 against phase 1" in md and "| m=a | test | 2 | 0.375 -> 0.625 | 1 | 3 |" in md
+    assert "| 0 -> 4 | 3 -> 2 |" in md
 
 
 # ---- end to end on the tiny model ------------------------------------------------------------------------
@@ -239,6 +275,38 @@ def test_report_is_rebuilt_from_the_json_alone(grid_run, tmp_path):
     assert main(["ablate", "--report", str(copy)]) == 0
     assert (copy / "ablation.md").read_text() == (root / "ablation.md").read_text()
     assert (copy / "ablation.png").is_file()
+
+
+def test_a_train_cell_is_set_against_its_own_phase_one(tiny_model_dir, tmp_path, capsys, one_torch_thread):
+    """`--command train`: the cell keeps phase 1's outcomes beside its final ones, and the report sets them
+    against each other. Killed after its final checkpoint, the cell is evaluated again from its checkpoints,
+    phase 1's included, to the same outcomes (greedy evaluation)."""
+    args = ["ablate", CONFIG, f"model.name_or_path={tiny_model_dir}", f"output.dir={tmp_path}", *SMALL,
+            "grpo.steps=1", "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=8",
+            "--command", "train", "--name", "lift", "--grid", "latent.k=1"]
+    assert main(args) == 0
+    cell = tmp_path / "lift" / "cells" / "latent.k=1,seed=0"
+    first = json.loads((cell / ablate.CELL_FILE).read_text())
+    for split in ("test", "ood"):
+        for key in ("splits", "phase1_splits"):
+            entry = first[key][split]
+            assert len(entry["correct"]) == len(entry["predictions"]) == 4, (key, split)
+        assert first["phase1_splits"][split]["questions"] == first["splits"][split]["questions"]
+    data = json.loads((tmp_path / "lift" / "ablation.json").read_text())
+    assert [(t["point"], t["split"], t["problems"]) for t in data["phase2_vs_phase1"]] == [
+        ("latent.k=1", "test", 4), ("latent.k=1", "ood", 4)]
+    assert all(len(t["says_constant"]) == 2 for t in data["phase2_vs_phase1"])
+    assert "## Phase 2 against phase 1" in (tmp_path / "lift" / "ablation.md").read_text()
+    (cell / ablate.CELL_FILE).unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "[1/1] latent.k=1 seed=0: done" in capsys.readouterr().out
+    again = json.loads((cell / ablate.CELL_FILE).read_text())
+    assert (cell / "ablation_eval" / "samples_sft_ood.jsonl").is_file()
+    for key in ("splits", "phase1_splits"):
+        for split in ("test", "ood"):
+            assert again[key][split]["correct"] == first[key][split]["correct"], (key, split)
+            assert again[key][split]["predictions"] == first[key][split]["predictions"], (key, split)
 
 
 def test_rerun_skips_finished_cells(grid_run, tiny_model_dir, capsys):

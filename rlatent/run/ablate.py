@@ -2,7 +2,8 @@
 
 A claim such as "latents beat the pause control" is a few points between runs evaluated on a few hundred
 problems: it needs every row trained alike, evaluated on the same problems, with intervals and a paired
-test. This module runs the grid; `rlatent.run.ablation_report` writes (and lists) the files.
+test. This module runs the cells `rlatent.run.ablation_grid` plans; `rlatent.run.ablation_report` writes (and
+lists) the files.
 
 Each cell goes through `run_phases`, the code of `rlatent sft` / `train`, in this process one after
 another, or as parallel Ray tasks (one process per cell) with `distributed.backend=ray`. A cell whose
@@ -15,15 +16,12 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import itertools
 import json
 import os
-import re
 import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from rlatent.errors import ConfigError, RlatentError, first_line
 from rlatent.io.atomic import atomic_write_json
 from rlatent.io.checkpoint import checkpoint_phase
 from rlatent.io.run_dir import RunDir, read_metrics
+from rlatent.run.ablation_grid import Cell, parse_grid, plan_cells
 from rlatent.run.ablation_report import DIAGNOSTIC_KEYS, JSON_FILE, MD_FILE, PNG_FILE, write_ablation, write_report
 from rlatent.run.evaluate import outcome_key, record_outcomes
 from rlatent.run.stats import wilson_interval
@@ -41,97 +40,6 @@ CELL_FILE = "ablation_cell.json"
 CELLS_DIR = "cells"
 CELL_CPUS = 1
 """CPUs a Ray cell task reserves (Ray sets its OMP_NUM_THREADS from it)."""
-
-
-# ---- the grid -------------------------------------------------------------------------------------------
-
-
-def split_values(text: str) -> list[str]:
-    """`v1,v2` -> ["v1", "v2"]; commas inside [], {} or quotes stay, so `[1,2],[3]` is two YAML lists."""
-    values, depth, quote, current = [], 0, None, ""
-    for char in text:
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            values.append(current.strip())
-            current = ""
-            continue
-        current += char
-    values.append(current.strip())
-    return values
-
-
-def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
-    """`--grid key=v1,v2` arguments -> [(key, [raw values])], in the order given; values stay raw text (the
-    config parses them as YAML, as any override)."""
-    grid: list[tuple[str, list[str]]] = []
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        values = split_values(raw) if sep else []
-        if not key or not values or any(v == "" for v in values):
-            raise ConfigError(f"--grid {item!r}: expected key.sub=v1,v2 (non-empty values)")
-        if key == "seed":
-            raise ConfigError("--grid seed=...: use --seeds N (seed, seed+1, ... for every grid point)")
-        if key == "output" or key.startswith("output."):
-            raise ConfigError(f"--grid {key}: the ablation sets each cell's output directory itself")
-        if any(key == k for k, _ in grid):
-            raise ConfigError(f"--grid {key}: given twice; put every value in one --grid {key}=v1,v2")
-        if len(set(values)) != len(values):
-            raise ConfigError(f"--grid {item!r}: a value is repeated")
-        grid.append((key, values))
-    return grid
-
-
-def cell_id(grid: list[tuple[str, str]], seed: int) -> str:
-    """A readable, filesystem-safe directory name: `latent.mode=pause,latent.k=1,seed=0`."""
-    text = ",".join([*(f"{k}={v}" for k, v in grid), f"seed={seed}"])
-    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
-    safe = "_" + safe[1:] if safe.startswith(".") else safe
-    if len(safe) > 120:  # a file name's limit is 255 bytes
-        safe = safe[:109] + "-" + hashlib.sha1(text.encode()).hexdigest()[:10]
-    return safe
-
-
-@dataclass
-class Cell:
-    index: int                    # 1-based, for the progress line
-    total: int
-    grid: list[tuple[str, str]]   # (key, raw value) per grid dimension
-    seed: int
-    id: str
-    dir: Path
-
-    @property
-    def overrides(self) -> list[str]:
-        return [f"{k}={v}" for k, v in self.grid]
-
-    @property
-    def label(self) -> str:
-        return " ".join([*self.overrides, f"seed={self.seed}"])
-
-    def progress(self, text: str) -> None:
-        print(f"[{self.index}/{self.total}] {self.label}: {text}", flush=True)
-
-
-def plan_cells(grid: list[tuple[str, list[str]]], seeds: list[int], cells_dir: Path) -> list[Cell]:
-    """Cells = the cartesian product of the grid's values x seeds, grid order outermost, seeds innermost."""
-    points = list(itertools.product(*[[(key, v) for v in values] for key, values in grid]))
-    total = len(points) * len(seeds)
-    cells, seen = [], set()
-    for point, seed in itertools.product(points, seeds):
-        name = cell_id(list(point), seed)
-        if name in seen:  # two values that differ only in unsafe characters
-            name = f"{name}-{hashlib.sha1(repr((point, seed)).encode()).hexdigest()[:8]}"
-        seen.add(name)
-        cells.append(Cell(len(cells) + 1, total, list(point), seed, name, cells_dir / name))
-    return cells
 
 
 # ---- one cell -------------------------------------------------------------------------------------------
@@ -198,8 +106,9 @@ def held_out(cfg: RunConfig) -> dict[str, list]:
     return splits
 
 
-def _evaluate_checkpoint(cfg: RunConfig, checkpoint: Path, run_dir: Path) -> dict[str, Path]:
-    """Evaluate a trained cell whose outcomes were never recorded (killed after its last checkpoint)."""
+def _evaluate_checkpoint(cfg: RunConfig, checkpoint: Path, run_dir: Path, stem: str = "") -> dict[str, Path]:
+    """Evaluate a cell's checkpoint whose outcomes were never recorded: the final one of a cell killed after
+    it, or phase 1's of a `train` cell resumed in phase 2 (`stem` "sft_")."""
     from rlatent.model.latent_model import LatentModel
     from rlatent.model.loading import model_dtype, resolve_device
     from rlatent.run.stages import evaluate_with_engine, seed_everything
@@ -212,13 +121,14 @@ def _evaluate_checkpoint(cfg: RunConfig, checkpoint: Path, run_dir: Path) -> dic
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, problems in held_out(cfg).items():
-        paths[split] = out / f"samples_{split}.jsonl"
+        paths[split] = out / f"samples_{stem}{split}.jsonl"
         evaluate_with_engine(cfg, model, tokenizer, problems, paths[split])
     return paths
 
 
-def _train_and_evaluate(spec: dict, cfg: RunConfig) -> tuple[dict[str, dict], Path | None]:
-    """Run (or resume, or only evaluate) the cell; returns its split outcomes and final checkpoint."""
+def _train_and_evaluate(spec: dict, cfg: RunConfig) -> tuple[dict[str, dict], dict[str, dict], Path | None]:
+    """Run (or resume, or only evaluate) the cell; returns its final split outcomes, phase 1's (a `train`
+    cell's, so that the report can set phase 2 against its own start; else empty) and its final checkpoint."""
     from rlatent.run.stages import run_phases
 
     run_dir = Path(spec["dir"])
@@ -234,6 +144,7 @@ def _train_and_evaluate(spec: dict, cfg: RunConfig) -> tuple[dict[str, dict], Pa
     elif run_dir.is_dir():  # nothing durable: a run killed before its first checkpoint, or a failed cell
         shutil.rmtree(run_dir)
     final = final_checkpoint(run_dir, cfg, command) if checkpoints else None
+    samples = RunDir(run_dir).samples_dir  # where `run_phases` writes its evaluations' samples
     with record_outcomes() as recorded:
         if final is not None:
             paths = _evaluate_checkpoint(cfg, final, run_dir)
@@ -242,16 +153,24 @@ def _train_and_evaluate(spec: dict, cfg: RunConfig) -> tuple[dict[str, dict], Pa
                 run_phases(command, None, None, resume=str(run_dir))
             else:
                 run_phases(command, cfg, spec["config"])
-            samples = RunDir(run_dir).samples_dir  # where `run_phases` writes its final evaluation's samples
             paths = {"test": samples / "eval_samples.jsonl", "ood": samples / "eval_samples_ood.jsonl"}
-        splits = {}
-        for split, path in paths.items():
-            outcome = recorded.get(outcome_key(path))
-            if outcome is not None:
-                splits[split] = _split_record(outcome)
+        splits = _recorded_splits(recorded, paths)
+        start = {}
+        if command == "train":
+            start = _recorded_splits(recorded, {"test": samples / "eval_samples_sft.jsonl",
+                                                "ood": samples / "eval_samples_sft_ood.jsonl"})
+            phase1 = RunDir(run_dir).checkpoint_path(cfg.sft.steps)
+            if "test" not in start and phase1.is_dir():  # phase 1 finished in an earlier process
+                start = _recorded_splits(recorded, _evaluate_checkpoint(cfg, phase1, run_dir, "sft_"))
     if "test" not in splits:
         raise RuntimeError("the run finished but its final evaluation was not recorded")
-    return splits, final_checkpoint(run_dir, cfg, command)
+    return splits, start, final_checkpoint(run_dir, cfg, command)
+
+
+def _recorded_splits(recorded: dict[str, dict], paths: dict[str, Path]) -> dict[str, dict]:
+    """The split records of the evaluations `record_outcomes` caught, by the samples path each wrote."""
+    outcomes = {split: recorded.get(outcome_key(path)) for split, path in paths.items()}
+    return {split: _split_record(outcome) for split, outcome in outcomes.items() if outcome is not None}
 
 
 def _split_record(outcome: dict) -> dict:
@@ -264,6 +183,7 @@ def _split_record(outcome: dict) -> dict:
         "wilson95": list(wilson_interval(sum(correct), len(correct))) if correct else None,
         "questions": questions,
         "references": outcome["references"],  # what the `constant answer` row is built from
+        "predictions": outcome["predictions"],  # how often a cell says that answer
     }
 
 
@@ -297,9 +217,11 @@ def run_cell(spec: dict) -> dict:
     try:
         cfg = cell_config(spec)
         record["config_sha1"] = config_fingerprint(cfg.model_dump(mode="json"))
-        splits, checkpoint = _train_and_evaluate(spec, cfg)
+        splits, start, checkpoint = _train_and_evaluate(spec, cfg)
         record.update(status="done", splits=splits, diagnostics=last_diagnostics(Path(spec["dir"])),
                       checkpoint=None if checkpoint is None else str(checkpoint.relative_to(Path(spec["dir"]))))
+        if start:
+            record["phase1_splits"] = start
     except Exception as error:  # noqa: BLE001 -- one failed cell never loses the others
         record["error"] = error_line(error)
         if not isinstance(error, RlatentError):

@@ -10,7 +10,8 @@ ignores the question scores (on a Yes/No task the majority rate, not 50 %). The 
     OUTPUT_DIR/NAME/
       ablation.json        the spec and every cell: overrides, seed, status (done / failed + its one-line
                            error), metrics, intervals, per-problem 0/1 outcomes; md and png are rebuilt from it
-      ablation.md          one row per grid point (aggregated over seeds), then exact McNemar tests
+      ablation.md          one row per grid point (aggregated over seeds), then exact McNemar tests; with
+                           `--command train`, phase 2 against each cell's own phase-1 start
       ablation.png         accuracy per grid point with 95 % error bars, in and out of distribution
       cells/<cell-id>/     a run directory of `rlatent sft` / `rlatent train`, plus ablation_cell.json
 """
@@ -27,7 +28,8 @@ from typing import Any
 from rlatent.errors import ConfigError, first_line
 from rlatent.io.atomic import atomic_file, atomic_write_text
 from rlatent.io.run_dir import metrics_table
-from rlatent.run.stats import constant_answer, discordant_pairs, mcnemar_exact, mean_t_interval, wilson_interval
+from rlatent.run.stats import (constant_answer, constant_answer_split, discordant_pairs, mcnemar_exact, mean_t_interval,
+                              wilson_interval)
 
 JSON_FILE = "ablation.json"
 MD_FILE = "ablation.md"
@@ -42,12 +44,14 @@ def write_ablation(root: Path, spec: dict, records: list[dict]) -> None:
     """ablation.json (spec + cells, per-problem vectors included), then the md and png built from it."""
     cells = [{k: v for k, v in r.items() if k != "traceback"} for r in records]
     for cell in cells:  # the questions stay in each cell's file; their hash pairs cells here
-        if "splits" in cell:
-            cell["splits"] = {s: {k: v for k, v in d.items() if k != "questions"} for s, d in cell["splits"].items()}
+        for key in ("splits", "phase1_splits"):
+            if key in cell:
+                cell[key] = {s: {k: v for k, v in d.items() if k != "questions"} for s, d in cell[key].items()}
     data = {"version": 1, **spec, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells}
     with_constant = with_constant_answer(cells)
     data["rows"] = aggregate(with_constant)
     data["mcnemar"] = paired_tests(with_constant)
+    data["phase2_vs_phase1"] = phase_two_tests(with_constant)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / JSON_FILE, json.dumps(data, indent=1) + "\n")
     write_report(root)
@@ -151,6 +155,38 @@ def paired_tests(cells: list[dict]) -> list[dict]:
     return tests
 
 
+def phase_two_tests(cells: list[dict]) -> list[dict]:
+    """Per grid point of `rlatent ablate --command train` and split: phase 2 against its own phase-1 start, on
+    the same problems, pooled over seeds (exact McNemar); and, with the `constant answer` cells present, how
+    many problems each phase answered with that answer and how many it got right with another
+    (`constant_answer_split`): a phase 2 that gains only by saying the commonest answer more often shows as
+    the first count rising and the second flat."""
+    answers = {split: c["splits"][split]["answer"] for c in cells if c["overrides"] == [CONSTANT]
+               for split in c["splits"]}
+    tests = []
+    for point, group in _points(cells).items():
+        for split in SPLITS:
+            pairs = [(c["phase1_splits"][split], c["splits"][split]) for c in group
+                     if c["status"] == "done" and split in c.get("phase1_splits", {}) and split in c["splits"]
+                     and c["phase1_splits"][split]["questions_sha1"] == c["splits"][split]["questions_sha1"]]
+            if not pairs:
+                continue
+            before, after = ([v for pair in pairs for v in pair[i]["correct"]] for i in (0, 1))
+            only_before, only_after = discordant_pairs(before, after)
+            test = {"point": point, "split": split, "seeds": len(pairs), "problems": len(before),
+                    "accuracy_phase1": sum(before) / len(before), "accuracy_phase2": sum(after) / len(after),
+                    "only_phase1": only_before, "only_phase2": only_after, "p": mcnemar_exact(only_before, only_after)}
+            answer = answers.get(split)
+            if answer is not None and all(e.get("predictions") for pair in pairs for e in pair):
+                counts = [[constant_answer_split(answer, e["predictions"], e["correct"], e["references"])
+                           for e in (first, second)] for first, second in pairs]
+                test.update({"constant_answer": answer,
+                             "says_constant": [sum(c[i][0] for c in counts) for i in (0, 1)],
+                             "right_other": [sum(c[i][1] for c in counts) for i in (0, 1)]})
+            tests.append(test)
+    return tests
+
+
 def _acc(entry: dict | None) -> str:
     if not entry:
         return ""
@@ -224,6 +260,21 @@ def render_markdown(data: dict) -> str:
                      "grid point gets right and the other wrong, seed s against seed s, pooled over seeds.\n\n"
                      + metrics_table(lines, ["A", "B", "seeds", "paired problems", "accuracy A / B",
                                              "A right, B wrong", "A wrong, B right", "p (exact McNemar)"]))
+    lifts = phase_two_tests(with_constant)
+    if lifts:
+        lines = [{"grid point": t["point"], "split": t["split"], "seeds": str(t["seeds"]),
+                  "phase 1 -> 2": f"{t['accuracy_phase1']:.3f} -> {t['accuracy_phase2']:.3f}",
+                  "phase 1 only": str(t["only_phase1"]), "phase 2 only": str(t["only_phase2"]),
+                  "p (exact McNemar)": f"{t['p']:.4g}",
+                  "says the constant answer": " -> ".join(map(str, t.get("says_constant", []))),
+                  "right, other answers": " -> ".join(map(str, t.get("right_other", [])))} for t in lifts]
+        parts.append("## Phase 2 against phase 1\n\nEach cell's own phase-1 evaluation against its final one, same "
+                     "problems, pooled over seeds. *Says the constant answer*: problems answered with the commonest "
+                     "reference; *right, other answers*: problems right whose reference is another. A gain made "
+                     "by saying the commonest answer more often raises the first and leaves the second flat.\n\n"
+                     + metrics_table(lines, ["grid point", "split", "seeds", "phase 1 -> 2", "phase 1 only",
+                                             "phase 2 only", "p (exact McNemar)", "says the constant answer",
+                                             "right, other answers"]))
     cell_lines = [{"cell": c["id"], "status": c["status"],
                    "accuracy": _num(c["splits"]["test"]["metrics"]["accuracy"]) if c["status"] == "done" else "",
                    "OOD accuracy": (_num(c["splits"]["ood"]["metrics"]["accuracy"])

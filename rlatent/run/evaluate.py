@@ -36,10 +36,10 @@ def record_outcomes() -> Iterator[dict[str, dict]]:
 
     Yields a dict filled as evaluations finish: the resolved samples path (the string "None" for a call
     without one) -> {"correct": [0/1 per problem, in problem order], "questions": [...], "references":
-    [...], "metrics": {...}}; a later call with the same path replaces the earlier one. Paired tests
-    (`rlatent ablate`'s McNemar) and its constant-answer row need these vectors, but the returned metrics
-    must stay scalars (metrics.jsonl, TensorBoard), and the evaluation sits deep inside `run_phases`:
-    recording beside it keeps the training code unaware of it.
+    [...], "predictions": [each extracted final answer, or None], "metrics": {...}}; a later call with the
+    same path replaces the earlier one. Paired tests (`rlatent ablate`'s McNemar) and its constant-answer
+    row need these vectors, but the returned metrics must stay scalars (metrics.jsonl, TensorBoard), and
+    the evaluation sits deep inside `run_phases`: recording beside it keeps the training code unaware of it.
     """
     recorded: dict[str, dict] = {}
     _outcome_recorders.append(recorded)
@@ -107,6 +107,7 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
     model_calls = 0
     samples = []
     outcomes: list[int] = []
+    predictions: list[str | None] = []
     started = time.perf_counter()
     for offset in range(0, len(problems), batch_size):
         chunk = problems[offset : offset + batch_size]
@@ -122,6 +123,7 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
             flexible += record["flexible_extract"]
             truncated += record["truncated"]
             outcomes.append(int(bool(record["correct"])))
+            predictions.append(record["predicted"])
             if len(samples) < num_samples:
                 samples.append(record)
         latents += int(counts["latents"].sum())
@@ -141,5 +143,5 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
     for recorded in _outcome_recorders:
         recorded[outcome_key(samples_path)] = {"correct": list(outcomes), "questions": [p.question for p in problems],
                                               "references": [p.final_answer for p in problems],
-                                              "metrics": dict(metrics)}
+                                              "predictions": predictions, "metrics": dict(metrics)}
     return metrics

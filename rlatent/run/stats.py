@@ -17,6 +17,8 @@ interval, and two cells are compared with a paired test on the same problems.
   the chi-square approximation.
 - `constant_answer`: the control every table needs beside its rows: what a policy that ignores the
   question scores. On a Yes/No task that is the majority rate of these problems, not 50 %.
+  `constant_answer_split` splits a policy's answers by it: how often it says that answer, and how
+  many it gets right with another.
 """
 
 from __future__ import annotations
@@ -125,3 +127,18 @@ def constant_answer(references: Mapping[Hashable, Sequence[str]]) -> tuple[str, 
     """
     answer = Counter(ref for refs in references.values() for ref in refs).most_common(1)[0][0]
     return answer, {group: [int(ref == answer) for ref in refs] for group, refs in references.items()}
+
+
+def constant_answer_split(answer: str, predictions: Sequence[str | None], correct: Sequence[int],
+                          references: Sequence[str]) -> tuple[int, int]:
+    """(problems answered with the constant `answer`, problems right whose reference is another answer).
+
+    A policy can gain accuracy by saying the commonest answer more often, without reading a single problem;
+    phase 2 does exactly that when the reward pays a base rate. Counted before and after, the first number
+    shows that drift and the second the part of the accuracy the drift cannot make.
+    """
+    if not len(predictions) == len(correct) == len(references):
+        raise ValueError(f"need one prediction, outcome and reference per problem, got {len(predictions)}, "
+                         f"{len(correct)}, {len(references)}")
+    said = sum(p == answer for p in predictions)
+    return said, sum(bool(right) and ref != answer for right, ref in zip(correct, references))
