@@ -107,8 +107,8 @@ def held_out(cfg: RunConfig) -> dict[str, list]:
 
 
 def _evaluate_checkpoint(cfg: RunConfig, checkpoint: Path, run_dir: Path, stem: str = "") -> dict[str, Path]:
-    """Evaluate a cell's checkpoint whose outcomes were never recorded: the final one of a cell killed after
-    it, or phase 1's of a `train` cell resumed in phase 2 (`stem` "sft_")."""
+    """Evaluate a cell's checkpoint whose outcomes this process did not record: the final one of a cell killed
+    after it, or (`stem` "sft_") phase 1's of a `train` cell whose phase 1 finished in an earlier process."""
     from rlatent.model.latent_model import LatentModel
     from rlatent.model.loading import model_dtype, resolve_device
     from rlatent.run.stages import evaluate_with_engine, seed_everything

@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,7 @@ def phase_two_tests(cells: list[dict]) -> list[dict]:
     the same problems, pooled over seeds (exact McNemar); and, with the `constant answer` cells present, how
     many problems each phase answered with that answer and how many it got right with another
     (`constant_answer_split`): a phase 2 that gains only by saying the commonest answer more often shows as
-    the first count rising and the second flat."""
+    the first count rising and the second flat. Also the answer phase 2 gives most, said before and after."""
     answers = {split: c["splits"][split]["answer"] for c in cells if c["overrides"] == [CONSTANT]
                for split in c["splits"]}
     tests = []
@@ -176,13 +177,19 @@ def phase_two_tests(cells: list[dict]) -> list[dict]:
             test = {"point": point, "split": split, "seeds": len(pairs), "problems": len(before),
                     "accuracy_phase1": sum(before) / len(before), "accuracy_phase2": sum(after) / len(after),
                     "only_phase1": only_before, "only_phase2": only_after, "p": mcnemar_exact(only_before, only_after)}
-            answer = answers.get(split)
-            if answer is not None and all(e.get("predictions") for pair in pairs for e in pair):
-                counts = [[constant_answer_split(answer, e["predictions"], e["correct"], e["references"])
-                           for e in (first, second)] for first, second in pairs]
-                test.update({"constant_answer": answer,
-                             "says_constant": [sum(c[i][0] for c in counts) for i in (0, 1)],
-                             "right_other": [sum(c[i][1] for c in counts) for i in (0, 1)]})
+            if all(e.get("predictions") for pair in pairs for e in pair):
+                said = [[p for pair in pairs for p in pair[i]["predictions"]] for i in (0, 1)]
+                # what phase 2 says most: where a drift goes, which need not be the constant answer (the
+                # reward pays the training prompts' commonest answer, not the evaluation's)
+                top = Counter(p for p in said[1] if p is not None).most_common(1)
+                if top:
+                    test.update({"top_answer": top[0][0], "says_top": [x.count(top[0][0]) for x in said]})
+                if (answer := answers.get(split)) is not None:
+                    counts = [[constant_answer_split(answer, e["predictions"], e["correct"], e["references"])
+                               for e in pair] for pair in pairs]
+                    test.update({"constant_answer": answer,
+                                 "says_constant": [sum(c[i][0] for c in counts) for i in (0, 1)],
+                                 "right_other": [sum(c[i][1] for c in counts) for i in (0, 1)]})
             tests.append(test)
     return tests
 
@@ -267,14 +274,18 @@ def render_markdown(data: dict) -> str:
                   "phase 1 only": str(t["only_phase1"]), "phase 2 only": str(t["only_phase2"]),
                   "p (exact McNemar)": f"{t['p']:.4g}",
                   "says the constant answer": " -> ".join(map(str, t.get("says_constant", []))),
+                  "phase 2's commonest answer": (f"{t['top_answer']!r}: " + " -> ".join(map(str, t["says_top"]))
+                                                 if "top_answer" in t else ""),
                   "right, other answers": " -> ".join(map(str, t.get("right_other", [])))} for t in lifts]
         parts.append("## Phase 2 against phase 1\n\nEach cell's own phase-1 evaluation against its final one, same "
                      "problems, pooled over seeds. *Says the constant answer*: problems answered with the commonest "
                      "reference; *right, other answers*: problems right whose reference is another. A gain made "
-                     "by saying the commonest answer more often raises the first and leaves the second flat.\n\n"
+                     "by saying the commonest answer more often raises the first and leaves the second flat. "
+                     "*Phase 2's commonest answer*: how often each phase said it; a drift to one answer shows there "
+                     "even when the reward paid another than the evaluation's commonest (the training prompts').\n\n"
                      + metrics_table(lines, ["grid point", "split", "seeds", "phase 1 -> 2", "phase 1 only",
                                              "phase 2 only", "p (exact McNemar)", "says the constant answer",
-                                             "right, other answers"]))
+                                             "right, other answers", "phase 2's commonest answer"]))
     cell_lines = [{"cell": c["id"], "status": c["status"],
                    "accuracy": _num(c["splits"]["test"]["metrics"]["accuracy"]) if c["status"] == "done" else "",
                    "OOD accuracy": (_num(c["splits"]["ood"]["metrics"]["accuracy"])
