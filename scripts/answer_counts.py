@@ -25,7 +25,7 @@ def answer_counts(path: Path, answers: list[str], top: int) -> list[str]:
     right = Counter(row["predicted"] for row in rows if row["correct"])
     lines = [f"{path}: {len(rows)} problems, {sum(right.values())} right, {len(said)} distinct answers "
              f"({said[None]} without one)"]
-    shown = [a for a, _ in said.most_common() if a is not None][:top] + [a for a in answers]
+    shown = [a for a, _ in said.most_common() if a is not None][:top] + answers
     for answer in dict.fromkeys(shown):
         lines.append(f"  {answer!r}: said {said[answer]}, right {right[answer]}")
     return lines

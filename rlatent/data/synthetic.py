@@ -188,7 +188,7 @@ def _expression(x: int, terms: list[tuple[str, int]], symbols: list[str], spaces
     return text
 
 
-def _operands(op: str, x: int, bounds: tuple[int, int]) -> list[int]:
+def _operands(op: str, x: int, bounds: tuple[int, int, int]) -> list[int]:
     """The operands `op` may take with running amount `x` (empty: op not usable)."""
     max_operand, max_multiplier, lowest = bounds
     if op == "+":

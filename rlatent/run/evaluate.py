@@ -143,5 +143,5 @@ def evaluate_problems(model: LatentModel, tokenizer, problems: list[Problem], se
     for recorded in _outcome_recorders:
         recorded[outcome_key(samples_path)] = {"correct": list(outcomes), "questions": [p.question for p in problems],
                                               "references": [p.final_answer for p in problems],
-                                              "predictions": predictions, "metrics": dict(metrics)}
+                                              "predictions": list(predictions), "metrics": dict(metrics)}
     return metrics
