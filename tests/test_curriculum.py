@@ -31,7 +31,8 @@ def test_stage_schedule():
 def test_stages_move_from_text_to_the_modes_treatment(tiny_tokenizer, mode):
     cfg = load_config(CONFIG, ["model.name_or_path=x", f"latent.mode={mode}", "latent.placement=replace"])
     problems, _ = load_split(cfg.data, "train", 16)
-    stages, dropped = staged_examples(problems, tiny_tokenizer, cfg.latent, 512, Curriculum(2, 1))
+    staged = staged_examples(problems, tiny_tokenizer, cfg.latent, 512, Curriculum(2, 1))
+    stages, dropped = staged.stages, staged.dropped
     assert dropped == 0 and len(stages) == 3 and all(len(s) == len(problems) for s in stages)
     for first, second, last in zip(*stages):
         slots = [sum(e.latent_mask) for e in (first, second, last)]

@@ -28,6 +28,10 @@ class RunConfig(Section):
         if self.latent.trunk == "two" and self.model.lora_r == 0:
             raise ValueError("latent.trunk 'two' needs LoRA (model.lora_r > 0): the latent trunk is the base + adapter")
         mode = latent_mode(self.latent.mode)
+        if self.sft.distill.weight > 0 and not (mode.has_slots and self.latent.placement in ("insert", "replace")):
+            raise ValueError(f"sft.distill needs latent slots placed at the marks (latent.mode latent or pause, "
+                             f"placement insert or replace), got mode {self.latent.mode!r}, placement "
+                             f"{self.latent.placement!r}")
         if self.grpo.latent_noise_std > 0 and not mode.explorable:
             raise ValueError(f"grpo.latent_noise_std > 0 needs latent.mode 'latent': {self.latent.mode} slots hold no "
                              "state-dependent latent to explore, so the noise would have no policy density")

@@ -246,6 +246,19 @@ class CurriculumConfig(Section):
     """Clear AdamW's moments at each stage change, as Coconut does (the loss landscape changes)."""
 
 
+class DistillConfig(Section):
+    """CODI-style self-distillation in phase 1 (`rlatent.sft.distill`): the written chain teaches the latents."""
+
+    weight: float = Field(0.0, ge=0)
+    """0 = off. Weight of the distillation term: at the slot that closes each block, every layer's hidden state
+    is pulled towards the model's own state (gradient stopped) where the written chain predicts the same
+    result token, an L1 distance scaled by the teacher state's spread. It tells the latents what to carry,
+    where the next-token loss alone gives one token's worth of signal."""
+    teacher_weight: float = Field(1.0, ge=0)
+    """Weight of the next-token loss on the written chain (the teacher), trained alongside as CODI does, so the
+    teacher stays a chain-of-thought reader after the curriculum has converted every mark."""
+
+
 class SFTConfig(Section):
     steps: int = Field(100, ge=0)
     """Optimizer steps."""
@@ -277,6 +290,7 @@ class SFTConfig(Section):
     log_every: int = Field(1, ge=1)
     """Training metrics to metrics.jsonl / TensorBoard every N steps."""
     curriculum: CurriculumConfig = CurriculumConfig()
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _curriculum_fits(self) -> "SFTConfig":

@@ -162,12 +162,15 @@ class SFTExample:
     newline (or to the next block or EOS): the tokens of the step that the
     latents should help predict, whose loss measures the latent gain. Masks
     mark target positions: the token at `i` is predicted from position `i - 1`.
+    `anchors` are the positions a written chain lines up with a latent one's
+    blocks (`rlatent.sft.distill`); empty elsewhere.
     """
 
     input_ids: list[int]
     latent_mask: list[bool]
     prompt_length: int
     next_step_mask: list[bool]
+    anchors: tuple[int, ...] = ()
 
 
 def format_prompt(question: str, tokenizer) -> list[int]:

@@ -28,6 +28,7 @@ class LatentBatch:
     attention_mask: torch.Tensor  # (B, T) bool; True at real positions
     prompt_lengths: torch.Tensor  # (B,) long
     next_step_mask: torch.Tensor | None = None  # (B, T) bool; tokens of the step after a block
+    anchor_mask: torch.Tensor | None = None  # (B, T) bool; the examples' `anchors` (self-distillation)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -79,21 +80,23 @@ class LatentBatch:
 
 
 def collate(examples, pad_id: int) -> LatentBatch:
-    """SFT examples (`input_ids`, `latent_mask`, `prompt_length`, `next_step_mask`) -> right-padded batch."""
+    """SFT examples (`input_ids`, `latent_mask`, `prompt_length`, `next_step_mask`, `anchors`) -> right-padded batch."""
     width = max(len(e.input_ids) for e in examples)
     batch = len(examples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     latent_mask = torch.zeros(batch, width, dtype=torch.bool)
     attention_mask = torch.zeros(batch, width, dtype=torch.bool)
     next_step_mask = torch.zeros(batch, width, dtype=torch.bool)
+    anchor_mask = torch.zeros(batch, width, dtype=torch.bool)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         latent_mask[row, :n] = torch.tensor(example.latent_mask)
         attention_mask[row, :n] = True
         next_step_mask[row, :n] = torch.tensor(example.next_step_mask)
+        anchor_mask[row, list(example.anchors)] = True
     prompt_lengths = torch.tensor([e.prompt_length for e in examples])
-    return LatentBatch(input_ids, latent_mask, attention_mask, prompt_lengths, next_step_mask)
+    return LatentBatch(input_ids, latent_mask, attention_mask, prompt_lengths, next_step_mask, anchor_mask)
 
 
 def _rows(value, rows: torch.Tensor, width: int):

@@ -21,6 +21,9 @@ Hugging Face cache.
 
 `parallel_forward` is the one-pass alternative when the latent inputs are
 already known: stored latents (`detached`), pause embeddings, or no latents.
+
+Each form can also return every layer's state at a few chosen positions
+(`anchors`), what self-distillation (`rlatent.sft.distill`) compares.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class ForwardOutput:
     hidden: torch.Tensor  # (B, T, H) last-layer state at every position (0 at padding)
     slot_inputs: torch.Tensor  # (B, T, H) input embedding used at each latent slot (0 elsewhere), no grad
     num_passes: int
+    layers: torch.Tensor | None = None  # (L, N, H) every layer's state at the `anchors` asked for (row-major)
 
 
 def default_pass_cost(device: torch.device) -> float:
@@ -48,37 +52,42 @@ def default_pass_cost(device: torch.device) -> float:
 
 
 def forward(model: LatentModel, batch: LatentBatch, gradient: str = "recurrent",
-            slot_inputs: torch.Tensor | None = None, pass_cost: float | None = None) -> ForwardOutput:
+            slot_inputs: torch.Tensor | None = None, pass_cost: float | None = None,
+            anchors: torch.Tensor | None = None) -> ForwardOutput:
     """Forward a batch the way its latent mode requires.
 
     `gradient="detached"` computes the latents without gradient (or takes the stored
     `slot_inputs`) and then runs one parallel pass with gradient through the rest.
     `pass_cost` tunes the wave plan (`plan_waves`); None = `default_pass_cost`.
+    `anchors` (B, T) bool: also return every layer's state there (`ForwardOutput.layers`).
     """
     mode = model.latent_mode
     if not mode.has_slots or not batch.latent_mask.any():
         return parallel_forward(model, batch, torch.zeros(*batch.input_ids.shape, model.hidden_size,
-                                                          device=model.device, dtype=model.dtype))
+                                                          device=model.device, dtype=model.dtype), anchors)
     if not mode.recurrent:  # constant slot inputs (pause): one pass
         inputs = model.pause_inputs(batch.block_index())
-        return parallel_forward(model, batch, inputs * batch.latent_mask[..., None])
+        return parallel_forward(model, batch, inputs * batch.latent_mask[..., None], anchors)
     if slot_inputs is None and gradient == "detached":
         with torch.no_grad():
             latents = recurrent_forward(model, batch, pass_cost)
-        out = parallel_forward(model, batch, latents.slot_inputs)
+        out = parallel_forward(model, batch, latents.slot_inputs, anchors)
         out.num_passes += latents.num_passes
         return out
     if slot_inputs is not None:
-        return parallel_forward(model, batch, slot_inputs)
-    return recurrent_forward(model, batch, pass_cost)
+        return parallel_forward(model, batch, slot_inputs, anchors)
+    return recurrent_forward(model, batch, pass_cost, anchors)
 
 
-def parallel_forward(model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor) -> ForwardOutput:
+def parallel_forward(model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor,
+                     anchors: torch.Tensor | None = None) -> ForwardOutput:
     """One pass with known inputs at the latent slots; `slot_inputs` is (B, T, H)."""
     embeds = torch.where(batch.latent_mask[..., None], slot_inputs.to(model.dtype), model.embed(batch.input_ids))
-    hidden, _ = model.trunk(embeds, batch.attention_mask, batch.positions(), batch.latent_mask)
-    hidden = hidden * batch.attention_mask[..., None]
-    return ForwardOutput(hidden, slot_inputs.detach(), num_passes=1)
+    states, _ = model.trunk(embeds, batch.attention_mask, batch.positions(), batch.latent_mask,
+                            all_layers=anchors is not None)
+    layers = None if anchors is None else states[:, anchors]
+    hidden = (states if anchors is None else states[-1]) * batch.attention_mask[..., None]
+    return ForwardOutput(hidden, slot_inputs.detach(), num_passes=1, layers=layers)
 
 
 def plan_waves(latent_mask: torch.Tensor, lengths: torch.Tensor, pass_cost: float | None = None,
@@ -130,10 +139,11 @@ def _capped_chunks(cuts: list[int], cap: int) -> list[tuple[int, int]]:
     return [(start, min(start + cap, end)) for a, end in zip(cuts[:-1], cuts[1:]) for start in range(a, end, cap)]
 
 
-def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float | None = None) -> ForwardOutput:
+def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float | None = None,
+                      anchors: torch.Tensor | None = None) -> ForwardOutput:
     """Exact forward with gradient through the latent recurrence (one pass per latent wave)."""
     if model.kv_unsupported:
-        return padded_recurrent_forward(model, batch, pass_cost)
+        return padded_recurrent_forward(model, batch, pass_cost, anchors)
     rows, length = batch.input_ids.shape
     device = batch.input_ids.device
     pass_cost = default_pass_cost(device) if pass_cost is None else pass_cost
@@ -154,6 +164,8 @@ def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float |
     slot_inputs = torch.zeros(rows, length, model.hidden_size, device=device, dtype=model.dtype)
     cache = PassCache()
     pieces, last_hidden = [], torch.zeros(rows, model.hidden_size, device=device, dtype=model.dtype)
+    wanted = None if anchors is None else location[anchors.cpu()]  # packed index of each anchor
+    picked, picked_order = [], []
     row_index = torch.arange(rows)
     for start, end, size, base in zip(starts, ends, sizes, bases):
         total = int(size.sum())
@@ -171,18 +183,28 @@ def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float |
             embeds = embeds.index_copy(0, at.to(device), latent)
             slot_inputs[slot_rows, packed_positions[at].to(device)] = latent.detach()
         cache.next_pass(layout)
-        hidden, _ = model.trunk(embeds[None], None, positions_d[None], slots_d[None], cache=cache)
-        hidden = hidden[0]  # (N, H)
+        states, _ = model.trunk(embeds[None], None, positions_d[None], slots_d[None], cache=cache,
+                                all_layers=anchors is not None)
+        if anchors is not None:  # this pass's anchors, every layer
+            inside = ((wanted >= base) & (wanted < base + total)).nonzero().flatten()
+            picked.append(states[:, 0, (wanted[inside] - base).to(device)])
+            picked_order.append(inside)
+            states = states[-1]
+        hidden = states[0]  # (N, H)
         pieces.append(hidden)
         has = size > 0
         last = (size.cumsum(0) - 1).clamp_min(0)  # packed index of each row's last position in this pass
         last_hidden = torch.where(has.to(device)[:, None], hidden[last.to(device)], last_hidden)
     every = torch.cat(pieces)  # (sum of passes' positions, H)
     hidden = every[location_device] * batch.attention_mask[..., None]
-    return ForwardOutput(hidden, slot_inputs, num_passes=len(pieces))
+    layers = None
+    if anchors is not None:  # back in row-major anchor order
+        layers = torch.cat(picked, 1)[:, torch.cat(picked_order).argsort().to(device)]
+    return ForwardOutput(hidden, slot_inputs, num_passes=len(pieces), layers=layers)
 
 
-def padded_recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float | None = None) -> ForwardOutput:
+def padded_recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float | None = None,
+                             anchors: torch.Tensor | None = None) -> ForwardOutput:
     """`recurrent_forward` for models rlatent's `PassCache` does not cover: each pass right-padded to its widest
     chunk, against a Hugging Face cache that grows by concatenation."""
     rows, length = batch.input_ids.shape
@@ -194,6 +216,7 @@ def padded_recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: 
     slot_inputs = torch.zeros(rows, length, model.hidden_size, device=device, dtype=model.dtype)
     location = torch.zeros(rows, length, dtype=torch.long, device=device)  # column of each position in `pieces`
     pieces, masks, cache, last_hidden, offset = [], [], None, None, 0
+    layer_pieces = []  # with `anchors`: every layer's states of each pass
     for start, end in zip(starts, ends):
         sizes = end - start  # (B,)
         width = int(sizes.max())
@@ -208,7 +231,12 @@ def padded_recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: 
             slot_rows = slots[:, 0]
             slot_inputs[row_index[slot_rows], start[slot_rows]] = latent[slot_rows].detach()
         masks.append(valid)
-        hidden, cache = model.trunk(embeds, torch.cat(masks, 1), positions, slots, cache, use_cache=True)
+        states, cache = model.trunk(embeds, torch.cat(masks, 1), positions, slots, cache, use_cache=True,
+                                    all_layers=anchors is not None)
+        if anchors is not None:
+            layer_pieces.append(states)
+            states = states[-1]
+        hidden = states
         pieces.append(hidden)
         last = hidden[row_index, (sizes - 1).clamp_min(0)]
         last_hidden = last if last_hidden is None else torch.where((sizes > 0)[:, None], last, last_hidden)
@@ -218,4 +246,8 @@ def padded_recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: 
     every = torch.cat(pieces, 1)  # (B, sum of widths, H)
     hidden = every.gather(1, location[..., None].expand(-1, -1, every.shape[-1]))
     hidden = hidden * batch.attention_mask[..., None]
-    return ForwardOutput(hidden, slot_inputs, num_passes=len(pieces))
+    layers = None
+    if anchors is not None:
+        anchor_rows, anchor_positions = anchors.nonzero(as_tuple=True)
+        layers = torch.cat(layer_pieces, 2)[:, anchor_rows, location[anchor_rows, anchor_positions]]
+    return ForwardOutput(hidden, slot_inputs, num_passes=len(pieces), layers=layers)

@@ -173,8 +173,10 @@ class LatentModel(nn.Module):
         """(B, T) token ids -> (B, T, H) input embeddings."""
         return self.backbone.get_input_embeddings()(input_ids)
 
-    def trunk(self, inputs_embeds, attention_mask, position_ids, latent_slots, cache=None, use_cache=False):
-        """Run the transformer on new positions; returns (last-layer hidden states (B, C, H), cache).
+    def trunk(self, inputs_embeds, attention_mask, position_ids, latent_slots, cache=None, use_cache=False,
+              all_layers=False):
+        """Run the transformer on new positions; returns (last-layer hidden states (B, C, H), cache), or with
+        `all_layers` every layer's output stacked (L, B, C, H), the last being the last-layer states.
 
         `attention_mask` (B, past + C) marks real positions (holes = 0); `position_ids`
         (B, C) are explicit so holes do not shift positions; `latent_slots` (B, C)
@@ -190,14 +192,15 @@ class LatentModel(nn.Module):
             if self.kv_unsupported:
                 raise RuntimeError(f"rlatent's KV states do not cover this model: {self.kv_unsupported}")
             with route, attending(self._attention_configs, cache, self._attention_layers):
-                out = self.backbone(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False)
-            return out.last_hidden_state, cache
+                out = self.backbone(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False,
+                                    output_hidden_states=all_layers)
+            return _states(out, all_layers), cache
         with route:
             out = self.backbone(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=use_cache, **{self.cache_argument: cache},
+                use_cache=use_cache, output_hidden_states=all_layers, **{self.cache_argument: cache},
             )
-        return out.last_hidden_state, getattr(out, self.cache_argument)
+        return _states(out, all_layers), getattr(out, self.cache_argument)
 
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V)."""
@@ -284,6 +287,11 @@ class LatentModel(nn.Module):
         if not trainable:
             model.requires_grad_(False)
         return model, tokenizer
+
+
+def _states(out, all_layers: bool) -> torch.Tensor:
+    """The last layer's hidden states, or every layer's stacked (the embeddings left out)."""
+    return torch.stack(out.hidden_states[1:]) if all_layers else out.last_hidden_state
 
 
 def cache_argument(backbone: nn.Module) -> str:

@@ -158,9 +158,11 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
             offset = 0
             if "sft" in phases:
                 curriculum = Curriculum.from_config(cfg.sft)
-                train, dropped = staged_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length,
-                                                 curriculum)
-                evaluation, _ = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum)
+                staged = staged_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum,
+                                         teachers=cfg.sft.distill.weight > 0)
+                train, dropped = staged.stages, staged.dropped
+                evaluation = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length,
+                                             curriculum).stages
                 for split, examples, problems in (("train", train, train_problems), ("eval", evaluation, eval_problems)):
                     if not all(examples):
                         raise DataError(f"{split} split: all {len(problems)} problems are longer than data.max_length "
@@ -171,7 +173,7 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
                                    "trainable_parameters": sum(p.numel() for p in model.trainable_parameters())},
                                phase="data")
                 trainer = SFTTrainer(cfg, model, tokenizer, train[-1], evaluation[-1], run, logger,
-                                     list(zip(train[:-1], evaluation[:-1])))
+                                     list(zip(train[:-1], evaluation[:-1])), staged.teachers)
                 if done[0] == "sft":
                     trainer.resume(latest)
                 if done[0] != "grpo":

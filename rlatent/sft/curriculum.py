@@ -12,7 +12,8 @@ mechanisms, not schedules.
 
 Examples of every stage are built up front and aligned by problem (a problem
 too long at any stage is dropped from all), so the data order, and a resumed
-run's position in it, do not depend on the stage.
+run's position in it, do not depend on the stage. So are the written-chain
+teachers of self-distillation (`sft.distill`), one per problem and stage.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from rlatent.config import LatentConfig, SFTConfig
 from rlatent.data.examples import SFTExample
 from rlatent.data.splits import sft_examples
+from rlatent.sft.distill import check_aligned, teacher_example
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,31 @@ class Curriculum:
         return None if stage >= self.stages else stage
 
 
-def staged_examples(problems, tokenizer, latent: LatentConfig, max_length: int, curriculum: Curriculum
-                    ) -> tuple[list[list[SFTExample]], int]:
-    """Per stage (0 .. stages; the last is all-latent), the examples of `problems`, aligned by problem; and
-    how many problems were dropped for being too long at some stage."""
+@dataclass
+class StagedExamples:
+    """Per stage (0 .. stages; the last is all-latent) the examples, aligned by problem; with `sft.distill`
+    the written-chain teachers of each stage, aligned the same way; and how many problems were dropped for
+    being too long at some stage."""
+
+    stages: list[list[SFTExample]]
+    teachers: list[list[SFTExample]] | None
+    dropped: int
+
+
+def staged_examples(problems, tokenizer, latent: LatentConfig, max_length: int, curriculum: Curriculum,
+                    teachers: bool = False) -> StagedExamples:
+    """The examples of `problems` at every stage, and with `teachers` their teachers (`rlatent.sft.distill`)."""
     stages = [sft_examples(problems, tokenizer, latent, None, curriculum.latent_marks(s))[0]
               for s in range(curriculum.stages + 1)]
-    keep = [i for i in range(len(problems)) if all(len(stage[i].input_ids) <= max_length for stage in stages)]
-    return [[stage[i] for i in keep] for stage in stages], len(problems) - len(keep)
+    taught = None
+    if teachers:
+        taught = [[teacher_example(p, tokenizer, curriculum.latent_marks(s)) for p in problems]
+                  for s in range(curriculum.stages + 1)]
+        for stage, teaching in zip(stages, taught):
+            for problem, student, teacher in zip(problems, stage, teaching):
+                check_aligned(student, teacher, problem.source)
+    every = stages + (taught or [])
+    keep = [i for i in range(len(problems)) if all(len(stage[i].input_ids) <= max_length for stage in every)]
+    return StagedExamples([[stage[i] for i in keep] for stage in stages],
+                          None if taught is None else [[stage[i] for i in keep] for stage in taught],
+                          len(problems) - len(keep))

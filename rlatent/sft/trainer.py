@@ -30,6 +30,7 @@ from rlatent.model.latent_model import LatentModel
 from rlatent.optim import build_optimizer
 from rlatent.io.run_dir import MetricsLogger, RunDir
 from rlatent.sft.curriculum import Curriculum
+from rlatent.sft.distill import distill_counts, distill_terms, student_anchors
 from rlatent.sft.losses import LossTotals, classifier_scores, latent_gain, latent_norms, sft_loss
 
 def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
@@ -46,10 +47,12 @@ def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Ite
 class SFTTrainer:
     def __init__(self, cfg: RunConfig, model: LatentModel, tokenizer, train: list[SFTExample],
                  evaluation: list[SFTExample], run: RunDir, logger: MetricsLogger,
-                 earlier_stages: list[tuple[list[SFTExample], list[SFTExample]]] = ()):
+                 earlier_stages: list[tuple[list[SFTExample], list[SFTExample]]] = (),
+                 teachers: list[list[SFTExample]] | None = None):
         """`train`, `evaluation`: the examples of the final (all-latent) stage. `earlier_stages`: with
         `sft.curriculum`, the (train, evaluation) examples of stages 0 .. stages-1, aligned with `train` by
-        problem (`rlatent.sft.curriculum.staged_examples`)."""
+        problem (`rlatent.sft.curriculum.staged_examples`). `teachers`: with `sft.distill`, each stage's
+        written-chain teachers of the training problems, aligned the same way."""
         if len(train) < cfg.sft.batch_size:
             raise TrainingError(f"sft.batch_size {cfg.sft.batch_size} exceeds the {len(train)} training examples")
         self.cfg, self.model, self.run, self.logger = cfg, model, run, logger
@@ -58,6 +61,9 @@ class SFTTrainer:
         self.stages = [*earlier_stages, (train, evaluation)]
         if len(self.stages) != self.curriculum.stages + 1:
             raise ValueError(f"{len(self.stages)} example stages for a curriculum of {self.curriculum.stages}")
+        if (teachers is None) != (cfg.sft.distill.weight == 0) or teachers and len(teachers) != len(self.stages):
+            raise ValueError("sft.distill needs the teachers of every stage, and only sft.distill does")
+        self.teachers = teachers
         sft = cfg.sft
         self.optimizer = build_optimizer(
             cfg, model, sft.lr, sft.weight_decay, sft.max_grad_norm,
@@ -80,8 +86,10 @@ class SFTTrainer:
             started = time.perf_counter()
             stage = self.enter_stage()
             examples = self.stages[stage][0]
-            metrics = self.train_step([self.batch([examples[i] for i in next(micro_batches)])
-                                       for _ in range(sft.grad_accum)])
+            chosen = [next(micro_batches) for _ in range(sft.grad_accum)]
+            teachers = None if self.teachers is None else [
+                self.batch([self.teachers[stage][i] for i in rows]) for rows in chosen]
+            metrics = self.train_step([self.batch([examples[i] for i in rows]) for rows in chosen], teachers)
             if self.curriculum.stages:
                 metrics["curriculum_stage"] = stage
             self.step += 1
@@ -111,22 +119,34 @@ class SFTTrainer:
                 self.optimizer.reset_moments()
         return stage
 
-    def train_step(self, micro_batches: list[LatentBatch]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[LatentBatch], teachers: list[LatentBatch] | None = None
+                   ) -> dict[str, float]:
+        """One optimizer step over `micro_batches` (with `sft.distill`, `teachers`: their written chains)."""
         sft = self.cfg.sft
         self.model.train()
         # One normaliser for the whole step: each micro-batch's loss is its share of the whole batch's
         # loss (sums over the step's token and decision counts), so the shares add up to it.
         counts = LossTotals.of(micro_batches)
         totals = {"loss": 0.0, "lm_loss": 0.0, "start_loss": 0.0, "stop_loss": 0.0}
+        if teachers is not None:
+            totals.update(distill_loss=0.0, teacher_lm_loss=0.0)
+            distill_totals = distill_counts(micro_batches, teachers)
         tokens = 0
-        for batch in micro_batches:
-            out = forward(self.model, batch, self.cfg.latent.gradient, pass_cost=self.cfg.latent.pass_cost)
+        for index, batch in enumerate(micro_batches):
+            anchors = None if teachers is None else student_anchors(batch)
+            out = forward(self.model, batch, self.cfg.latent.gradient, pass_cost=self.cfg.latent.pass_cost,
+                          anchors=anchors)
             loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight, counts)
-            if not torch.isfinite(loss.total):
-                raise TrainingError(f"sft step {self.step + 1}: loss is {loss.total.item()} (lm {loss.lm.item()}, "
+            total, parts = loss.total, [loss.total, loss.lm, loss.start, loss.stop]
+            if teachers is not None:
+                distill, teacher_lm = distill_terms(self.model, out, teachers[index], distill_totals)
+                total = total + sft.distill.weight * distill + sft.distill.teacher_weight * teacher_lm
+                parts = [total, loss.lm, loss.start, loss.stop, distill, teacher_lm]
+            if not torch.isfinite(total):
+                raise TrainingError(f"sft step {self.step + 1}: loss is {total.item()} (lm {loss.lm.item()}, "
                                     f"start {loss.start.item()}, stop {loss.stop.item()}); lower sft.lr or check the data")
-            self.optimizer.backward(loss.total)
-            for name, value in zip(totals, (loss.total, loss.lm, loss.start, loss.stop)):
+            self.optimizer.backward(total)
+            for name, value in zip(totals, parts):
                 totals[name] += value.item()
             tokens += int(batch.attention_mask.sum())
         grad_norm = self.optimizer.step(f"sft step {self.step + 1}")

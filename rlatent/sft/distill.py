@@ -1,0 +1,94 @@
+"""CODI-style self-distillation for phase 1 (`sft.distill`): the written chain teaches the latents.
+
+The next-token loss gives a block one token's worth of signal: the result written
+after it. CODI (Shen et al. 2025, "CODI: Compressing Chain-of-Thought into
+Continuous Space via Self-Distillation", arXiv 2502.21074) gives it a dense one.
+The same model reads the written chain (the *teacher*); where the teacher is
+about to write a step's result (the `=` of `17-5 = 12`), its hidden states in
+every layer hold that step's computation. The *student* reads the same answer
+with the step replaced by a latent block, and at the block's last slot, which
+predicts the same result token, every layer's state is pulled towards the
+teacher's. The teacher's states are targets (no gradient through them); the
+teacher itself keeps training on its own next-token loss, as in CODI, so it stays
+a reader of written chains after a curriculum has converted every mark.
+
+The distance, per aligned position and layer, is the mean absolute difference
+divided by the teacher state's standard deviation (CODI's L1 scaled by the
+teacher's spread, per vector here, so the term is a sum over positions that adds
+up across gradient-accumulation micro-batches). Layers are averaged.
+
+Alignment: the teacher's example is `build_example` with a one-slot block at
+each of the student's converted marks, `insert` placement, then the slots
+removed. Its text pieces are tokenised exactly as the student's, so the text
+after a block (" 12 stickers now.") is the same tokens in both, and the
+teacher's *anchor*, the token just before a removed slot, predicts the token
+the student's block-closing slot predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from rlatent.data.examples import SFTExample, build_example
+from rlatent.data.gsm8k import Problem
+from rlatent.errors import DataError
+from rlatent.latent.batch import LatentBatch
+from rlatent.latent.forward import ForwardOutput, forward
+from rlatent.model.latent_model import LatentModel
+from rlatent.sft.losses import token_losses
+
+
+def teacher_example(problem: Problem, tokenizer, latent_marks: int | None) -> SFTExample:
+    """The written chain of `problem`, its `anchors` the positions predicting each converted mark's result
+    (the first `latent_marks` marks, all when None: the student's blocks)."""
+    marked = build_example(problem, tokenizer, 1, "insert", latent_marks)
+    keep = [i for i, slot in enumerate(marked.latent_mask) if not slot]
+    anchors = tuple(i - 1 - sum(marked.latent_mask[:i]) for i, slot in enumerate(marked.latent_mask)
+                    if slot and not marked.latent_mask[i - 1])
+    return replace(marked, input_ids=[marked.input_ids[i] for i in keep], latent_mask=[False] * len(keep),
+                   next_step_mask=[marked.next_step_mask[i] for i in keep], anchors=anchors)
+
+
+def check_aligned(student: SFTExample, teacher: SFTExample, source: str) -> None:
+    """A `DataError` naming the problem when the student's blocks and the teacher's anchors do not pair up."""
+    blocks = sum(1 for i, slot in enumerate(student.latent_mask) if slot and not student.latent_mask[i - 1])
+    if blocks != len(teacher.anchors):
+        raise DataError(f"{source}: {blocks} latent blocks but {len(teacher.anchors)} teacher anchors; "
+                        "sft.distill needs latent.placement insert or replace")
+
+
+def student_anchors(batch: LatentBatch) -> torch.Tensor:
+    """(B, T) True at the slot that closes each block (it predicts the result written after the block)."""
+    _, _, stop_mask, stop_labels = batch.decision_labels()
+    return stop_mask & stop_labels.bool()
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Sum over aligned positions of the layer-averaged, spread-scaled L1 distance; `student` and `teacher`
+    are (L, N, H) states of the same N positions, the teacher's taken as fixed targets."""
+    target = teacher.detach().float()
+    distance = (student.float() - target).abs().mean(-1) / target.std(-1).clamp_min(1e-6)  # (L, N)
+    return distance.mean(0).sum()
+
+
+def distill_counts(students: list[LatentBatch], teachers: list[LatentBatch]) -> tuple[int, int]:
+    """(aligned positions, teacher target tokens) over every micro-batch of an optimizer step: what the two
+    terms are means over, so micro-batch shares add up to the whole batch's."""
+    positions = sum(int(student_anchors(batch).sum()) for batch in students)
+    tokens = sum(int(batch.target_mask()[:, 1:].sum()) for batch in teachers)
+    return positions, tokens
+
+
+def distill_terms(model: LatentModel, student: ForwardOutput, teacher: LatentBatch, counts: tuple[int, int]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This micro-batch's shares of (distillation, teacher next-token loss); `student` was computed with
+    `anchors=student_anchors(batch)`, the teacher batch rows are the same problems in the same order."""
+    out = forward(model, teacher, anchors=teacher.anchor_mask)
+    if student.layers.shape[1] != out.layers.shape[1]:
+        raise ValueError(f"{student.layers.shape[1]} student anchors but {out.layers.shape[1]} teacher anchors")
+    positions, tokens = counts
+    distill = distill_loss(student.layers, out.layers) / max(positions, 1)
+    teacher_lm = token_losses(model, teacher, out.hidden, teacher.target_mask()).sum() / max(tokens, 1)
+    return distill, teacher_lm
