@@ -68,6 +68,8 @@ def student_anchors(batch: LatentBatch) -> torch.Tensor:
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Sum over aligned positions of the layer-averaged, spread-scaled L1 distance; `student` and `teacher`
     are (L, N, H) states of the same N positions, the teacher's taken as fixed targets."""
+    if not student.shape[1]:  # no block in these rows (a curriculum's written stage)
+        return student.sum() * 0.0
     target = teacher.detach().float()
     distance = (student.float() - target).abs().mean(-1) / target.std(-1).clamp_min(1e-6)  # (L, N)
     return distance.mean(0).sum()
