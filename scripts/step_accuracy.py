@@ -1,0 +1,98 @@
+"""How often each step's written result is right: whether a block computes one step, read off per step.
+
+    python scripts/step_accuracy.py runs/ladder_nz/latent-seed0 runs/ladder_nz/pause-seed0 [--json OUT]
+
+Final-answer accuracy near the base rate cannot tell a policy that computes nothing from one that gets the
+first step right and loses the chain later. Every answer line of the seeded arithmetic task holds one
+calculator mark, and every row of the ladder still writes each step's result after it (`replace` removes the
+expression, not the result), so the completion's line j can be held against the reference's mark j. For
+each run directory (its `config.yaml` regenerates the problems, its samples files hold the completions;
+write them with `eval.num_samples >= eval.limit`) and split: per step, the problems that have it, how many
+wrote its result right, and how many did given that the step before was right. The result read from a line
+is the number after its last `=` (a written expression), else its first number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from rlatent.config import load_config
+from rlatent.data.marks import parse_marks
+from rlatent.data.splits import load_split
+
+SAMPLES = {"test": "eval_samples.jsonl", "ood": "eval_samples_ood.jsonl"}
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def line_result(line: str) -> str | None:
+    """The step result a completion line states: after its last `=`, else its first number."""
+    tail = line.rsplit("=", 1)[1] if "=" in line else line
+    found = NUMBER.search(tail)
+    return found.group() if found else None
+
+
+def step_outcomes(completion: str, results: list[str]) -> list[bool]:
+    """Per reference step, whether the completion's line for it states the reference's result."""
+    lines = [line for line in completion.split("####")[0].splitlines() if line.strip()]
+    return [j < len(lines) and line_result(lines[j]) == result for j, result in enumerate(results)]
+
+
+def split_table(run: Path, split: str) -> list[dict] | None:
+    """Per step: problems with it, right, and right after a right previous step; None without samples."""
+    path = run / "samples" / SAMPLES[split]
+    if not path.exists():
+        return None
+    cfg = load_config(str(run / "config.yaml"))
+    problems = {p.source: p for p in load_split(cfg.data, split)[0]}
+    steps: list[dict] = []
+    for line in path.read_text().splitlines():
+        sample = json.loads(line)
+        problem = problems[sample["source"]]
+        outcomes = step_outcomes(sample["completion"], [m.result for m in parse_marks(problem.answer)])
+        for j, right in enumerate(outcomes):
+            if j == len(steps):
+                steps.append({"step": j + 1, "problems": 0, "right": 0, "after_right": 0, "right_after_right": 0})
+            row = steps[j]
+            row["problems"] += 1
+            row["right"] += right
+            if j and outcomes[j - 1]:
+                row["after_right"] += 1
+                row["right_after_right"] += right
+    return steps
+
+
+def render(run: Path, split: str, steps: list[dict]) -> list[str]:
+    lines = [f"{run} ({split})", "| step | problems | right | right given the step before right |", "|---:|---:|---|---|"]
+    for row in steps:
+        given = (f"{row['right_after_right']}/{row['after_right']}" if row["step"] > 1 else "")
+        lines.append(f"| {row['step']} | {row['problems']} | {row['right']} ({row['right'] / row['problems']:.1%}) "
+                     f"| {given} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories of the seeded arithmetic task")
+    parser.add_argument("--json", type=Path, help="write every count here")
+    args = parser.parse_args()
+    report = {}
+    for run in args.runs:
+        if not (run / "config.yaml").exists():
+            print(f"step_accuracy: {run} is not a run directory (no config.yaml)", file=sys.stderr)
+            return 2
+        for split in SAMPLES:
+            steps = split_table(run, split)
+            if steps is not None:
+                report.setdefault(str(run), {})[split] = steps
+                print("\n".join(render(run, split, steps)) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""`scripts/step_accuracy.py`: each step's written result held against the reference's mark, counted exactly."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rlatent.config import load_config
+from rlatent.data.marks import parse_marks, strip_marks
+from rlatent.data.splits import load_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "step_accuracy.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("step_accuracy", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_line_results():
+    script = load_script()
+    assert script.line_result("After that, she has 17-5 = 12 stickers.") == "12"  # written chain
+    assert script.line_result("After that, she has 13 stickers.") == "13"  # expression replaced by a block
+    assert script.line_result("She has no idea.") is None
+    assert script.step_outcomes("A 3 b.\nC 9 d.\n#### 9", ["3", "8", "9"]) == [True, False, False]
+
+
+def test_counts_per_step_on_a_run_directory(tmp_path):
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.name_or_path=x", "data.synthetic.max_steps=3"])
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    problems = load_split(cfg.data, "test")[0][:3]
+    results = [[m.result for m in parse_marks(p.answer)] for p in problems]
+    completions = [
+        strip_marks(problems[0].answer),  # every step right
+        "\n".join(["It has 999 things."] + [f"It has {r} things." for r in results[1][1:]]),  # all but step 1
+        f"It has {results[2][0]} things.",  # step 1 right, then the answer stops
+    ]
+    (run / "samples" / "eval_samples.jsonl").write_text("".join(
+        json.dumps({"source": p.source, "completion": c}) + "\n" for p, c in zip(problems, completions)))
+    steps = load_script().split_table(run, "test")
+    lengths = [len(r) for r in results]
+    assert steps[0] == {"step": 1, "problems": 3, "right": 2, "after_right": 0, "right_after_right": 0}
+    assert steps[1] == {"step": 2, "problems": 3, "right": 2, "after_right": 2, "right_after_right": 1}
+    assert len(steps) == max(lengths) and load_script().split_table(run, "ood") is None
+    done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--json", str(tmp_path / "out.json")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "| 2 | 3 | 2 (66.7%) | 1/2 |" in done.stdout
+    assert json.loads((tmp_path / "out.json").read_text())[str(run)]["test"] == steps
+
+
+def test_not_a_run_directory_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.strip() == f"step_accuracy: {tmp_path} is not a run directory (no config.yaml)"
