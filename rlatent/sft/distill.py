@@ -8,7 +8,9 @@ about to write a step's result (the `=` of `17-5 = 12`), its hidden states in
 every layer hold that step's computation. The *student* reads the same answer
 with the step replaced by a latent block, and at the block's last slot, which
 predicts the same result token, every layer's state is pulled towards the
-teacher's. The teacher's states are targets (no gradient through them); the
+teacher's. (CODI aligns one position, the one before the final answer, behind
+one block of latents; here each converted mark is a block of its own, so each
+block's closing slot is aligned.) The teacher's states are targets (no gradient through them); the
 teacher itself keeps training on its own next-token loss, as in CODI, so it stays
 a reader of written chains after a curriculum has converted every mark.
 
