@@ -111,10 +111,10 @@ def test_resume_of_a_run_killed_in_phase_1(tiny_model_dir, tmp_path, monkeypatch
     whole = run_cli(tmp_path, "whole", *overrides)
     original = SFTTrainer.train_step
 
-    def killed_at_step_3(self, batches):
+    def killed_at_step_3(self, batches, teachers=None):
         if self.step == 2:
             raise KeyboardInterrupt
-        return original(self, batches)
+        return original(self, batches, teachers)
 
     monkeypatch.setattr(SFTTrainer, "train_step", killed_at_step_3)
     assert main(["train", CONFIG, f"output.dir={tmp_path}", "output.name=killed", *overrides]) == 130
