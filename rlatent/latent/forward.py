@@ -85,7 +85,7 @@ def parallel_forward(model: LatentModel, batch: LatentBatch, slot_inputs: torch.
     embeds = torch.where(batch.latent_mask[..., None], slot_inputs.to(model.dtype), model.embed(batch.input_ids))
     states, _ = model.trunk(embeds, batch.attention_mask, batch.positions(), batch.latent_mask,
                             all_layers=anchors is not None)
-    layers = None if anchors is None else states[:, anchors]
+    layers = None if anchors is None else torch.stack([layer[anchors] for layer in states])
     hidden = (states if anchors is None else states[-1]) * batch.attention_mask[..., None]
     return ForwardOutput(hidden, slot_inputs.detach(), num_passes=1, layers=layers)
 
@@ -187,7 +187,8 @@ def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float |
                                 all_layers=anchors is not None)
         if anchors is not None:  # this pass's anchors, every layer
             inside = ((wanted >= base) & (wanted < base + total)).nonzero().flatten()
-            picked.append(states[:, 0, (wanted[inside] - base).to(device)])
+            at = (wanted[inside] - base).to(device)
+            picked.append(torch.stack([layer[0, at] for layer in states]))
             picked_order.append(inside)
             states = states[-1]
         hidden = states[0]  # (N, H)
@@ -249,5 +250,6 @@ def padded_recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: 
     layers = None
     if anchors is not None:
         anchor_rows, anchor_positions = anchors.nonzero(as_tuple=True)
-        layers = torch.cat(layer_pieces, 2)[:, anchor_rows, location[anchor_rows, anchor_positions]]
+        columns = location[anchor_rows, anchor_positions]
+        layers = torch.stack([torch.cat(pieces, 1)[anchor_rows, columns] for pieces in zip(*layer_pieces)])
     return ForwardOutput(hidden, slot_inputs, num_passes=len(pieces), layers=layers)

@@ -176,7 +176,7 @@ class LatentModel(nn.Module):
     def trunk(self, inputs_embeds, attention_mask, position_ids, latent_slots, cache=None, use_cache=False,
               all_layers=False):
         """Run the transformer on new positions; returns (last-layer hidden states (B, C, H), cache), or with
-        `all_layers` every layer's output stacked (L, B, C, H), the last being the last-layer states.
+        `all_layers` a tuple of every layer's output (B, C, H), the last being the last-layer states.
 
         `attention_mask` (B, past + C) marks real positions (holes = 0); `position_ids`
         (B, C) are explicit so holes do not shift positions; `latent_slots` (B, C)
@@ -289,9 +289,10 @@ class LatentModel(nn.Module):
         return model, tokenizer
 
 
-def _states(out, all_layers: bool) -> torch.Tensor:
-    """The last layer's hidden states, or every layer's stacked (the embeddings left out)."""
-    return torch.stack(out.hidden_states[1:]) if all_layers else out.last_hidden_state
+def _states(out, all_layers: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The last layer's hidden states, or every layer's (the embeddings left out; not stacked, so a caller
+    that wants a few positions copies only those)."""
+    return out.hidden_states[1:] if all_layers else out.last_hidden_state
 
 
 def cache_argument(backbone: nn.Module) -> str:
