@@ -10,6 +10,10 @@ each run directory (its `config.yaml` regenerates the problems, its samples file
 write them with `eval.num_samples >= eval.limit`) and split: per step, the problems that have it, how many
 wrote its result right, and how many did given that the step before was right. The result read from a line
 is the number after its last `=` (a written expression), else its first number.
+
+With two or more run directories it also tests each pair of runs step by step on the same problems (exact
+McNemar on the problems only one of them got right at that step): counts of right steps from two rows are
+not comparable without it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import argparse
 import json
 import re
 import sys
+from itertools import combinations
 from pathlib import Path
 
 from rlatent.config import load_config
 from rlatent.data.marks import parse_marks
 from rlatent.data.splits import load_split
+from rlatent.run.stats import discordant_pairs, mcnemar_exact
 
 SAMPLES = {"test": "eval_samples.jsonl", "ood": "eval_samples_ood.jsonl"}
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -41,28 +47,47 @@ def step_outcomes(completion: str, results: list[str]) -> list[bool]:
     return [j < len(lines) and line_result(lines[j]) == result for j, result in enumerate(results)]
 
 
-def split_table(run: Path, split: str) -> list[dict] | None:
-    """Per step: problems with it, right, and right after a right previous step; None without samples."""
+def split_outcomes(run: Path, split: str) -> dict[str, list[bool]] | None:
+    """Per problem (by source), whether each of its reference steps was right; None without samples."""
     path = run / "samples" / SAMPLES[split]
     if not path.exists():
         return None
     cfg = load_config(str(run / "config.yaml"))
     problems = {p.source: p for p in load_split(cfg.data, split)[0]}
-    steps: list[dict] = []
+    outcomes = {}
     for line in path.read_text().splitlines():
         sample = json.loads(line)
-        problem = problems[sample["source"]]
-        outcomes = step_outcomes(sample["completion"], [m.result for m in parse_marks(problem.answer)])
-        for j, right in enumerate(outcomes):
+        results = [m.result for m in parse_marks(problems[sample["source"]].answer)]
+        outcomes[sample["source"]] = step_outcomes(sample["completion"], results)
+    return outcomes
+
+
+def step_counts(outcomes: dict[str, list[bool]]) -> list[dict]:
+    """Per step: problems with it, right, and right after a right previous step."""
+    steps: list[dict] = []
+    for per_step in outcomes.values():
+        for j, right in enumerate(per_step):
             if j == len(steps):
                 steps.append({"step": j + 1, "problems": 0, "right": 0, "after_right": 0, "right_after_right": 0})
             row = steps[j]
             row["problems"] += 1
             row["right"] += right
-            if j and outcomes[j - 1]:
+            if j and per_step[j - 1]:
                 row["after_right"] += 1
                 row["right_after_right"] += right
     return steps
+
+
+def paired_steps(a: dict[str, list[bool]], b: dict[str, list[bool]]) -> list[dict]:
+    """Per step, on the problems both runs answered that have it: right only in a, only in b, McNemar p."""
+    shared = sorted(a.keys() & b.keys())
+    rows = []
+    for j in range(max((len(a[s]) for s in shared), default=0)):
+        have = [s for s in shared if len(a[s]) > j]
+        only_a, only_b = discordant_pairs([a[s][j] for s in have], [b[s][j] for s in have])
+        rows.append({"step": j + 1, "problems": len(have), "a_only": only_a, "b_only": only_b,
+                     "p": mcnemar_exact(only_a, only_b)})
+    return rows
 
 
 def render(run: Path, split: str, steps: list[dict]) -> list[str]:
@@ -79,16 +104,29 @@ def main() -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories of the seeded arithmetic task")
     parser.add_argument("--json", type=Path, help="write every count here")
     args = parser.parse_args()
-    report = {}
+    report: dict = {}
+    outcomes: dict[str, dict[str, dict[str, list[bool]]]] = {}
     for run in args.runs:
         if not (run / "config.yaml").exists():
             print(f"step_accuracy: {run} is not a run directory (no config.yaml)", file=sys.stderr)
             return 2
         for split in SAMPLES:
-            steps = split_table(run, split)
-            if steps is not None:
+            found = split_outcomes(run, split)
+            if found is not None:
+                outcomes.setdefault(split, {})[str(run)] = found
+                steps = step_counts(found)
                 report.setdefault(str(run), {})[split] = steps
                 print("\n".join(render(run, split, steps)) + "\n")
+    paired = []
+    for split, runs in outcomes.items():
+        for a, b in combinations(runs, 2):
+            paired += [{"a": a, "b": b, "split": split, **row} for row in paired_steps(runs[a], runs[b])]
+    if paired:
+        print("| a | b | split | step | problems | a only | b only | p |\n|---|---|---|---:|---:|---:|---:|---:|")
+        for row in paired:
+            print(f"| {row['a']} | {row['b']} | {row['split']} | {row['step']} | {row['problems']} "
+                  f"| {row['a_only']} | {row['b_only']} | {row['p']:.4f} |")
+        report["paired"] = paired
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0

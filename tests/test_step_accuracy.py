@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,17 +44,35 @@ def test_counts_per_step_on_a_run_directory(tmp_path):
     ]
     (run / "samples" / "eval_samples.jsonl").write_text("".join(
         json.dumps({"source": p.source, "completion": c}) + "\n" for p, c in zip(problems, completions)))
-    steps = load_script().split_table(run, "test")
+    script = load_script()
+    outcomes = script.split_outcomes(run, "test")
+    steps = script.step_counts(outcomes)
     lengths = [len(r) for r in results]
     assert steps[0] == {"step": 1, "problems": 3, "right": 2, "after_right": 0, "right_after_right": 0}
     assert steps[1] == {"step": 2, "problems": 3, "right": 2, "after_right": 2, "right_after_right": 1}
-    assert len(steps) == max(lengths) and load_script().split_table(run, "ood") is None
+    assert len(steps) == max(lengths) and script.split_outcomes(run, "ood") is None
     done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--json", str(tmp_path / "out.json")],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "| 2 | 3 | 2 (66.7%) | 1/2 |" in done.stdout
     assert json.loads((tmp_path / "out.json").read_text())[str(run)]["test"] == steps
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    done = subprocess.run([sys.executable, str(SCRIPT), str(run), str(twin), "--json", str(tmp_path / "out.json")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and f"| {run} | {twin} | test | 1 | 3 | 0 | 0 | 1.0000 |" in done.stdout
+    assert len(json.loads((tmp_path / "out.json").read_text())["paired"]) == max(lengths)
 
 
 def test_not_a_run_directory_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.strip() == f"step_accuracy: {tmp_path} is not a run directory (no config.yaml)"
+
+
+def test_paired_steps_count_discordant_problems_per_step():
+    script = load_script()
+    a = {"p1": [True, True], "p2": [True, False, False], "p3": [False, True], "only_a": [True, True]}
+    b = {"p1": [False, True], "p2": [False, False, True], "p3": [False, False], "only_b": [True, True]}
+    rows = script.paired_steps(a, b)
+    assert [(r["step"], r["problems"], r["a_only"], r["b_only"]) for r in rows] == [
+        (1, 3, 2, 0), (2, 3, 1, 0), (3, 1, 0, 1)]
+    assert rows[0]["p"] == 0.5 and rows[2]["p"] == 1.0
