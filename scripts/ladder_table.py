@@ -13,7 +13,9 @@ line, and a paired test against its own phase-1 start; so does an `rlatent grpo`
 checkpoint its `grpo.init_checkpoint` names. That table also counts, before and after, the answers equal to
 the constant answer, and the problems right whose reference is another answer: together they show a phase 2
 that gains by saying the commonest answer more often. The JSON keeps every number, so the tables can be
-regenerated from it alone (`--from-json`).
+regenerated from it alone (`--from-json`), and rows kept only as an earlier JSON (their run directories
+gone) can join new runs' table and paired tests (`--with`, checked to be graded on the same problems).
+`--rows` keeps only the rows named.
 """
 
 from __future__ import annotations
@@ -219,18 +221,41 @@ def tables(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def same_problems(records: list[dict]) -> None:
+    """Stop with one line unless every record of a seed and split was graded on the same references: rows
+    joined from an earlier JSON must come from the same problems for the paired tests to mean anything."""
+    seen: dict[tuple[int, str], tuple[str, list]] = {}
+    for rec in records:
+        for split in SPLITS:
+            refs = rec.get(split, {}).get("references")
+            if refs and None not in refs:
+                first = seen.setdefault((rec["seed"], split), (rec.get("run", rec["row"]), refs))
+                if first[1] != refs:
+                    raise SystemExit(f"ladder_table: {rec.get('run', rec['row'])} and {first[0]} were graded on different "
+                                     f"{split} problems (seed {rec['seed']}); they cannot share a table")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="the directory holding the rows' run directories (or a JSON with --from-json)")
     parser.add_argument("--json", help="write every record here")
     parser.add_argument("--from-json", action="store_true", help="ROOT is a JSON written by --json")
+    parser.add_argument("--with", dest="earlier", action="append", default=[], metavar="JSON",
+                        help="also the rows of this earlier --json output (a row ROOT has too is taken from ROOT)")
+    parser.add_argument("--rows", help="comma-separated rows to keep (default: every row)")
     args = parser.parse_args()
     records = json.loads(Path(args.root).read_text()) if args.from_json else collect(Path(args.root))
+    for path in args.earlier:
+        have = {rec["row"] for rec in records}
+        records += [rec for rec in json.loads(Path(path).read_text()) if rec["row"] not in have]
+    if args.rows:
+        keep = args.rows.split(",")
+        records = [rec for rec in records if rec["row"] in keep]
+    same_problems(records)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(records) + "\n")
     print(tables(records))
-
 
 if __name__ == "__main__":
     main()

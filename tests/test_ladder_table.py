@@ -3,6 +3,8 @@ evaluation, and paired tests only on the problems and seeds two rows share."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,26 @@ def test_no_constant_answer_without_references(ladder_table, tmp_path):
     records = ladder_table.collect(tmp_path)
     assert ladder_table.constant_answer_records(records) == []
     assert "constant answer" not in ladder_table.tables(records)
+
+
+def test_rows_of_an_earlier_json_join_only_on_the_same_problems(tmp_path):
+    refs = ["3", "5", "8"]
+    write_run(tmp_path / "old", "latent-seed0", {"test": [0, 0, 1]}, trained="train", references=refs)
+    write_run(tmp_path / "old", "pause-seed0", {"test": [1, 0, 0]}, trained="train", references=refs)
+    write_run(tmp_path / "old", "cot-seed0", {"test": [1, 1, 1]}, trained="train", references=refs)
+    old = tmp_path / "old.json"
+    cli = [sys.executable, str(SCRIPT)]
+    assert subprocess.run(cli + [str(tmp_path / "old"), "--json", str(old)], capture_output=True).returncode == 0
+    write_run(tmp_path / "new", "latent-seed0", {"test": [1, 1, 1]}, trained="train", references=refs)
+    write_run(tmp_path / "new", "pause_full-seed0", {"test": [1, 1, 0]}, trained="train", references=refs)
+    done = subprocess.run(cli + [str(tmp_path / "new"), "--with", str(old), "--rows", "latent,pause,pause_full"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| latent | 1 | 1.000 [" in done.stdout  # the new run's latent row, not the JSON's
+    assert f"| pause | pause_full | test | 0 | 1 | {mcnemar_exact(0, 1):.4f} |" in done.stdout
+    assert "| cot |" not in done.stdout  # not among --rows
+    write_run(tmp_path / "other", "latent_k4-seed0", {"test": [1, 0, 0]}, trained="train", references=["3", "5", "9"])
+    done = subprocess.run(cli + [str(tmp_path / "other"), "--with", str(old)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"ladder_table: {tmp_path / 'old' / 'cot-seed0'} and {tmp_path / 'other' / 'latent_k4-seed0'} were graded "
+        "on different test problems (seed 0); they cannot share a table"]
