@@ -17,6 +17,8 @@ from rlatent.latent.batch import collate
 from rlatent.latent.forward import padded_recurrent_forward, parallel_forward, recurrent_forward
 from rlatent.run.cli import main
 from rlatent.sft.curriculum import Curriculum, staged_examples
+from rlatent.latent.forward import forward
+from rlatent.sft import distill
 from rlatent.sft.distill import distill_loss, student_anchors, teacher_example
 from rlatent.sft.trainer import SFTTrainer
 from tests.test_invariant import build_model, sample_batch
@@ -107,16 +109,17 @@ def test_every_layer_at_the_anchors_is_exact_in_each_forward(tiny_model_dir, tru
     torch.testing.assert_close(recurrent_forward(model, batch).hidden, packed.hidden, rtol=0, atol=0)
 
 
-def distilled_step(model_dir, batch_size, grad_accum, weight=2.0):
+def distilled_step(model_dir, batch_size, grad_accum, weight=2.0, curriculum=Curriculum(0, 1), stage=0):
     model, tokenizer = build_accumulation_model(model_dir)
     problems = generate_problems(4, seed=0, min_steps=1, max_steps=3, max_operand=9, operators="+-*")
     latent = LatentConfig(mode="latent", k=2, placement="replace")
-    students = staged_examples(problems, tokenizer, latent, 512, Curriculum(0, 1), teachers=True)
+    students = staged_examples(problems, tokenizer, latent, 512, curriculum, teachers=True)
     cfg = RunConfig.model_validate({"latent": latent.model_dump(), "sft": {
         "batch_size": batch_size, "grad_accum": grad_accum, "warmup_steps": 0, "steps": 1,
+        "curriculum": {"stages": curriculum.stages, "steps_per_stage": curriculum.steps_per_stage},
         "distill": {"weight": weight, "teacher_weight": 0.5}}})
-    trainer = SFTTrainer(cfg, model, tokenizer, students.stages[0], students.stages[0], run=None, logger=None,
-                         teachers=students.teachers)
+    trainer = SFTTrainer(cfg, model, tokenizer, students.stages[-1], students.stages[-1], run=None, logger=None,
+                         earlier_stages=[(s, s) for s in students.stages[:-1]], teachers=students.teachers)
     grads = {}
 
     def capture(where=None):
@@ -125,8 +128,8 @@ def distilled_step(model_dir, batch_size, grad_accum, weight=2.0):
 
     trainer.optimizer.step = capture
     rows = [list(range(i, i + batch_size)) for i in range(0, 4, batch_size)]
-    metrics = trainer.train_step([trainer.batch([students.stages[0][i] for i in r]) for r in rows],
-                                 [trainer.batch([students.teachers[0][i] for i in r]) for r in rows])
+    metrics = trainer.train_step([trainer.batch([students.stages[stage][i] for i in r]) for r in rows],
+                                 [trainer.batch([students.teachers[stage][i] for i in r]) for r in rows])
     return grads, metrics
 
 
@@ -142,6 +145,26 @@ def test_distilled_accumulation_is_the_full_batch_gradient(tiny_model_dir):
             torch.testing.assert_close(grads[name], expected, rtol=0, atol=1e-10, msg=name)
         for key in ("distill_loss", "teacher_lm_loss"):
             assert metrics[key] == pytest.approx(full[key], rel=1e-6)
+
+
+def test_a_written_stage_takes_the_teacher_loss_from_the_students_forward(tiny_model_dir, monkeypatch):
+    """A curriculum's written stage has no block: the teacher reads exactly what the student reads, so its
+    loss comes from the student's forward (one forward per micro-batch) with the loss and gradient of two."""
+    written = {"curriculum": Curriculum(1, 1), "stage": 0}
+    calls = []
+    monkeypatch.setattr(distill, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    reused_grads, reused = distilled_step(tiny_model_dir, 2, 2, **written)
+    assert calls == [] and reused["distill_loss"] == 0 and reused["teacher_lm_loss"] > 0
+    monkeypatch.setattr(distill, "reads_the_same", lambda student, teacher: False)
+    grads, metrics = distilled_step(tiny_model_dir, 2, 2, **written)
+    assert len(calls) == 2  # the teacher's own forward, once per micro-batch
+    assert metrics["teacher_lm_loss"] == pytest.approx(reused["teacher_lm_loss"], rel=1e-9)
+    assert metrics["lm_loss"] == pytest.approx(reused["teacher_lm_loss"], rel=1e-6)  # the same chain, the same loss
+    assert reused_grads.keys() == grads.keys() and any(bool(g.abs().sum() > 0) for g in grads.values())
+    for name, expected in grads.items():
+        torch.testing.assert_close(reused_grads[name], expected, rtol=1e-4, atol=1e-7)  # float32: summation order
+    distilled_step(tiny_model_dir, 2, 2, curriculum=Curriculum(1, 1), stage=1)
+    assert len(calls) == 4  # a stage with blocks never reuses
 
 
 def test_the_distillation_term_reaches_the_adapter(tiny_model_dir):

@@ -85,14 +85,28 @@ def distill_counts(students: list[LatentBatch], teachers: list[LatentBatch]) -> 
     return positions, tokens
 
 
-def distill_terms(model: LatentModel, student: ForwardOutput, teacher: LatentBatch, counts: tuple[int, int]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This micro-batch's shares of (distillation, teacher next-token loss); `student` was computed with
-    `anchors=student_anchors(batch)`, the teacher batch rows are the same problems in the same order."""
+def reads_the_same(student: LatentBatch, teacher: LatentBatch) -> bool:
+    """Whether the teacher batch is the student batch: a curriculum's written stage, where no mark is a
+    block yet, so the teacher's forward would repeat the student's."""
+    return (not bool(student.latent_mask.any()) and student.input_ids.shape == teacher.input_ids.shape
+            and torch.equal(student.input_ids, teacher.input_ids)
+            and torch.equal(student.attention_mask, teacher.attention_mask)
+            and torch.equal(student.target_mask(), teacher.target_mask()))
+
+
+def distill_terms(model: LatentModel, batch: LatentBatch, student: ForwardOutput, teacher: LatentBatch,
+                  counts: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This micro-batch's shares of (distillation, teacher next-token loss); `student` was computed from
+    `batch` with `anchors=student_anchors(batch)`, the teacher batch rows are the same problems in the same
+    order. When the teacher reads exactly what the student read, its loss is taken from the student's
+    states instead of a second forward (same value and gradient, half the work of a written stage)."""
+    positions, tokens = counts
+    if reads_the_same(batch, teacher):
+        teacher_lm = token_losses(model, teacher, student.hidden, teacher.target_mask()).sum() / max(tokens, 1)
+        return student.hidden.new_zeros(()), teacher_lm
     out = forward(model, teacher, anchors=teacher.anchor_mask)
     if student.layers.shape[1] != out.layers.shape[1]:
         raise ValueError(f"{student.layers.shape[1]} student anchors but {out.layers.shape[1]} teacher anchors")
-    positions, tokens = counts
     distill = distill_loss(student.layers, out.layers) / max(positions, 1)
     teacher_lm = token_losses(model, teacher, out.hidden, teacher.target_mask()).sum() / max(tokens, 1)
     return distill, teacher_lm

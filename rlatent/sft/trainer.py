@@ -139,7 +139,7 @@ class SFTTrainer:
             loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight, counts)
             total, parts = loss.total, [loss.total, loss.lm, loss.start, loss.stop]
             if teachers is not None:
-                distill, teacher_lm = distill_terms(self.model, out, teachers[index], distill_totals)
+                distill, teacher_lm = distill_terms(self.model, batch, out, teachers[index], distill_totals)
                 total = total + sft.distill.weight * distill + sft.distill.teacher_weight * teacher_lm
                 parts = [total, loss.lm, loss.start, loss.stop, distill, teacher_lm]
             if not torch.isfinite(total):
