@@ -14,6 +14,7 @@ from rlatent.config import LatentConfig, ModelConfig
 from rlatent.latent.forward import forward, plan_waves
 from rlatent.model.latent_model import LatentModel
 from rlatent.latent.sampler import SamplingSettings, sample
+from rlatent.sft.losses import latent_norms
 
 TOLERANCE = 1e-9
 
@@ -178,14 +179,17 @@ def test_pause_control_matches_sampler(tiny_model_dir):
 
 
 @pytest.mark.parametrize("trunk", ["shared", "two"])
-@pytest.mark.parametrize("proj", ["soft", "gated"])
-def test_embedding_manifold_projections_match_sampler(tiny_model_dir, trunk, proj):
-    """`soft` (top-k mixture of token embeddings) and `gated` (learned gate between the greedy token's
-    embedding and the state) are exact in the training forward, gradient included."""
+@pytest.mark.parametrize("proj", ["soft", "gated", "pause_plus"])
+def test_learned_projections_match_sampler(tiny_model_dir, trunk, proj):
+    """`soft` (top-k mixture of token embeddings), `gated` (learned gate between the greedy token's
+    embedding and the state) and `pause_plus` (a learned vector plus a linear read of the state) are exact
+    in the training forward, gradient included."""
     model, tokenizer = build_model(tiny_model_dir, trunk, proj=proj)
-    if proj == "gated":
-        with torch.no_grad():
+    with torch.no_grad():
+        if proj == "gated":
             model.proj.gate.weight.normal_(0, 0.05)  # a gate that depends on the state
+        if proj == "pause_plus":
+            model.proj.read.weight.normal_(0, 0.05)  # a latent that depends on the state
     traj = sample_batch(model, tokenizer)
     assert traj.batch.latent_mask.any()
     out = forward(model, traj.batch, gradient="recurrent")
@@ -196,6 +200,24 @@ def test_embedding_manifold_projections_match_sampler(tiny_model_dir, trunk, pro
     assert torch.allclose(token_lp, traj.token_logprobs.double(), atol=TOLERANCE, rtol=0)
     if proj == "soft":
         assert model.proj.max_weight < 0.99  # a real mixture, not a one-hot in disguise
+    share = latent_norms(model, out, traj.batch).get("latent_state_share")
+    assert (share is None) == (proj != "pause_plus") and (share is None or share > 0)
     # The latent inputs lie near the embedding table's scale, not at the raw state's.
     slots = traj.slot_inputs[traj.batch.latent_mask].norm(dim=-1)
     assert slots.mean() < 3 * model.embedding_norm
+
+
+def test_pause_plus_starts_as_the_pause_control(tiny_model_dir):
+    """Untrained, a `pause_plus` latent is the pause control's input whatever the state, and the read of
+    the state still gets a gradient: training can let the state in."""
+    def fresh(mode, proj):
+        return LatentModel.from_config(ModelConfig(name_or_path=str(tiny_model_dir), lora_r=4),
+                                       LatentConfig(mode=mode, proj=proj, k=2), dtype=torch.float64,
+                                       device=torch.device("cpu"))[0]
+
+    latent, pause = fresh("latent", "pause_plus"), fresh("pause", "norm_match")
+    hidden = torch.randn(3, latent.hidden_size, dtype=torch.float64) * 40
+    inputs = latent.latent_inputs(hidden)
+    assert torch.equal(inputs, pause.pause_inputs(torch.tensor([0, 1, 1])))
+    (inputs * torch.randn_like(inputs)).sum().backward()
+    assert latent.proj.read.weight.grad.abs().sum() > 0

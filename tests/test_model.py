@@ -76,7 +76,7 @@ def assert_same_behaviour(model, loaded, tokenizer):
 
 @pytest.mark.parametrize("trunk", ["shared", "two"])
 @pytest.mark.parametrize("mode", ["latent", "pause"])
-@pytest.mark.parametrize("proj", ["identity", "norm_match", "mlp"])
+@pytest.mark.parametrize("proj", ["identity", "norm_match", "mlp", "pause_plus"])
 def test_save_load_round_trip(tiny_model_dir, tmp_path, proj, mode, trunk):
     model, tokenizer = build_model(tiny_model_dir, trunk=trunk, mode=mode, proj=proj)
     traj = generate(model, tokenizer)

@@ -81,12 +81,14 @@ class LatentConfig(Section):
     trunk: Literal["shared", "two"] = "shared"
     """`shared`: one trunk for all positions. `two`: language positions use the frozen base
     (adapter off), latent slots the base + latent LoRA adapter: only the latents can help."""
-    proj: Literal["identity", "norm_match", "mlp", "soft", "gated"] = "norm_match"
+    proj: Literal["identity", "norm_match", "mlp", "soft", "gated", "pause_plus"] = "norm_match"
     """How a hidden state becomes the next input. `identity` is Coconut; `norm_match` rescales to the
     mean token-embedding norm (last-layer states are far larger); `mlp` adds a learned residual MLP
     (zero-initialised, so it starts as `norm_match`); `soft` is the probability-weighted mixture of the
     top-k token embeddings (Soft Thinking, Latent-GRPO); `gated` a learned gate between the greedy token's
-    embedding and the state (HRPO). The last two keep latents on the embedding manifold."""
+    embedding and the state (HRPO). The last two keep latents on the embedding manifold. `pause_plus` is a
+    learned vector (started where the pause control's embeddings start) plus a zero-initialised linear read
+    of the state: the latent row starts as the pause row and lets the state in only where it helps."""
     soft_top_k: int = Field(8, ge=1)
     """`proj: soft`: tokens in the mixture."""
     soft_temperature: float = Field(1.0, gt=0)

@@ -125,11 +125,11 @@ class LatentModel(nn.Module):
         self.embedding_norm = float(embeddings.detach().float().norm(dim=-1).mean())
         self.start_head = Head(hidden_size, settings.head, prior=0.05)
         self.stop_head = Head(hidden_size, settings.head, prior=1.0 / (settings.k + 1))
-        tokens = TokenSpace(logits=lambda h: self.token_logits(h.to(self.dtype)), embed=self.embed)
+        mean = embeddings.detach().mean(0)  # where pause embeddings (and `pause_plus` latents) start
+        tokens = TokenSpace(logits=lambda h: self.token_logits(h.to(self.dtype)), embed=self.embed, mean=mean)
         self.proj = build_projection(settings.proj, hidden_size, self.embedding_norm, tokens, settings)
         self.pause = None
         if self.latent_mode.slot_input == "pause":
-            mean = embeddings.detach().mean(0)
             self.pause = nn.Parameter(mean.expand(settings.k, -1).clone())
         self.router = AdapterRouter(base, settings.adapter_name) if settings.trunk == "two" else None
         # Heads, projection and pause embeddings train in float32 even on a bf16/fp16 base (like PEFT's

@@ -14,6 +14,12 @@ Latent-GRPO), `gated` a learned gate between the projected state and the greedy
 token's embedding (HRPO). Both are deterministic functions of the state, so the
 sampler and the training forward compute them alike, and exploration noise
 around them has the usual Gaussian density.
+
+On the arithmetic ladder a learned constant (the pause control) gets a step
+right more often than the fed-back state. `pause_plus` starts a latent exactly
+where the pause control starts, a learned vector at the mean token embedding,
+and lets the state in only through a zero-initialised linear map: the latent
+row begins as the pause row and can depart from it only where the state helps.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class TokenSpace:
 
     logits: Callable[[torch.Tensor], torch.Tensor]  # (..., H) -> (..., V)
     embed: Callable[[torch.Tensor], torch.Tensor]  # (...) ids -> (..., H)
+    mean: torch.Tensor  # (H,) the mean input embedding, where the pause control's embeddings start
 
 
 class SoftTokens(nn.Module):
@@ -111,6 +118,26 @@ class GatedToken(nn.Module):
         return gate * token + (1 - gate) * self.norm_match(hidden)
 
 
+class PausePlusState(nn.Module):
+    """z = c + W norm_match(h): a learned vector c (initialised at the mean token embedding, as the pause
+    control's embeddings are) plus a linear read of the state, W initialised at zero.
+
+    At initialisation every latent input is c, the pause control's input, whatever the state; W's gradient
+    is not zero (it is the input gradient times the state), so training lets the state in only as far as it
+    lowers the loss (phase 1 logs how far it has: `latent_state_share`, `rlatent.sft.losses.latent_norms`).
+    """
+
+    def __init__(self, tokens: TokenSpace, hidden_size: int, target_norm: float):
+        super().__init__()
+        self.constant = nn.Parameter(tokens.mean.detach().clone())
+        self.read = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.zeros_(self.read.weight)
+        self.norm_match = NormMatch(target_norm)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.constant.to(hidden.dtype) + self.read(self.norm_match(hidden))
+
+
 PROJECTIONS: dict[str, Callable[..., nn.Module]] = {
     "identity": lambda hidden_size, target_norm, tokens, settings: Identity(),
     "norm_match": lambda hidden_size, target_norm, tokens, settings: NormMatch(target_norm),
@@ -118,6 +145,8 @@ PROJECTIONS: dict[str, Callable[..., nn.Module]] = {
     "soft": lambda hidden_size, target_norm, tokens, settings: SoftTokens(tokens, settings.soft_top_k,
                                                                           settings.soft_temperature),
     "gated": lambda hidden_size, target_norm, tokens, settings: GatedToken(tokens, hidden_size, target_norm),
+    "pause_plus": lambda hidden_size, target_norm, tokens, settings: PausePlusState(tokens, hidden_size,
+                                                                                    target_norm),
 }
 """`latent.proj` name -> builder (hidden size, mean embedding norm, `TokenSpace`, latent settings)."""
 

@@ -171,8 +171,15 @@ def latent_gain(model: LatentModel, batch: LatentBatch, out: ForwardOutput, seed
 
 
 def latent_norms(model: LatentModel, out: ForwardOutput, batch: LatentBatch) -> dict[str, float]:
-    """Mean norm of latent inputs vs token embeddings: a scale mismatch is a common silent failure."""
+    """Mean norm of latent inputs vs token embeddings: a scale mismatch is a common silent failure. With
+    `latent.proj: pause_plus`, also `latent_state_share`: the mean |z - c| / |z| of the latents, the part
+    the state adds to the learned constant (0 at initialisation: the latent is still the pause input)."""
     if not batch.latent_mask.any():
         return {}
-    latent = out.slot_inputs[batch.latent_mask].float().norm(dim=-1).mean().item()
-    return {"latent_norm": latent, "embedding_norm": model.embedding_norm}
+    slots = out.slot_inputs[batch.latent_mask].float()
+    norms = {"latent_norm": slots.norm(dim=-1).mean().item(), "embedding_norm": model.embedding_norm}
+    constant = getattr(model.proj, "constant", None)
+    if constant is not None:
+        added = (slots - constant.detach().float()).norm(dim=-1) / slots.norm(dim=-1).clamp_min(1e-6)
+        norms["latent_state_share"] = added.mean().item()
+    return norms
