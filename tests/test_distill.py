@@ -14,10 +14,9 @@ from rlatent.data.synthetic import generate_problems
 from rlatent.errors import ConfigError
 from rlatent.io.run_dir import read_metrics
 from rlatent.latent.batch import collate
-from rlatent.latent.forward import padded_recurrent_forward, parallel_forward, recurrent_forward
+from rlatent.latent.forward import forward, padded_recurrent_forward, parallel_forward, recurrent_forward
 from rlatent.run.cli import main
 from rlatent.sft.curriculum import Curriculum, staged_examples
-from rlatent.latent.forward import forward
 from rlatent.sft import distill
 from rlatent.sft.distill import distill_loss, student_anchors, teacher_example
 from rlatent.sft.trainer import SFTTrainer

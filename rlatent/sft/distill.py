@@ -88,8 +88,7 @@ def distill_counts(students: list[LatentBatch], teachers: list[LatentBatch]) -> 
 def reads_the_same(student: LatentBatch, teacher: LatentBatch) -> bool:
     """Whether the teacher batch is the student batch: a curriculum's written stage, where no mark is a
     block yet, so the teacher's forward would repeat the student's."""
-    return (not bool(student.latent_mask.any()) and student.input_ids.shape == teacher.input_ids.shape
-            and torch.equal(student.input_ids, teacher.input_ids)
+    return (not bool(student.latent_mask.any()) and torch.equal(student.input_ids, teacher.input_ids)
             and torch.equal(student.attention_mask, teacher.attention_mask)
             and torch.equal(student.target_mask(), teacher.target_mask()))
 
@@ -102,11 +101,11 @@ def distill_terms(model: LatentModel, batch: LatentBatch, student: ForwardOutput
     states instead of a second forward (same value and gradient, half the work of a written stage)."""
     positions, tokens = counts
     if reads_the_same(batch, teacher):
-        teacher_lm = token_losses(model, teacher, student.hidden, teacher.target_mask()).sum() / max(tokens, 1)
-        return student.hidden.new_zeros(()), teacher_lm
-    out = forward(model, teacher, anchors=teacher.anchor_mask)
-    if student.layers.shape[1] != out.layers.shape[1]:
-        raise ValueError(f"{student.layers.shape[1]} student anchors but {out.layers.shape[1]} teacher anchors")
-    distill = distill_loss(student.layers, out.layers) / max(positions, 1)
-    teacher_lm = token_losses(model, teacher, out.hidden, teacher.target_mask()).sum() / max(tokens, 1)
+        hidden, distill = student.hidden, student.hidden.new_zeros(())
+    else:
+        out = forward(model, teacher, anchors=teacher.anchor_mask)
+        if student.layers.shape[1] != out.layers.shape[1]:
+            raise ValueError(f"{student.layers.shape[1]} student anchors but {out.layers.shape[1]} teacher anchors")
+        hidden, distill = out.hidden, distill_loss(student.layers, out.layers) / max(positions, 1)
+    teacher_lm = token_losses(model, teacher, hidden, teacher.target_mask()).sum() / max(tokens, 1)
     return distill, teacher_lm

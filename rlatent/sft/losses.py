@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.forward import ForwardOutput, parallel_forward
 from rlatent.model.latent_model import LatentModel
+from rlatent.model.projections import PausePlusState
 
 GAIN_REPLACEMENTS = ("zeros", "noise", "shuffle")
 
@@ -178,8 +179,7 @@ def latent_norms(model: LatentModel, out: ForwardOutput, batch: LatentBatch) -> 
         return {}
     slots = out.slot_inputs[batch.latent_mask].float()
     norms = {"latent_norm": slots.norm(dim=-1).mean().item(), "embedding_norm": model.embedding_norm}
-    constant = getattr(model.proj, "constant", None)
-    if constant is not None:
-        added = (slots - constant.detach().float()).norm(dim=-1) / slots.norm(dim=-1).clamp_min(1e-6)
+    if isinstance(model.proj, PausePlusState):
+        added = (slots - model.proj.constant.detach().float()).norm(dim=-1) / slots.norm(dim=-1).clamp_min(1e-6)
         norms["latent_state_share"] = added.mean().item()
     return norms
