@@ -213,3 +213,17 @@ def test_eval_with_an_invalid_limit(runs, capsys):
     capsys.readouterr()
     assert run_status(["eval", str(run_dir), "--limit", "0"]) == 2
     assert "eval.limit" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("command", [[], ["sft"], ["grpo"], ["train"], ["eval"], ["ablate"], ["config"],
+                                     ["tiny-model"]])
+def test_every_help_prints(command, capsys):
+    """argparse %-formats help strings: a bare `%` in one (a "95% interval") turned `rlatent --help`
+    into a TypeError traceback."""
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rlatent")
+    if not command:
+        assert "95% intervals" in out

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. latent.start_threshold=0.8)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of the eval split")
     ab = commands.add_parser("ablate", help="run a grid of overrides x seeds (one run per cell) and tabulate "
-                             "accuracy with 95% intervals and paired McNemar tests")
+                             "accuracy with 95%% intervals and paired McNemar tests")  # %% : argparse formats help
     ab.add_argument("config", nargs="?", help="YAML config (see configs/)")
     ab.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every cell")
     ab.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
