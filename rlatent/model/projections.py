@@ -82,19 +82,21 @@ class SoftTokens(nn.Module):
     Renormalised over the top k (a full-vocabulary mixture would cost a (V, H) matmul per latent and be
     dominated by the tail). No parameters of its own: the gradient reaches the trunk and LM-head adapters
     through the weights. An audit found one system's "soft" actions effectively one-hot (median max weight
-    0.9999989); `max_weight` reports that number for this projection's last call.
+    0.9999989); phase 1 logs that number for these latents (`soft_max_weight`, `rlatent.sft.losses.latent_norms`).
     """
 
     def __init__(self, tokens: TokenSpace, top_k: int, temperature: float):
         super().__init__()
         self.tokens, self.top_k, self.temperature = tokens, top_k, temperature
-        self.max_weight: float | None = None
+
+    def top_tokens(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., H) -> the mixture's weights (..., k) and token ids (..., k)."""
+        top = self.tokens.logits(hidden).topk(self.top_k, dim=-1)
+        return torch.softmax(top.values.to(hidden.dtype) / self.temperature, dim=-1), top.indices
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        top = self.tokens.logits(hidden).topk(self.top_k, dim=-1)  # (..., k)
-        weights = torch.softmax(top.values.to(hidden.dtype) / self.temperature, dim=-1)
-        self.max_weight = float(weights.detach().max(-1).values.mean()) if weights.numel() else None
-        return (weights[..., None] * self.tokens.embed(top.indices).to(hidden.dtype)).sum(-2)
+        weights, ids = self.top_tokens(hidden)
+        return (weights[..., None] * self.tokens.embed(ids).to(hidden.dtype)).sum(-2)
 
 
 class GatedToken(nn.Module):

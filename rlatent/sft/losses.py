@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.forward import ForwardOutput, parallel_forward
 from rlatent.model.latent_model import LatentModel
-from rlatent.model.projections import PausePlusState
+from rlatent.model.projections import PausePlusState, SoftTokens
 
 GAIN_REPLACEMENTS = ("zeros", "noise", "shuffle")
 
@@ -174,7 +174,9 @@ def latent_gain(model: LatentModel, batch: LatentBatch, out: ForwardOutput, seed
 def latent_norms(model: LatentModel, out: ForwardOutput, batch: LatentBatch) -> dict[str, float]:
     """Mean norm of latent inputs vs token embeddings: a scale mismatch is a common silent failure. With
     `latent.proj: pause_plus`, also `latent_state_share`: the mean |z - c| / |z| of the latents, the part
-    the state adds to the learned constant (0 at initialisation: the latent is still the pause input)."""
+    the state adds to the learned constant (0 at initialisation: the latent is still the pause input).
+    With `latent.proj: soft`, also `soft_max_weight`: the mean largest weight of each latent's mixture
+    (near 1: the "soft" latent is a one-hot token in disguise)."""
     if not batch.latent_mask.any():
         return {}
     slots = out.slot_inputs[batch.latent_mask].float()
@@ -182,4 +184,8 @@ def latent_norms(model: LatentModel, out: ForwardOutput, batch: LatentBatch) -> 
     if isinstance(model.proj, PausePlusState):
         added = (slots - model.proj.constant.detach().float()).norm(dim=-1) / slots.norm(dim=-1).clamp_min(1e-6)
         norms["latent_state_share"] = added.mean().item()
+    if isinstance(model.proj, SoftTokens):
+        fed_back = F.pad(out.hidden, (0, 0, 1, 0))[:, :-1][batch.latent_mask]  # the state each latent was read from
+        weights, _ = model.proj.top_tokens(fed_back.to(model.head_dtype))
+        norms["soft_max_weight"] = weights.max(-1).values.float().mean().item()
     return norms
