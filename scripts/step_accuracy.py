@@ -8,8 +8,9 @@ calculator mark, and every row of the ladder still writes each step's result aft
 expression, not the result), so the completion's line j can be held against the reference's mark j. For
 each run directory (its `config.yaml` regenerates the problems, its samples files hold the completions;
 write them with `eval.num_samples >= eval.limit`) and split: per step, the problems that have it, how many
-wrote its result right, and how many did given that the step before was right. The result read from a line
-is the number after its last `=` (a written expression), else its first number.
+wrote its result right, and how many did given that the step before was right. A step's outcome is the
+`gsm8k_steps` reward's (`rewards.steps.step_outcomes`): the first number after the line's last `=` (a
+written expression), else its first number, equals the step's result.
 
 With two or more run directories it also tests each pair of runs step by step on the same problems (exact
 McNemar on the problems only one of them got right at that step): counts of right steps from two rows are
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -29,22 +29,9 @@ from rlatent.config import load_config
 from rlatent.data.marks import parse_marks
 from rlatent.data.splits import load_split
 from rlatent.run.stats import discordant_pairs, mcnemar_exact
+from rewards.steps import step_outcomes
 
 SAMPLES = {"test": "eval_samples.jsonl", "ood": "eval_samples_ood.jsonl"}
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def line_result(line: str) -> str | None:
-    """The step result a completion line states: after its last `=`, else its first number."""
-    tail = line.rsplit("=", 1)[1] if "=" in line else line
-    found = NUMBER.search(tail)
-    return found.group() if found else None
-
-
-def step_outcomes(completion: str, results: list[str]) -> list[bool]:
-    """Per reference step, whether the completion's line for it states the reference's result."""
-    lines = [line for line in completion.split("####")[0].splitlines() if line.strip()]
-    return [j < len(lines) and line_result(lines[j]) == result for j, result in enumerate(results)]
 
 
 def split_outcomes(run: Path, split: str) -> dict[str, list[bool]] | None:

@@ -172,3 +172,35 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, l
         assert torch.allclose(full, split, atol=1e-12)
     for full, split in zip(grads[0], grads[2]):
         assert torch.allclose(full, split, atol=1e-12)
+
+
+def test_rewards_get_the_reference_solution_and_its_final_answer(tiny_model_dir, tmp_path, monkeypatch):
+    """`solution` (the reference with its calculator marks, what `gsm8k_steps` reads) and `answer` (its final
+    number) reach every reward, one entry per completion, in the completions' order."""
+    from rlatent.config import load_config
+    from rlatent.data.splits import load_split
+    from rlatent.io.run_dir import MetricsLogger, RunDir
+    from rlatent.model.latent_model import LatentModel
+
+    (tmp_path / "seen_reward.py").write_text(
+        "SEEN = {}\n"
+        "def record(prompts, completions, solution, answer, **kwargs):\n"
+        "    SEEN.update(solution=solution, answer=answer)\n"
+        "    return [0.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(CONFIG, [f"model.name_or_path={tiny_model_dir}", "grpo.group_size=2", "grpo.max_new_tokens=4",
+                               "grpo.rewards=[{function: 'seen_reward:record'}, {function: gsm8k_steps}]"])
+    model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, torch.float32, torch.device("cpu"))
+    problems, _ = load_split(cfg.data, "train")
+    chosen = [problems[i] for i in (0, 0, 3, 3)]
+    with MetricsLogger(RunDir(tmp_path / "run")) as logger:
+        trainer = GRPOTrainer(cfg, model, tokenizer, problems, RunDir(tmp_path / "run"), logger,
+                              make_backend(cfg, model, tokenizer))
+        traj = trainer.backend.engine.sample([format_prompt(p.question, tokenizer) for p in chosen], seed=0)
+        _, metrics = trainer.score(chosen, traj)
+    import seen_reward
+
+    assert seen_reward.SEEN["solution"] == [p.answer for p in chosen]
+    assert "<<" in seen_reward.SEEN["solution"][0]  # the marks are there to read
+    assert seen_reward.SEEN["answer"] == [p.final_answer for p in chosen]
+    assert "reward/gsm8k_steps_mean" in metrics

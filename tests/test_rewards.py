@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rewards import (BUILTIN_REWARDS, gsm8k_correct, gsm8k_flexible_extract, gsm8k_format, gsm8k_strict_match,
-                     latent_cost, length_penalty)
+from rewards import (BUILTIN_REWARDS, gsm8k_correct, gsm8k_flexible_extract, gsm8k_format, gsm8k_steps,
+                     gsm8k_strict_match, latent_cost, length_penalty)
+from rewards.steps import line_result, step_outcomes
 from rlatent.config import GRPOConfig, RewardSpec, load_config
 from rlatent.errors import ConfigError, RlatentError
 from rewards.registry import RewardSet, resolve_reward, reward_stats
@@ -95,7 +96,7 @@ def test_length_penalty_counts_tokens_over_target_and_truncation():
 
 def test_builtin_registry():
     assert set(BUILTIN_REWARDS) == {"gsm8k_correct", "gsm8k_format", "gsm8k_strict_match", "gsm8k_flexible_extract",
-                                    "latent_cost", "length_penalty"}
+                                    "gsm8k_steps", "latent_cost", "length_penalty"}
     import rewards.gsm8k
     import rewards.latent
     import rewards.length
@@ -178,7 +179,7 @@ def test_resolve_example_from_repo_root_without_it_on_sys_path(monkeypatch):
         (
             "gsm8k_corect",
             "grpo.rewards[1].function: 'gsm8k_corect': not a built-in (gsm8k_correct, gsm8k_flexible_extract, "
-            "gsm8k_format, gsm8k_strict_match, latent_cost, length_penalty), no entry point in group 'rlatent.rewards', and not a dotted path "
+            "gsm8k_format, gsm8k_steps, gsm8k_strict_match, latent_cost, length_penalty), no entry point in group 'rlatent.rewards', and not a dotted path "
             "'package.module:function'; did you mean 'gsm8k_correct'?",
         ),
         ("mypkg.rw:fn", "grpo.rewards[1].function: 'mypkg.rw:fn': module 'mypkg.rw' not found"),
@@ -388,3 +389,27 @@ def test_reward_stats():
         "reward/latent_cost_mean": -0.5,
         "reward/latent_cost_std": 0.0,
     }
+
+
+def test_line_results():
+    assert line_result("After that, she has 17-5 = 12 stickers.") == "12"  # written chain
+    assert line_result("She has 3*24 = <<3*24=72>>72 dollars.") == "72"  # a calculator mark
+    assert line_result("After that, she has 13 stickers.") == "13"  # expression replaced by a block
+    assert line_result("She has no idea.") is None
+    assert step_outcomes("A 3 b.\nC 9 d.\n#### 9", ["3", "8", "9"]) == [True, False, False]
+    assert step_outcomes("It costs $1,000.0 = 1000.0.\n#### 1000", ["1000"]) == [True]  # compared as numbers
+
+
+def test_steps_reward_pays_each_right_step_on_its_line():
+    solution = "She has 17-5 = <<17-5=12>>12.\nThen 12*3 = <<12*3=36>>36.\nThen 36+4 = <<36+4=40>>40.\n#### 40"
+    completions = [
+        "She has 12.\nThen 36.\nThen 40.\n#### 40",  # every step
+        "She has 12.\nThen 35.\nThen 40.\n#### 40",  # the middle step wrong
+        "She has 12 left.\n#### 12",  # stops after the first step
+        "Then 36.\nShe has 12.\nThen 40.",  # right numbers on the wrong lines
+        "#### 40",  # the answer alone: no step line
+    ]
+    scores = gsm8k_steps(["q"] * 5, completions, solution=[solution] * 5)
+    assert scores == [1.0, 2 / 3, 1 / 3, 1 / 3, 0.0]
+    assert gsm8k_steps(["q"], ["#### 4"], solution=["No calculator here.\n#### 4"]) == [0.0]
+    assert RewardSet([RewardSpec(function="gsm8k_steps")]).names == ["gsm8k_steps"]

@@ -22,14 +22,6 @@ def load_script():
     return module
 
 
-def test_line_results():
-    script = load_script()
-    assert script.line_result("After that, she has 17-5 = 12 stickers.") == "12"  # written chain
-    assert script.line_result("After that, she has 13 stickers.") == "13"  # expression replaced by a block
-    assert script.line_result("She has no idea.") is None
-    assert script.step_outcomes("A 3 b.\nC 9 d.\n#### 9", ["3", "8", "9"]) == [True, False, False]
-
-
 def test_counts_per_step_on_a_run_directory(tmp_path):
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.name_or_path=x", "data.synthetic.max_steps=3"])
     run = tmp_path / "run"

@@ -140,7 +140,8 @@ class GRPOTrainer:
             "tokens": counts["tokens"].tolist(),
             "forward_passes": (counts["latents"] + counts["tokens"]).tolist(),
             "truncated": (~traj.finished).tolist(),
-            "question": prompts, "answer": [p.final_answer for p in problems], "source": [p.source for p in problems],
+            "question": prompts, "answer": [p.final_answer for p in problems], "solution": [p.answer for p in problems],
+            "source": [p.source for p in problems],
         }
         total, per_reward, zeroed = self.backend.score(prompts, completions, facts, self.cfg.grpo.group_size)
         metrics = reward_stats(per_reward)

@@ -1,0 +1,42 @@
+"""A reward for each right step: partial credit read off the reference solution's calculator marks.
+
+A reward for the final answer alone pays a policy that says its training prompts' commonest answer
+without reading them; on the arithmetic ladder every phase 2 from a near-base-rate start drifted that way
+(docs/results.md). The intermediate results are as verifiable as the answer, and only a policy that reads
+the problem gets them right, so paying them gives the update something other than the base rate to
+reinforce. `scripts/step_accuracy.py` measures the same per-step outcomes on evaluation samples.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rlatent.data.marks import answers_match, parse_marks
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def line_result(line: str) -> str | None:
+    """The step result a completion line states: the first number after its last `=` (a written
+    expression or a mark), else its first number (a line whose expression a latent block replaced)."""
+    tail = line.rsplit("=", 1)[1] if "=" in line else line
+    found = NUMBER.search(tail)
+    return found.group() if found else None
+
+
+def step_outcomes(completion: str, results: list[str]) -> list[bool]:
+    """Per reference step j, whether the completion's j-th non-empty line before `####` states its result
+    (one step per line, as the reference solutions and the ladder's answers are written)."""
+    lines = [line for line in completion.split("####")[0].splitlines() if line.strip()]
+    return [j < len(lines) and answers_match(line_result(lines[j]), result) for j, result in enumerate(results)]
+
+
+def gsm8k_steps(prompts: list[str], completions: list[str], solution: list[str], **kwargs) -> list[float]:
+    """The fraction of the reference `solution`'s marked steps (`<<expr=result>>`) whose result the
+    completion states on the matching line, the last step (the answer) included; 0.0 for a solution
+    without marks, which has no step to pay."""
+    scores = []
+    for text, reference in zip(completions, solution):
+        results = [mark.result for mark in parse_marks(reference)]
+        scores.append(sum(step_outcomes(text, results)) / len(results) if results else 0.0)
+    return scores
