@@ -13,7 +13,7 @@ import re
 
 from rlatent.data.marks import answers_match, parse_marks
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")  # "1,000.5" whole; "12, 13" is 12
 
 
 def line_result(line: str) -> str | None:

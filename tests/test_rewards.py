@@ -398,6 +398,8 @@ def test_line_results():
     assert line_result("She has no idea.") is None
     assert step_outcomes("A 3 b.\nC 9 d.\n#### 9", ["3", "8", "9"]) == [True, False, False]
     assert step_outcomes("It costs $1,000.0 = 1000.0.\n#### 1000", ["1000"]) == [True]  # compared as numbers
+    assert line_result("She pays $1,250 in all.") == "1,250" and line_result("Then 12, 13 and 14.") == "12"
+    assert step_outcomes("She pays $1,250 in all.", ["1250"]) == [True]
 
 
 def test_steps_reward_pays_each_right_step_on_its_line():
