@@ -9,19 +9,13 @@ reinforce. `scripts/step_accuracy.py` measures the same per-step outcomes on eva
 
 from __future__ import annotations
 
-import re
-
-from rlatent.data.marks import answers_match, parse_marks
-
-NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")  # "1,000.5" whole; "12, 13" is 12
+from rlatent.data.marks import answers_match, first_number, parse_marks
 
 
 def line_result(line: str) -> str | None:
     """The step result a completion line states: the first number after its last `=` (a written
     expression or a mark), else its first number (a line whose expression a latent block replaced)."""
-    tail = line.rsplit("=", 1)[1] if "=" in line else line
-    found = NUMBER.search(tail)
-    return found.group() if found else None
+    return first_number(line.rsplit("=", 1)[-1])
 
 
 def step_outcomes(completion: str, results: list[str]) -> list[bool]:

@@ -193,9 +193,9 @@ def test_rewards_get_the_reference_solution_and_its_final_answer(tiny_model_dir,
     model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, torch.float32, torch.device("cpu"))
     problems, _ = load_split(cfg.data, "train")
     chosen = [problems[i] for i in (0, 0, 3, 3)]
-    with MetricsLogger(RunDir(tmp_path / "run")) as logger:
-        trainer = GRPOTrainer(cfg, model, tokenizer, problems, RunDir(tmp_path / "run"), logger,
-                              make_backend(cfg, model, tokenizer))
+    run = RunDir(tmp_path / "run")
+    with MetricsLogger(run) as logger:
+        trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger, make_backend(cfg, model, tokenizer))
         traj = trainer.backend.engine.sample([format_prompt(p.question, tokenizer) for p in chosen], seed=0)
         _, metrics = trainer.score(chosen, traj)
     import seen_reward

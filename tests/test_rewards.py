@@ -398,7 +398,8 @@ def test_line_results():
     assert line_result("She has no idea.") is None
     assert step_outcomes("A 3 b.\nC 9 d.\n#### 9", ["3", "8", "9"]) == [True, False, False]
     assert step_outcomes("It costs $1,000.0 = 1000.0.\n#### 1000", ["1000"]) == [True]  # compared as numbers
-    assert line_result("She pays $1,250 in all.") == "1,250" and line_result("Then 12, 13 and 14.") == "12"
+    assert line_result("She pays $1,250 in all.") == "1250" and line_result("Then 12, 13 and 14.") == "12"
+    assert line_result("She has -3 = -3 left.") == "-3" and line_result("It makes CO2.") is None
     assert step_outcomes("She pays $1,250 in all.", ["1250"]) == [True]
 
 

@@ -279,6 +279,13 @@ def extract_final_answer(text: str, finished: bool = True) -> str | None:
     return canonical_number(_value(matches[-1]))
 
 
+def first_number(text: str) -> str | None:
+    """The first number stated in free text, as a canonical number string ("$1,250" -> "1250", "-3" -> "-3";
+    "CO2" states none), read by `extract_final_answer`'s rules; None when there is none."""
+    match = _ANSWER_NUMBER.search(text)
+    return canonical_number(_value(match)) if match else None
+
+
 def answers_match(predicted: str | None, reference: str) -> bool:
     """Whether two answers are the same number ("1000" and "1,000.0" are), or the same Yes/No."""
     if predicted is None:
