@@ -14,7 +14,9 @@ written expression), else its first number, equals the step's result.
 
 With two or more run directories it also tests each pair of runs step by step on the same problems (exact
 McNemar on the problems only one of them got right at that step): counts of right steps from two rows are
-not comparable without it.
+not comparable without it. Run directories named `<row>-seed<s>` (as `scripts/ladder.sh` names them) are
+also pooled per row: for each pair of rows, the discordant counts of the seeds both rows have are summed
+per step and tested once, as `scripts/ladder_table.py` pools final answers.
 """
 
 from __future__ import annotations
@@ -77,6 +79,43 @@ def paired_steps(a: dict[str, list[bool]], b: dict[str, list[bool]]) -> list[dic
     return rows
 
 
+def pooled_pairs(paired: list[dict]) -> list[dict]:
+    """Per (row a, row b, split, step), the per-seed pairs of runs `<row>-seed<s>` summed over the seeds both
+    rows have; a row needs two seeds or more to be pooled (one seed's pair is already in `paired`)."""
+    def row_seed(run: str) -> tuple[str, str]:
+        row, _, seed = Path(run).name.rpartition("-seed")
+        return (row, seed) if row and seed.isdigit() else ("", "")
+
+    sums: dict[tuple, dict] = {}
+    for pair in paired:
+        (row_a, seed_a), (row_b, seed_b) = row_seed(pair["a"]), row_seed(pair["b"])
+        if not row_a or not row_b or seed_a != seed_b or row_a == row_b:
+            continue
+        only = {row_a: pair["a_only"], row_b: pair["b_only"]}
+        row_a, row_b = sorted((row_a, row_b))  # the same orientation whatever order the runs were given in
+        key = (row_a, row_b, pair["split"], pair["step"])
+        total = sums.setdefault(key, {"a": row_a, "b": row_b, "split": pair["split"], "step": pair["step"],
+                                      "seeds": [], "problems": 0, "a_only": 0, "b_only": 0})
+        total["seeds"].append(int(seed_a))
+        total["problems"] += pair["problems"]
+        total["a_only"] += only[row_a]
+        total["b_only"] += only[row_b]
+    pooled = [row for row in sums.values() if len(row["seeds"]) > 1]
+    for row in pooled:
+        row["p"] = mcnemar_exact(row["a_only"], row["b_only"])
+    return pooled
+
+
+def render_pairs(pairs: list[dict], seeds: bool = False) -> str:
+    head = "| a | b | split | step |" + (" seeds |" if seeds else "") + " problems | a only | b only | p |"
+    lines = [head, "|---|---|---|---:|" + ("---|" if seeds else "") + "---:|---:|---:|---:|"]
+    for row in pairs:
+        seed_cell = f" {','.join(map(str, row['seeds']))} |" if seeds else ""
+        lines.append(f"| {row['a']} | {row['b']} | {row['split']} | {row['step']} |{seed_cell} {row['problems']} "
+                     f"| {row['a_only']} | {row['b_only']} | {row['p']:.4f} |")
+    return "\n".join(lines)
+
+
 def render(run: Path, split: str, steps: list[dict]) -> list[str]:
     lines = [f"{run} ({split})", "| step | problems | right | right given the step before right |", "|---:|---:|---|---|"]
     for row in steps:
@@ -109,11 +148,12 @@ def main() -> int:
         for a, b in combinations(runs, 2):
             paired += [{"a": a, "b": b, "split": split, **row} for row in paired_steps(runs[a], runs[b])]
     if paired:
-        print("| a | b | split | step | problems | a only | b only | p |\n|---|---|---|---:|---:|---:|---:|---:|")
-        for row in paired:
-            print(f"| {row['a']} | {row['b']} | {row['split']} | {row['step']} | {row['problems']} "
-                  f"| {row['a_only']} | {row['b_only']} | {row['p']:.4f} |")
+        print(render_pairs(paired))
         report["paired"] = paired
+    pooled = pooled_pairs(paired)
+    if pooled:
+        print("\nPooled over seeds (rows `<row>-seed<s>`, the seeds both rows have):\n" + render_pairs(pooled, True))
+        report["pooled"] = pooled
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0

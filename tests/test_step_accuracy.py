@@ -68,3 +68,24 @@ def test_paired_steps_count_discordant_problems_per_step():
     assert [(r["step"], r["problems"], r["a_only"], r["b_only"]) for r in rows] == [
         (1, 3, 2, 0), (2, 3, 1, 0), (3, 1, 0, 1)]
     assert rows[0]["p"] == 0.5 and rows[2]["p"] == 1.0
+
+
+def test_pooled_pairs_sum_the_seeds_both_rows_have_whatever_the_order():
+    script = load_script()
+
+    def pair(a, b, step, problems, a_only, b_only):
+        return {"a": f"runs/x/{a}", "b": f"runs/x/{b}", "split": "test", "step": step, "problems": problems,
+                "a_only": a_only, "b_only": b_only, "p": 1.0}
+
+    paired = [
+        pair("latent-seed0", "pause-seed0", 1, 300, 45, 22),
+        pair("pause-seed1", "latent-seed1", 1, 300, 10, 57),  # given in the other order: counts swap
+        pair("latent-seed0", "pause-seed1", 1, 300, 99, 0),  # different seeds: not a pair of the same seed
+        pair("latent-seed0", "latent-seed1", 1, 300, 5, 5),  # one row against itself
+        pair("latent-seed0", "nocot-seed0", 1, 300, 7, 3),  # one seed only: not pooled
+        pair("plain", "pause-seed0", 1, 300, 1, 1),  # a name without a seed
+    ]
+    pooled = script.pooled_pairs(paired)
+    assert pooled == [{"a": "latent", "b": "pause", "split": "test", "step": 1, "seeds": [0, 1], "problems": 600,
+                       "a_only": 102, "b_only": 32, "p": script.mcnemar_exact(102, 32)}]
+    assert "| latent | pause | test | 1 | 0,1 | 600 | 102 | 32 |" in script.render_pairs(pooled, seeds=True)
