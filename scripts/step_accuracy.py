@@ -14,7 +14,8 @@ written expression), else its first number, equals the step's result.
 
 With two or more run directories it also tests each pair of runs step by step on the same problems (exact
 McNemar on the problems only one of them got right at that step): counts of right steps from two rows are
-not comparable without it. Run directories named `<row>-seed<s>` (as `scripts/ladder.sh` names them) are
+not comparable without it. `--by-operation` also splits each run's counts by the step's operation (a
+latent may carry an addition and not a product). Run directories named `<row>-seed<s>` (as `scripts/ladder.sh` names them) are
 also pooled per row: for each pair of rows, the discordant counts of the seeds both rows have are summed
 per step and tested once, as `scripts/ladder_table.py` pools final answers.
 """
@@ -23,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from itertools import combinations
 from pathlib import Path
 
 from rlatent.config import load_config
-from rlatent.data.marks import parse_marks
+from rlatent.data.marks import Mark, parse_marks
 from rlatent.data.splits import load_split
 from rlatent.run.stats import discordant_pairs, mcnemar_exact
 from rewards.steps import step_outcomes
@@ -36,35 +38,51 @@ from rewards.steps import step_outcomes
 SAMPLES = {"test": "eval_samples.jsonl", "ood": "eval_samples_ood.jsonl"}
 
 
-def split_outcomes(run: Path, split: str) -> dict[str, list[bool]] | None:
-    """Per problem (by source), whether each of its reference steps was right; None without samples."""
+def answered(run: Path, split: str) -> list[tuple[str, list[Mark], str]] | None:
+    """Per answered problem: its source, the reference solution's marks and the completion; None without
+    samples."""
     path = run / "samples" / SAMPLES[split]
     if not path.exists():
         return None
     cfg = load_config(str(run / "config.yaml"))
     problems = {p.source: p for p in load_split(cfg.data, split)[0]}
-    outcomes = {}
-    for line in path.read_text().splitlines():
-        sample = json.loads(line)
-        results = [m.result for m in parse_marks(problems[sample["source"]].answer)]
-        outcomes[sample["source"]] = step_outcomes(sample["completion"], results)
-    return outcomes
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(s["source"], parse_marks(problems[s["source"]].answer), s["completion"]) for s in samples]
 
 
-def step_counts(outcomes: dict[str, list[bool]]) -> list[dict]:
-    """Per step: problems with it, right, and right after a right previous step."""
-    steps: list[dict] = []
-    for per_step in outcomes.values():
+def split_outcomes(run: Path, split: str) -> dict[str, list[bool]] | None:
+    """Per problem (by source), whether each of its reference steps was right; None without samples."""
+    rows = answered(run, split)
+    return None if rows is None else {
+        source: step_outcomes(completion, [m.result for m in marks]) for source, marks, completion in rows}
+
+
+def split_operations(run: Path, split: str) -> dict[str, list[str]] | None:
+    """Per problem (by source), the operation of each reference step (`operation`); None without samples."""
+    rows = answered(run, split)
+    return None if rows is None else {source: [operation(m.expression) for m in marks] for source, marks, _ in rows}
+
+
+def operation(expression: str) -> str:
+    """A mark's operators in order, a leading sign not counted: `12*7` -> `*`, `(43+13)*5` -> `+*`."""
+    return "".join(re.findall(r"(?<=[\d.)])[-+*/]", expression.replace(" ", ""))) or "none"
+
+
+def step_counts(outcomes: dict[str, list[bool]], operations: dict[str, list[str]] | None = None) -> list[dict]:
+    """Per step (and per operation of the step, when `operations` gives them): problems with it, right, and
+    right after a right previous step."""
+    rows: dict[tuple[int, str], dict] = {}
+    for source, per_step in outcomes.items():
         for j, right in enumerate(per_step):
-            if j == len(steps):
-                steps.append({"step": j + 1, "problems": 0, "right": 0, "after_right": 0, "right_after_right": 0})
-            row = steps[j]
+            op = operations[source][j] if operations else ""
+            row = rows.setdefault((j, op), {"step": j + 1, **({"operation": op} if operations else {}),
+                                            "problems": 0, "right": 0, "after_right": 0, "right_after_right": 0})
             row["problems"] += 1
             row["right"] += right
             if j and per_step[j - 1]:
                 row["after_right"] += 1
                 row["right_after_right"] += right
-    return steps
+    return [rows[key] for key in sorted(rows)]
 
 
 def paired_steps(a: dict[str, list[bool]], b: dict[str, list[bool]]) -> list[dict]:
@@ -117,11 +135,15 @@ def render_pairs(pairs: list[dict], seeds: bool = False) -> str:
 
 
 def render(run: Path, split: str, steps: list[dict]) -> list[str]:
-    lines = [f"{run} ({split})", "| step | problems | right | right given the step before right |", "|---:|---:|---|---|"]
+    by_op = bool(steps) and "operation" in steps[0]
+    lines = [f"{run} ({split})" + (", by operation" if by_op else ""),
+             "| step |" + (" operation |" if by_op else "") + " problems | right | right given the step before right |",
+             "|---:|" + ("---|" if by_op else "") + "---:|---|---|"]
     for row in steps:
         given = (f"{row['right_after_right']}/{row['after_right']}" if row["step"] > 1 else "")
-        lines.append(f"| {row['step']} | {row['problems']} | {row['right']} ({row['right'] / row['problems']:.1%}) "
-                     f"| {given} |")
+        op_cell = f" {row['operation']} |" if by_op else ""
+        lines.append(f"| {row['step']} |{op_cell} {row['problems']} | {row['right']} "
+                     f"({row['right'] / row['problems']:.1%}) | {given} |")
     return lines
 
 
@@ -129,6 +151,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories of the seeded arithmetic task")
     parser.add_argument("--json", type=Path, help="write every count here")
+    parser.add_argument("--by-operation", action="store_true",
+                        help="also count each step per operation (`+`, `*`, `+*` for a two-operation step, ...)")
     args = parser.parse_args()
     report: dict = {}
     outcomes: dict[str, dict[str, dict[str, list[bool]]]] = {}
@@ -143,6 +167,10 @@ def main() -> int:
                 steps = step_counts(found)
                 report.setdefault(str(run), {})[split] = steps
                 print("\n".join(render(run, split, steps)) + "\n")
+                if args.by_operation:
+                    by_op = step_counts(found, split_operations(run, split))
+                    report[str(run)][f"{split}_by_operation"] = by_op
+                    print("\n".join(render(run, split, by_op)) + "\n")
     paired = []
     for split, runs in outcomes.items():
         for a, b in combinations(runs, 2):

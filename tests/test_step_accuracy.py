@@ -43,10 +43,13 @@ def test_counts_per_step_on_a_run_directory(tmp_path):
     assert steps[0] == {"step": 1, "problems": 3, "right": 2, "after_right": 0, "right_after_right": 0}
     assert steps[1] == {"step": 2, "problems": 3, "right": 2, "after_right": 2, "right_after_right": 1}
     assert len(steps) == max(lengths) and script.split_outcomes(run, "ood") is None
-    done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--json", str(tmp_path / "out.json")],
+    done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--json", str(tmp_path / "out.json"),
+                           "--by-operation"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "| 2 | 3 | 2 (66.7%) | 1/2 |" in done.stdout
-    assert json.loads((tmp_path / "out.json").read_text())[str(run)]["test"] == steps
+    written = json.loads((tmp_path / "out.json").read_text())[str(run)]
+    assert written["test"] == steps and "by operation" in done.stdout
+    assert sum(r["right"] for r in written["test_by_operation"] if r["step"] == 1) == steps[0]["right"]
     twin = tmp_path / "twin"
     shutil.copytree(run, twin)
     done = subprocess.run([sys.executable, str(SCRIPT), str(run), str(twin), "--json", str(tmp_path / "out.json")],
@@ -89,3 +92,18 @@ def test_pooled_pairs_sum_the_seeds_both_rows_have_whatever_the_order():
     assert pooled == [{"a": "latent", "b": "pause", "split": "test", "step": 1, "seeds": [0, 1], "problems": 600,
                        "a_only": 102, "b_only": 32, "p": script.mcnemar_exact(102, 32)}]
     assert "| latent | pause | test | 1 | 0,1 | 600 | 102 | 32 |" in script.render_pairs(pooled, seeds=True)
+
+
+def test_counts_by_operation_split_each_step_by_its_operators():
+    script = load_script()
+    assert [script.operation(e) for e in ["12*7", "5 + 15", "(43+13)*5", "(9-8)*5", "-3+4", "1.5/3", "7"]] == [
+        "*", "+", "+*", "-*", "+", "/", "none"]
+    outcomes = {"p1": [True, True], "p2": [False, True], "p3": [True, False, True]}
+    operations = {"p1": ["*", "+"], "p2": ["+", "+"], "p3": ["*", "-", "+"]}
+    rows = script.step_counts(outcomes, operations)
+    assert [(r["step"], r["operation"], r["problems"], r["right"], r["after_right"], r["right_after_right"])
+            for r in rows] == [(1, "*", 2, 2, 0, 0), (1, "+", 1, 0, 0, 0), (2, "+", 2, 2, 1, 1),
+                               (2, "-", 1, 0, 1, 0), (3, "+", 1, 1, 0, 0)]
+    plain = script.step_counts(outcomes)
+    assert [r["right"] for r in plain] == [2, 2, 1] and "operation" not in plain[0]
+    assert "| 2 | - | 1 | 0 (0.0%) | 0/1 |" in script.render(Path("run"), "test", rows)
