@@ -46,7 +46,19 @@ def answered(run: Path, split: str) -> list[tuple[str, list[Mark], str]] | None:
         return None
     cfg = load_config(str(run / "config.yaml"))
     problems = {p.source: p for p in load_split(cfg.data, split)[0]}
-    samples = [json.loads(line) for line in path.read_text().splitlines()]
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+        if not isinstance(sample, dict) or not {"source", "completion"} <= sample.keys():
+            raise ValueError(f"{path}:{number}: a sample needs 'source' and 'completion'")
+        samples.append(sample)
+    unknown = next((s["source"] for s in samples if s["source"] not in problems), None)
+    if unknown is not None:
+        raise ValueError(f"{path}: problem {unknown!r} is not in the {split} split that {run / 'config.yaml'} "
+                         "generates (samples from another configuration?)")
     return [(s["source"], parse_marks(problems[s["source"]].answer), s["completion"]) for s in samples]
 
 
@@ -161,7 +173,11 @@ def main() -> int:
             print(f"step_accuracy: {run} is not a run directory (no config.yaml)", file=sys.stderr)
             return 2
         for split in SAMPLES:
-            found = split_outcomes(run, split)
+            try:
+                found = split_outcomes(run, split)
+            except ValueError as error:
+                print(f"step_accuracy: {error}", file=sys.stderr)
+                return 2
             if found is not None:
                 outcomes.setdefault(split, {})[str(run)] = found
                 steps = step_counts(found)

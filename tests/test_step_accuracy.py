@@ -107,3 +107,18 @@ def test_counts_by_operation_split_each_step_by_its_operators():
     plain = script.step_counts(outcomes)
     assert [r["right"] for r in plain] == [2, 2, 1] and "operation" not in plain[0]
     assert "| 2 | - | 1 | 0 (0.0%) | 0/1 |" in script.render(Path("run"), "test", rows)
+
+
+def test_bad_samples_are_one_line(tmp_path):
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.name_or_path=x"])
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "samples" / "eval_samples.jsonl").write_text(json.dumps({"source": "nowhere-7", "completion": "1"}) + "\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), str(run)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "problem 'nowhere-7' is not in the test split" in done.stderr
+    for line, says in [("{not json", ":1: not a JSON line"), ('{"source": "x"}', ":1: a sample needs 'source' and 'completion'")]:
+        (run / "samples" / "eval_samples.jsonl").write_text(line + "\n")
+        done = subprocess.run([sys.executable, str(SCRIPT), str(run)], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and says in done.stderr
