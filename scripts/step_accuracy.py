@@ -15,9 +15,9 @@ written expression), else its first number, equals the step's result.
 With two or more run directories it also tests each pair of runs step by step on the same problems (exact
 McNemar on the problems only one of them got right at that step): counts of right steps from two rows are
 not comparable without it. `--by-operation` also splits each run's counts by the step's operation (a
-latent may carry an addition and not a product). Run directories named `<row>-seed<s>` (as `scripts/ladder.sh` names them) are
-also pooled per row: for each pair of rows, the discordant counts of the seeds both rows have are summed
-per step and tested once, as `scripts/ladder_table.py` pools final answers.
+latent may carry an addition and not a product). Run directories named `<row>-seed<s>` (as
+`scripts/ladder.sh` names them) are also pooled per row: for each pair of rows, the discordant counts of the
+seeds both rows have are summed per step and tested once, as `scripts/ladder_table.py` pools final answers.
 """
 
 from __future__ import annotations
