@@ -118,7 +118,8 @@ def test_bad_samples_are_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(run)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "problem 'nowhere-7' is not in the test split" in done.stderr
-    for line, says in [("{not json", ":1: not a JSON line"), ('{"source": "x"}', ":1: a sample needs 'source' and 'completion'")]:
+    for line, says in [("{not json", ":1: not a JSON line"),
+                       ('{"source": "x"}', ":1: a sample needs 'source' and 'completion'")]:
         (run / "samples" / "eval_samples.jsonl").write_text(line + "\n")
         done = subprocess.run([sys.executable, str(SCRIPT), str(run)], capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and says in done.stderr
