@@ -62,17 +62,14 @@ def answered(run: Path, split: str) -> list[tuple[str, list[Mark], str]] | None:
     return [(s["source"], parse_marks(problems[s["source"]].answer), s["completion"]) for s in samples]
 
 
-def split_outcomes(run: Path, split: str) -> dict[str, list[bool]] | None:
-    """Per problem (by source), whether each of its reference steps was right; None without samples."""
-    rows = answered(run, split)
-    return None if rows is None else {
-        source: step_outcomes(completion, [m.result for m in marks]) for source, marks, completion in rows}
+def step_results(rows: list[tuple[str, list[Mark], str]]) -> dict[str, list[bool]]:
+    """Per problem (by source), whether each of its reference steps was right."""
+    return {source: step_outcomes(completion, [m.result for m in marks]) for source, marks, completion in rows}
 
 
-def split_operations(run: Path, split: str) -> dict[str, list[str]] | None:
-    """Per problem (by source), the operation of each reference step (`operation`); None without samples."""
-    rows = answered(run, split)
-    return None if rows is None else {source: [operation(m.expression) for m in marks] for source, marks, _ in rows}
+def step_operations(rows: list[tuple[str, list[Mark], str]]) -> dict[str, list[str]]:
+    """Per problem (by source), the operation of each reference step (`operation`)."""
+    return {source: [operation(m.expression) for m in marks] for source, marks, _ in rows}
 
 
 def operation(expression: str) -> str:
@@ -174,17 +171,18 @@ def main() -> int:
             return 2
         for split in SAMPLES:
             try:
-                found = split_outcomes(run, split)
+                rows = answered(run, split)
             except ValueError as error:
                 print(f"step_accuracy: {error}", file=sys.stderr)
                 return 2
-            if found is not None:
+            if rows is not None:
+                found = step_results(rows)
                 outcomes.setdefault(split, {})[str(run)] = found
                 steps = step_counts(found)
                 report.setdefault(str(run), {})[split] = steps
                 print("\n".join(render(run, split, steps)) + "\n")
                 if args.by_operation:
-                    by_op = step_counts(found, split_operations(run, split))
+                    by_op = step_counts(found, step_operations(rows))
                     report[str(run)][f"{split}_by_operation"] = by_op
                     print("\n".join(render(run, split, by_op)) + "\n")
     paired = []

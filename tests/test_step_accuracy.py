@@ -37,12 +37,12 @@ def test_counts_per_step_on_a_run_directory(tmp_path):
     (run / "samples" / "eval_samples.jsonl").write_text("".join(
         json.dumps({"source": p.source, "completion": c}) + "\n" for p, c in zip(problems, completions)))
     script = load_script()
-    outcomes = script.split_outcomes(run, "test")
+    outcomes = script.step_results(script.answered(run, "test"))
     steps = script.step_counts(outcomes)
     lengths = [len(r) for r in results]
     assert steps[0] == {"step": 1, "problems": 3, "right": 2, "after_right": 0, "right_after_right": 0}
     assert steps[1] == {"step": 2, "problems": 3, "right": 2, "after_right": 2, "right_after_right": 1}
-    assert len(steps) == max(lengths) and script.split_outcomes(run, "ood") is None
+    assert len(steps) == max(lengths) and script.answered(run, "ood") is None
     done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--json", str(tmp_path / "out.json"),
                            "--by-operation"],
                           capture_output=True, text=True, cwd=ROOT)
