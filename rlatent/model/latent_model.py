@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -59,6 +59,9 @@ class LatentSettings:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_target_modules: str | list[str] = "all-linear"
+    eos_token_id: int | None = None
+    """The token the model learnt to end its answers with, recorded when the model is built (None only in
+    checkpoints written before it was): the tokenizer a checkpoint is loaded with must stop on it."""
 
     @property
     def adapter_name(self) -> str:
@@ -154,6 +157,7 @@ class LatentModel(nn.Module):
         """A fresh model of this shape (base + new adapter and heads): what a Ray worker builds before
         the learner's trainable weights are synced into it. Returns (model, tokenizer)."""
         base, tokenizer = load_base_model(settings.base_model, dtype=dtype, cache_dir=cache_dir)
+        settings = agree_on_eos(settings, tokenizer, settings.base_model)
         return cls(_with_adapter(base.to(device), settings), settings), tokenizer
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -263,6 +267,7 @@ class LatentModel(nn.Module):
                                               tokenizer_from=settings.base_model)
         else:
             base, tokenizer = load_base_model(settings.base_model, dtype=dtype, cache_dir=cache_dir)
+        settings = agree_on_eos(settings, tokenizer, str(directory / SETTINGS_FILE))
         base = base.to(device)
         adapter = directory / ADAPTER_DIR
         if adapter.is_dir():
@@ -309,6 +314,22 @@ def read_settings(directory: Path) -> LatentSettings:
         return LatentSettings(**json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable latent settings ({exc})") from None
+
+
+def agree_on_eos(settings: LatentSettings, tokenizer, where: str) -> LatentSettings:
+    """Make `tokenizer` stop on the EOS the model was trained with; returns the settings with it recorded.
+
+    The recorded EOS wins over the tokenizer's: the same base model can come with another EOS elsewhere (the
+    embedded GGUF read by transformers 5.17 made `<|im_start|>` the EOS), and a model trained to end with one
+    token, sampled until another, runs to the length cap on every answer.
+    """
+    if settings.eos_token_id is None:
+        return replace(settings, eos_token_id=tokenizer.eos_token_id)
+    if not 0 <= settings.eos_token_id < len(tokenizer):
+        raise CheckpointError(f"{where}: eos_token_id {settings.eos_token_id} is not a token of the tokenizer of "
+                              f"{settings.base_model} ({len(tokenizer)} tokens)")
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(settings.eos_token_id)
+    return settings
 
 
 def _with_adapter(base: nn.Module, settings: LatentSettings) -> nn.Module:

