@@ -199,9 +199,9 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    for config in (model.config, model.generation_config):
+    for target in (model.config, model.generation_config):
         for role, token_id in special.items():
-            setattr(config, f"{role}_token_id", token_id)
+            setattr(target, f"{role}_token_id", token_id)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
