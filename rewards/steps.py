@@ -18,10 +18,15 @@ def line_result(line: str) -> str | None:
     return first_number(line.rsplit("=", 1)[-1])
 
 
+def step_lines(completion: str) -> list[str]:
+    """A completion's step lines: its non-empty lines before `####` (one step per line, as the reference
+    solutions and the ladder's answers are written)."""
+    return [line for line in completion.split("####")[0].splitlines() if line.strip()]
+
+
 def step_outcomes(completion: str, results: list[str]) -> list[bool]:
-    """Per reference step j, whether the completion's j-th non-empty line before `####` states its result
-    (one step per line, as the reference solutions and the ladder's answers are written)."""
-    lines = [line for line in completion.split("####")[0].splitlines() if line.strip()]
+    """Per reference step j, whether the completion's j-th step line states its result."""
+    lines = step_lines(completion)
     return [j < len(lines) and answers_match(line_result(lines[j]), result) for j, result in enumerate(results)]
 
 

@@ -18,6 +18,9 @@ not comparable without it. `--by-operation` also splits each run's counts by the
 latent may carry an addition and not a product). Run directories named `<row>-seed<s>` (as
 `scripts/ladder.sh` names them) are also pooled per row: for each pair of rows, the discordant counts of the
 seeds both rows have are summed per step and tested once, as `scripts/ladder_table.py` pools final answers.
+`--expressions` is for rows that write their expressions (written CoT): per step, how many lines write one,
+how many of those evaluate to the step's result (the right operations on the right numbers), and how many
+of those also state the right result, which tells a wrong choice of operations from wrong arithmetic.
 """
 
 from __future__ import annotations
@@ -26,16 +29,21 @@ import argparse
 import json
 import re
 import sys
+from fractions import Fraction
 from itertools import combinations
 from pathlib import Path
 
 from rlatent.config import load_config
-from rlatent.data.marks import Mark, parse_marks
+from rlatent.data.examples import written_expression
+from rlatent.data.marks import Mark, answers_match, evaluate_expression, parse_marks
 from rlatent.data.splits import load_split
+from rlatent.errors import DataError
 from rlatent.run.stats import discordant_pairs, mcnemar_exact
-from rewards.steps import step_outcomes
+from rewards.steps import line_result, step_lines, step_outcomes
 
 SAMPLES = {"test": "eval_samples.jsonl", "ood": "eval_samples_ood.jsonl"}
+WRITTEN_SIGNS = str.maketrans({"x": "*", "X": "*", "\u00d7": "*", "\u00f7": "/", "\u2013": "-", "$": None,
+                               "\u20ac": None, "\u00a3": None, "\u00a2": None})  # as written -> as evaluated
 
 
 def answered(run: Path, split: str) -> list[tuple[str, list[Mark], str]] | None:
@@ -75,6 +83,49 @@ def step_operations(rows: list[tuple[str, list[Mark], str]]) -> dict[str, list[s
 def operation(expression: str) -> str:
     """A mark's operators in order, a leading sign not counted: `12*7` -> `*`, `(43+13)*5` -> `+*`."""
     return "".join(re.findall(r"(?<=[\d.)])[-+*/]", expression.replace(" ", ""))) or "none"
+
+
+def written_value(line: str) -> Fraction | None:
+    """The value of the arithmetic a line writes before its last `=`; None when it writes none (no
+    operator: a stated number is not a computation) or one that does not evaluate."""
+    expression = written_expression(line)
+    if expression is None:
+        return None
+    expression = expression.translate(WRITTEN_SIGNS)
+    if operation(expression) == "none":
+        return None
+    try:
+        return evaluate_expression(expression)
+    except DataError:
+        return None
+
+
+def expression_counts(rows: list[tuple[str, list[Mark], str]]) -> list[dict]:
+    """Per step: problems with it, lines that write an expression, expressions whose value is the step's
+    result, and of those the lines whose stated result is right too."""
+    counts: dict[int, dict] = {}
+    for _, marks, completion in rows:
+        lines = step_lines(completion)
+        for j, mark in enumerate(marks):
+            row = counts.setdefault(j, {"step": j + 1, "problems": 0, "written": 0, "expression_right": 0,
+                                        "result_right_given_expression_right": 0})
+            row["problems"] += 1
+            value = written_value(lines[j]) if j < len(lines) else None
+            row["written"] += value is not None
+            if value == mark.value:
+                row["expression_right"] += 1
+                row["result_right_given_expression_right"] += answers_match(line_result(lines[j]), mark.result)
+    return [counts[j] for j in sorted(counts)]
+
+
+def render_expressions(run: Path, split: str, steps: list[dict]) -> list[str]:
+    lines = [f"{run} ({split}), written expressions",
+             "| step | problems | expression written | its value right | result right given the value right |",
+             "|---:|---:|---:|---:|---|"]
+    for row in steps:
+        lines.append(f"| {row['step']} | {row['problems']} | {row['written']} | {row['expression_right']} | "
+                     f"{row['result_right_given_expression_right']}/{row['expression_right']} |")
+    return lines
 
 
 def step_counts(outcomes: dict[str, list[bool]], operations: dict[str, list[str]] | None = None) -> list[dict]:
@@ -162,6 +213,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write every count here")
     parser.add_argument("--by-operation", action="store_true",
                         help="also count each step per operation (`+`, `*`, `+*` for a two-operation step, ...)")
+    parser.add_argument("--expressions", action="store_true",
+                        help="also count the written expressions whose value is right (rows that write them)")
     args = parser.parse_args()
     report: dict = {}
     outcomes: dict[str, dict[str, dict[str, list[bool]]]] = {}
@@ -185,6 +238,10 @@ def main() -> int:
                     by_op = step_counts(found, step_operations(rows))
                     report[str(run)][f"{split}_by_operation"] = by_op
                     print("\n".join(render(run, split, by_op)) + "\n")
+                if args.expressions:
+                    written = expression_counts(rows)
+                    report[str(run)][f"{split}_expressions"] = written
+                    print("\n".join(render_expressions(run, split, written)) + "\n")
     paired = []
     for split, runs in outcomes.items():
         for a, b in combinations(runs, 2):

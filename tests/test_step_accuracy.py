@@ -44,11 +44,13 @@ def test_counts_per_step_on_a_run_directory(tmp_path):
     assert steps[1] == {"step": 2, "problems": 3, "right": 2, "after_right": 2, "right_after_right": 1}
     assert len(steps) == max(lengths) and script.answered(run, "ood") is None
     done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--json", str(tmp_path / "out.json"),
-                           "--by-operation"],
+                           "--by-operation", "--expressions"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "| 2 | 3 | 2 (66.7%) | 1/2 |" in done.stdout
     written = json.loads((tmp_path / "out.json").read_text())[str(run)]
     assert written["test"] == steps and "by operation" in done.stdout
+    assert written["test_expressions"][0] == {"step": 1, "problems": 3, "written": 1, "expression_right": 1,
+                                              "result_right_given_expression_right": 1}
     assert sum(r["right"] for r in written["test_by_operation"] if r["step"] == 1) == steps[0]["right"]
     twin = tmp_path / "twin"
     shutil.copytree(run, twin)
@@ -107,6 +109,27 @@ def test_counts_by_operation_split_each_step_by_its_operators():
     plain = script.step_counts(outcomes)
     assert [r["right"] for r in plain] == [2, 2, 1] and "operation" not in plain[0]
     assert "| 2 | - | 1 | 0 (0.0%) | 0/1 |" in script.render(Path("run"), "test", rows)
+
+
+def test_written_expressions_tell_wrong_operations_from_wrong_arithmetic():
+    script = load_script()
+    assert script.written_value("Ann then has (9 - 7) x 10 = 10 pencils.") == 20
+    assert script.written_value("She pays $3 \u00d7 4 = $12 in all.") == 12
+    assert script.written_value("She has 5 apples.") is None  # no `=`
+    assert script.written_value("The answer = 12.") is None  # nothing before it
+    assert script.written_value("So 12 = 12 apples.") is None  # a stated number is no computation
+    marks = parse_marks("It has <<(9-7)*10=20>>20.\nThen <<20+5=25>>25.")
+    rows = [
+        ("p1", marks, "It has (9 - 7) x 10 = 20 pens.\nThen 20 + 5 = 25.\n#### 25"),  # all right
+        ("p2", marks, "It has (9 - 7) x 10 = 10 pens.\nThen 10 + 5 = 15.\n#### 15"),  # right choice, bad sum
+        ("p3", marks, "It has 9 + 10 = 19 pens.\nThen 19 + 5 = 24.\n#### 24"),  # wrong operations
+        ("p4", marks, "It has 20 pens.\n#### 20"),  # no expression, and no second line
+    ]
+    assert script.expression_counts(rows) == [
+        {"step": 1, "problems": 4, "written": 3, "expression_right": 2, "result_right_given_expression_right": 1},
+        {"step": 2, "problems": 4, "written": 3, "expression_right": 1, "result_right_given_expression_right": 1}]
+    assert "| 1 | 4 | 3 | 2 | 1/2 |" in script.render_expressions(Path("run"), "test",
+                                                                   script.expression_counts(rows))
 
 
 def test_bad_samples_are_one_line(tmp_path):

@@ -132,6 +132,15 @@ def _expression_start(text: str, end: int) -> int:
     return i
 
 
+def written_expression(line: str) -> str | None:
+    """The expression a line writes before its last `=` ("(9 - 7) x 10" in "It has (9 - 7) x 10 = 20
+    pens."), the span `replace` removes from a step; None without an `=` or with nothing before it.
+    `scripts/step_accuracy.py --expressions` evaluates it to tell wrong operations from a wrong result."""
+    head = line[: line.rfind("=") + 1]
+    expression = head[_expression_start(head, len(head)) : -1].strip() if head else ""
+    return expression or None
+
+
 def _in_expression(text: str, j: int) -> bool:
     """Whether `text[j]` can belong to a written expression: a comma or point
     only inside a number ("1,000", "0.5", not "so, 5" or "5. Then"), an "x"
