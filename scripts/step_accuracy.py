@@ -35,11 +35,11 @@ from pathlib import Path
 
 from rlatent.config import load_config
 from rlatent.data.examples import written_expression
-from rlatent.data.marks import Mark, answers_match, evaluate_expression, parse_marks
+from rlatent.data.marks import Mark, evaluate_expression, parse_marks
 from rlatent.data.splits import load_split
 from rlatent.errors import DataError
 from rlatent.run.stats import discordant_pairs, mcnemar_exact
-from rewards.steps import line_result, step_lines, step_outcomes
+from rewards.steps import step_lines, step_outcomes
 
 SAMPLES = {"test": "eval_samples.jsonl", "ood": "eval_samples_ood.jsonl"}
 WRITTEN_SIGNS = str.maketrans({"x": "*", "X": "*", "\u00d7": "*", "\u00f7": "/", "\u2013": "-", "$": None,
@@ -100,11 +100,11 @@ def written_value(line: str) -> Fraction | None:
         return None
 
 
-def expression_counts(rows: list[tuple[str, list[Mark], str]]) -> list[dict]:
+def expression_counts(rows: list[tuple[str, list[Mark], str]], outcomes: dict[str, list[bool]]) -> list[dict]:
     """Per step: problems with it, lines that write an expression, expressions whose value is the step's
-    result, and of those the lines whose stated result is right too."""
+    result, and of those the lines whose stated result is right too (`outcomes`, from `step_results`)."""
     counts: dict[int, dict] = {}
-    for _, marks, completion in rows:
+    for source, marks, completion in rows:
         lines = step_lines(completion)
         for j, mark in enumerate(marks):
             row = counts.setdefault(j, {"step": j + 1, "problems": 0, "written": 0, "expression_right": 0,
@@ -114,7 +114,7 @@ def expression_counts(rows: list[tuple[str, list[Mark], str]]) -> list[dict]:
             row["written"] += value is not None
             if value == mark.value:
                 row["expression_right"] += 1
-                row["result_right_given_expression_right"] += answers_match(line_result(lines[j]), mark.result)
+                row["result_right_given_expression_right"] += outcomes[source][j]
     return [counts[j] for j in sorted(counts)]
 
 
@@ -239,7 +239,7 @@ def main() -> int:
                     report[str(run)][f"{split}_by_operation"] = by_op
                     print("\n".join(render(run, split, by_op)) + "\n")
                 if args.expressions:
-                    written = expression_counts(rows)
+                    written = expression_counts(rows, found)
                     report[str(run)][f"{split}_expressions"] = written
                     print("\n".join(render_expressions(run, split, written)) + "\n")
     paired = []

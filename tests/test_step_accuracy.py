@@ -125,11 +125,12 @@ def test_written_expressions_tell_wrong_operations_from_wrong_arithmetic():
         ("p3", marks, "It has 9 + 10 = 19 pens.\nThen 19 + 5 = 24.\n#### 24"),  # wrong operations
         ("p4", marks, "It has 20 pens.\n#### 20"),  # no expression, and no second line
     ]
-    assert script.expression_counts(rows) == [
+    outcomes = script.step_results(rows)
+    assert script.expression_counts(rows, outcomes) == [
         {"step": 1, "problems": 4, "written": 3, "expression_right": 2, "result_right_given_expression_right": 1},
         {"step": 2, "problems": 4, "written": 3, "expression_right": 1, "result_right_given_expression_right": 1}]
     assert "| 1 | 4 | 3 | 2 | 1/2 |" in script.render_expressions(Path("run"), "test",
-                                                                   script.expression_counts(rows))
+                                                                   script.expression_counts(rows, outcomes))
 
 
 def test_bad_samples_are_one_line(tmp_path):
