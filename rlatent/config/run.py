@@ -32,6 +32,9 @@ class RunConfig(Section):
             raise ValueError(f"sft.distill needs latent slots placed at the marks (latent.mode latent or pause, "
                              f"placement insert or replace), got mode {self.latent.mode!r}, placement "
                              f"{self.latent.placement!r}")
+        if self.sft.distill.split_steps and (self.sft.distill.weight == 0 or self.latent.k < 2):
+            raise ValueError(f"sft.distill.split_steps needs sft.distill.weight > 0 and latent.k >= 2 (a slot for "
+                             f"each partial result), got weight {self.sft.distill.weight}, k {self.latent.k}")
         if self.grpo.latent_noise_std > 0 and not mode.explorable:
             raise ValueError(f"grpo.latent_noise_std > 0 needs latent.mode 'latent': {self.latent.mode} slots hold no "
                              "state-dependent latent to explore, so the noise would have no policy density")

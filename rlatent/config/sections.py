@@ -256,6 +256,11 @@ class DistillConfig(Section):
     is pulled towards the model's own state (gradient stopped) where the written chain predicts the same
     result token, an L1 distance scaled by the teacher state's spread. It tells the latents what to carry,
     where the next-token loss alone gives one token's worth of signal."""
+    split_steps: bool = False
+    """A converted mark of 2 to `latent.k` operations (`12*7+5`) is written by the teacher one step per
+    operation (`12 * 7 = 84, 84 + 5 = 89`), and its block's evenly spaced slots are pulled towards the state
+    predicting each partial result in turn, the closing slot towards the last: a guide for serial
+    computation inside a block, where otherwise only the block's final result has a state to match."""
     teacher_weight: float = Field(1.0, ge=0)
     """Weight of the next-token loss on the written chain (the teacher), trained alongside as CODI does, so the
     teacher stays a chain-of-thought reader after the curriculum has converted every mark."""

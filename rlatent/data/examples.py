@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from rlatent.data.gsm8k import Problem
 from rlatent.errors import ModelError
-from rlatent.data.marks import parse_marks, strip_marks
+from rlatent.data.marks import Operation, canonical_number, operations, parse_marks, strip_marks
 
 PLACEMENTS = ("insert", "replace", "step")
 # Without a chat template; the answer follows after one space.
@@ -139,6 +139,44 @@ def written_expression(line: str) -> str | None:
     head = line[: line.rfind("=") + 1]
     expression = head[_expression_start(head, len(head)) : -1].strip() if head else ""
     return expression or None
+
+
+def split_marks(answer: str, most: int, latent_marks: int | None = None) -> tuple[str, list[int]]:
+    """`answer` with each of its first `latent_marks` marks (all when None) that holds 2 to `most` operations
+    written as one marked step per operation, in the order they are evaluated, the last keeping the mark's
+    result: "has 12 * 7 + 5 = <<12*7+5=89>>89" -> "has 12 * 7 = <<12*7=84>>84, 84 + 5 = <<84+5=89>>89";
+    and, per one of those marks, how many marks it became (1 where it stays whole: one operation, more than
+    `most`, or a partial result that no decimal writes, such as 1/3).
+
+    The stepwise teacher of self-distillation (`sft.distill.split_steps`) reads these answers, so that a
+    latent block of `most` slots gets a state to match for each partial result, not only the last."""
+    pieces, counts, cursor = [], [], 0
+    for index, mark in enumerate(parse_marks(answer)):
+        if latent_marks is not None and index >= latent_marks:
+            break
+        steps = operations(mark.expression)
+        written = [canonical_number(v) for step in steps for v in (step.left, step.right, step.value)]
+        if not 2 <= len(steps) <= most or any("/" in number for number in written):
+            counts.append(1)
+            continue
+        before = answer[cursor : mark.start]
+        lead = _LEAD.search(before)
+        cut = _expression_start(before, lead.start())
+        removed = before[cut : lead.start()]
+        space = removed[: len(removed) - len(removed.lstrip(" \t"))] if removed else lead.group(1)
+        partials = "".join(f"{_operation(step, ' ')} = <<{_operation(step, '')}={canonical_number(step.value)}>>"
+                           f"{canonical_number(step.value)}, " for step in steps[:-1])
+        pieces.append(f"{before[:cut]}{space}{partials}{_operation(steps[-1], ' ')} ={lead.group(1) or ' '}"
+                      f"{lead.group(2)}<<{_operation(steps[-1], '')}={mark.result}>>")
+        counts.append(len(steps))
+        cursor = mark.end
+    return "".join(pieces) + answer[cursor:], counts
+
+
+def _operation(step: Operation, space: str) -> str:
+    """`step` written as an expression ("84 + 5"), a negative right operand in parentheses."""
+    right = canonical_number(step.right)
+    return f"{canonical_number(step.left)}{space}{step.op}{space}{right if step.right >= 0 else f'({right})'}"
 
 
 def _in_expression(text: str, j: int) -> bool:

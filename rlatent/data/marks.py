@@ -64,6 +64,16 @@ class Mark:
     value: Fraction
 
 
+@dataclass(frozen=True)
+class Operation:
+    """One binary operation of an expression, `left op right = value`, as `operations` lists them."""
+
+    left: Fraction
+    op: str
+    right: Fraction
+    value: Fraction
+
+
 MAX_DEPTH = 64
 """Deepest nesting of parentheses and signs a mark may hold: hostile input is refused by the parser with
 one line, never by the interpreter's recursion limit."""
@@ -79,6 +89,7 @@ class _Parser:
         self.tokens = self._tokenize(text)
         self.pos = 0
         self.depth = 0
+        self.operations: list[Operation] = []  # every binary operation, in the order it is evaluated
 
     def _nested(self, parse):
         """`parse()` one level deeper, refused beyond `MAX_DEPTH`."""
@@ -125,7 +136,12 @@ class _Parser:
         value = self._term()
         while self._peek() in ("+", "-"):
             op = self._take()
-            value = value + self._term() if op == "+" else value - self._term()
+            right = self._term()
+            value = self._record(value, op, right, value + right if op == "+" else value - right)
+        return value
+
+    def _record(self, left: Fraction, op: str, right: Fraction, value: Fraction) -> Fraction:
+        self.operations.append(Operation(left, op, right, value))
         return value
 
     def _term(self) -> Fraction:
@@ -133,12 +149,10 @@ class _Parser:
         while self._peek() in ("*", "/", "//"):
             op = self._take()
             right = self._unary()
-            if op == "*":
-                value *= right
-            elif right == 0:
+            if op != "*" and right == 0:
                 raise DataError(f"division by zero in {self.text!r}")
-            else:
-                value = value / right if op == "/" else Fraction(value // right)
+            result = value * right if op == "*" else value / right if op == "/" else Fraction(value // right)
+            value = self._record(value, op, right, result)
         return value
 
     def _unary(self) -> Fraction:
@@ -170,6 +184,15 @@ def evaluate_expression(text: str) -> Fraction:
     suffix, and `//` (floor division: the annotators' calculator was Python,
     and two GSM8K train marks use it). Anything else, or a division by zero, raises `DataError`."""
     return _Parser(text).parse()
+
+
+def operations(expression: str) -> list[Operation]:
+    """The binary operations of `expression` in the order they are evaluated (precedence and parentheses
+    respected): "12*7+5" -> 12 * 7 = 84, then 84 + 5 = 89. Unary signs and `%` fold into their operand.
+    A stepwise teacher (`rlatent.data.examples.split_marks`) writes a mark as these steps."""
+    parser = _Parser(expression)
+    parser.parse()
+    return parser.operations
 
 
 def parse_marks(text: str, where: str = "") -> list[Mark]:

@@ -159,7 +159,8 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
             if "sft" in phases:
                 curriculum = Curriculum.from_config(cfg.sft)
                 staged = staged_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum,
-                                         teachers=cfg.sft.distill.weight > 0)
+                                         teachers=cfg.sft.distill.weight > 0,
+                                         split_steps=cfg.sft.distill.split_steps)
                 train, dropped = staged.stages, staged.dropped
                 evaluation = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length,
                                              curriculum).stages

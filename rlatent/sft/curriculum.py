@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from rlatent.config import LatentConfig, SFTConfig
 from rlatent.data.examples import SFTExample
 from rlatent.data.splits import sft_examples
-from rlatent.sft.distill import check_aligned, teacher_example
+from rlatent.sft.distill import distill_pair
 
 
 @dataclass(frozen=True)
@@ -56,17 +56,18 @@ class StagedExamples:
 
 
 def staged_examples(problems, tokenizer, latent: LatentConfig, max_length: int, curriculum: Curriculum,
-                    teachers: bool = False) -> StagedExamples:
-    """The examples of `problems` at every stage, and with `teachers` their teachers (`rlatent.sft.distill`)."""
+                    teachers: bool = False, split_steps: bool = False) -> StagedExamples:
+    """The examples of `problems` at every stage, and with `teachers` their teachers (`rlatent.sft.distill`),
+    stepwise ones with `split_steps` (a mark of up to `latent.k` operations written one step per operation)."""
     stages = [sft_examples(problems, tokenizer, latent, None, curriculum.latent_marks(s))[0]
               for s in range(curriculum.stages + 1)]
     taught = None
     if teachers:
-        taught = [[teacher_example(p, tokenizer, curriculum.latent_marks(s)) for p in problems]
-                  for s in range(curriculum.stages + 1)]
-        for stage, teaching in zip(stages, taught):
-            for problem, student, teacher in zip(problems, stage, teaching):
-                check_aligned(student, teacher, problem.source)
+        pairs = [[distill_pair(problem, student, tokenizer, curriculum.latent_marks(s),
+                               latent.k if split_steps else 1) for problem, student in zip(problems, stage)]
+                 for s, stage in enumerate(stages)]
+        stages = [[student for student, _ in stage] for stage in pairs]
+        taught = [[teacher for _, teacher in stage] for stage in pairs]
     every = stages + (taught or [])
     keep = [i for i in range(len(problems)) if all(len(stage[i].input_ids) <= max_length for stage in every)]
     return StagedExamples([[stage[i] for i in keep] for stage in stages],

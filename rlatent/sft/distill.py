@@ -19,6 +19,14 @@ divided by the teacher state's standard deviation (CODI's L1 scaled by the
 teacher's spread, per vector here, so the term is a sum over positions that adds
 up across gradient-accumulation micro-batches). Layers are averaged.
 
+Stepwise teachers (`sft.distill.split_steps`): a mark of several operations
+(`12*7+5`) gives its block one state to match, the one predicting 89, and no
+guide to the partial result a serial computation would pass on. Split, the
+teacher writes `12 * 7 = 84, 84 + 5 = 89`, and the block's slots, evenly
+spaced, line up with each partial result in turn (slots 2 and 4 of a
+four-slot block; the closing slot always with the last), so a fed-back state
+is pulled towards one that holds 84 before the next slot computes 84 + 5.
+
 Alignment: the teacher's example is `build_example` with a one-slot block at
 each of the student's converted marks, `insert` placement, then the slots
 removed. Its text pieces are tokenised exactly as the student's, so the text
@@ -33,7 +41,7 @@ from dataclasses import replace
 
 import torch
 
-from rlatent.data.examples import SFTExample, build_example
+from rlatent.data.examples import SFTExample, build_example, split_marks
 from rlatent.data.gsm8k import Problem
 from rlatent.errors import DataError
 from rlatent.latent.batch import LatentBatch
@@ -53,16 +61,32 @@ def teacher_example(problem: Problem, tokenizer, latent_marks: int | None) -> SF
                    next_step_mask=[marked.next_step_mask[i] for i in keep], anchors=anchors)
 
 
-def check_aligned(student: SFTExample, teacher: SFTExample, source: str) -> None:
-    """A `DataError` naming the problem when the student's blocks and the teacher's anchors do not pair up."""
-    blocks = sum(1 for i, slot in enumerate(student.latent_mask) if slot and not student.latent_mask[i - 1])
-    if blocks != len(teacher.anchors):
-        raise DataError(f"{source}: {blocks} latent blocks but {len(teacher.anchors)} teacher anchors; "
-                        "sft.distill needs latent.placement insert or replace")
+def distill_pair(problem: Problem, student: SFTExample, tokenizer, latent_marks: int | None,
+                 split_up_to: int) -> tuple[SFTExample, SFTExample]:
+    """(`student` with its `anchors`, its teacher): the teacher writes each of the first `latent_marks` marks
+    of 2 to `split_up_to` operations one step per operation (none when 1; `rlatent.data.examples.split_marks`),
+    and the student's block for such a mark is anchored at that many evenly spaced slots, the closing slot
+    last; every other block at its closing slot. A `DataError` naming the problem when they do not pair up."""
+    answer, splits = split_marks(problem.answer, split_up_to, latent_marks)
+    teacher = teacher_example(replace(problem, answer=answer), tokenizer,
+                              None if latent_marks is None else sum(splits))
+    mask = student.latent_mask  # a block always ends before the final EOS
+    spans = [(i, mask.index(False, i)) for i, slot in enumerate(mask) if slot and not mask[i - 1]]
+    if len(spans) != len(splits) or sum(splits) != len(teacher.anchors):
+        raise DataError(f"{problem.source}: {len(spans)} latent blocks for {len(splits)} converted marks and "
+                        f"{len(teacher.anchors)} teacher anchors; sft.distill needs latent.placement insert or "
+                        "replace")
+    anchors = tuple(start + ((end - start) * (j + 1)) // count - 1
+                    for (start, end), count in zip(spans, splits) for j in range(count))
+    return replace(student, anchors=anchors), teacher
 
 
 def student_anchors(batch: LatentBatch) -> torch.Tensor:
-    """(B, T) True at the slot that closes each block (it predicts the result written after the block)."""
+    """(B, T) True where the student's states are pulled towards the teacher's: the examples' `anchors`
+    (`distill_pair`) when the batch carries any, else the slot that closes each block (it predicts the
+    result written after the block)."""
+    if batch.anchor_mask is not None and bool(batch.anchor_mask.any()):
+        return batch.anchor_mask
     _, _, stop_mask, stop_labels = batch.decision_labels()
     return stop_mask & stop_labels.bool()
 
