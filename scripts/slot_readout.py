@@ -5,15 +5,16 @@
 A block's answer-level accuracy cannot tell a block that computes the first operation of a two-operation step
 and loses the second from one that computes nothing. The stepwise teacher of self-distillation
 (`sft.distill.split_steps`) names the state each slot should reach: the written chain's state where it is
-about to write that partial result (`12 * 7 = ` before 84). This script reads every such slot through the
-model's own LM head on the held-out problems of each run directory (its `config.yaml` regenerates them, its
-latest checkpoint is loaded): per slot role (partial result j of a step of m operations), how often the digit
-the slot ranks highest (of the ten digit tokens) is that partial result's first digit. SmolLM2 writes a
-number digit by digit after a lone space token, so the next token any of these states predicts is that space;
-the digit ranking is the logit lens on what the state holds. The teacher's own state at its anchor is read
-the same way (what the written chain holds there), and the commonest first digit of each role is the rate of
-a constant guess. Slots are aligned as the stepwise teacher aligns them whether or not the run trained with
-it, so runs trained without it are read the same way.
+about to write that partial result (`12 * 7 = ` before 84). This script asks each such slot
+what the model would write if the block ended there: on the held-out problems of each run directory (its
+`config.yaml` regenerates them, its latest checkpoint is loaded), the student's sequence is cut after the
+slot, the token the written chain puts before the partial result is appended (a lone space in SmolLM2, which
+writes numbers digit by digit), and the model's most likely next token there is held against the partial
+result's first token. The written chain is read the same way, at that token in its own text (how often a
+chain that wrote both operations gets the partial result's first digit), and the commonest first token of
+each role is the rate of a constant guess. Per slot role (partial result j of a step of m operations, slots
+aligned as the stepwise teacher aligns them whether or not the run trained with it): slots, right readouts.
+For the closing slot this is the model's own next token after the block, teacher-forced.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from rlatent.config import load_config
-from rlatent.data.examples import special_token_ids
-from rlatent.data.marks import canonical_number, operations, parse_marks
+from rlatent.data.examples import SFTExample, special_token_ids
+from rlatent.data.marks import operations, parse_marks
 from rlatent.data.splits import load_split
 from rlatent.latent.batch import collate
 from rlatent.latent.forward import forward
@@ -35,55 +37,67 @@ from rlatent.run.api import load
 from rlatent.sft.curriculum import Curriculum, staged_examples
 
 
-def roles(problem, k: int) -> list[tuple[str, str]]:
-    """Per aligned slot of `problem`'s blocks, in order: ("j/m", first digit of partial result j of a step of
-    m operations); a step left whole, or of one operation, is "1/1" with its result's first digit."""
+def roles(problem, k: int) -> list[str]:
+    """Per aligned slot of `problem`'s blocks, in order: "j/m", partial result j of a step of m operations (a
+    step left whole, or of one operation, is "1/1")."""
     found = []
     for mark in parse_marks(problem.answer):
-        steps = operations(mark.expression)
-        values = [canonical_number(s.value) for s in steps] if 2 <= len(steps) <= k else [mark.result]
-        found += [(f"{j + 1}/{len(values)}", value.lstrip("-$")[0]) for j, value in enumerate(values)]
+        count = len(operations(mark.expression))
+        count = count if 2 <= count <= k else 1
+        found += [f"{j + 1}/{count}" for j in range(count)]
     return found
 
 
-def digit_ids(tokenizer) -> list[int]:
-    """The token ids of "0" .. "9" (one token each, as SmolLM2 writes digits)."""
-    ids = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError("this tokenizer does not write each digit as one token; the readout needs it")
-    return [i[0] for i in ids]
+def cut_after(student: SFTExample, slot: int, lead: int) -> SFTExample:
+    """`student` up to and including `slot`, then the token `lead`: the block closed after that slot."""
+    length = slot + 2
+    return SFTExample(student.input_ids[: slot + 1] + [lead], student.latent_mask[: slot + 1] + [False],
+                      student.prompt_length, [False] * length)
+
+
+def next_tokens(model, examples: list[SFTExample], positions: list[list[int]], pad_id: int) -> list[int]:
+    """The most likely next token at each of `positions[row]` of each example, row by row."""
+    batch = collate(examples, pad_id)
+    where = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    for row, columns in enumerate(positions):
+        where[row, columns] = True
+    return model.token_logits(forward(model, batch).hidden[where]).argmax(-1).tolist()
 
 
 @torch.no_grad()
 def readout(run: Path, batch_size: int) -> dict:
-    """Per slot role: slots, the slots and teacher anchors whose top digit is right, the commonest digit's count."""
+    """Per slot role: slots, right readouts of the cut student and of the written chain, the commonest
+    first token's count."""
     cfg = load_config(str(run / "config.yaml"))
     policy = load(run, device="cpu", dtype="float32")
     model, tokenizer = policy.model, policy.tokenizer
     problems = load_split(cfg.data, "test", cfg.eval.limit)[0]
     staged = staged_examples(problems, tokenizer, cfg.latent, 10 ** 6, Curriculum(0, 1), teachers=True,
                              split_steps=cfg.latent.k >= 2)
-    students, teachers = staged.stages[-1], staged.teachers[-1]
     _, pad_id = special_token_ids(tokenizer)
-    digits = digit_ids(tokenizer)
+    probes = []  # (role, cut student, the teacher, its lead position, the partial result's first token)
+    for problem, student, teacher in zip(problems, staged.stages[-1], staged.teachers[-1]):
+        slots = roles(problem, cfg.latent.k)
+        if not len(slots) == len(student.anchors) == len(teacher.anchors):
+            raise ValueError(f"{run}: {problem.source}: {len(slots)} slot roles, {len(student.anchors)} student "
+                             f"and {len(teacher.anchors)} teacher anchors")
+        for role, slot, anchor in zip(slots, student.anchors, teacher.anchors):
+            lead, first = teacher.input_ids[anchor + 1], teacher.input_ids[anchor + 2]
+            probes.append((role, cut_after(student, slot, lead), teacher, anchor + 1, first))
+    student_read, teacher_read = [], []
+    for offset in range(0, len(probes), batch_size):
+        chunk = probes[offset : offset + batch_size]
+        student_read += next_tokens(model, [p[1] for p in chunk], [[len(p[1].input_ids) - 1] for p in chunk], pad_id)
+        teacher_read += next_tokens(model, [p[2] for p in chunk], [[p[3]] for p in chunk], pad_id)
     tallies: dict[str, dict] = {}
-    for offset in range(0, len(problems), batch_size):
-        rows = range(offset, min(offset + batch_size, len(problems)))
-        student, teacher = collate([students[i] for i in rows], pad_id), collate([teachers[i] for i in rows], pad_id)
-        read = [model.token_logits(forward(model, b).hidden[b.anchor_mask])[:, digits].argmax(-1).tolist()
-                for b in (student, teacher)]
-        slots = [slot for i in rows for slot in roles(problems[i], cfg.latent.k)]
-        if not len(slots) == len(read[0]) == len(read[1]):
-            raise ValueError(f"{run}: {len(slots)} slot roles, {len(read[0])} student and {len(read[1])} "
-                             "teacher anchors")
-        for (role, digit), mine, taught in zip(slots, *read):
-            tally = tallies.setdefault(role, {"slots": 0, "student_right": 0, "teacher_right": 0, "digits": {}})
-            tally["slots"] += 1
-            tally["student_right"] += str(mine) == digit
-            tally["teacher_right"] += str(taught) == digit
-            tally["digits"][digit] = tally["digits"].get(digit, 0) + 1
+    for (role, *_, first), mine, taught in zip(probes, student_read, teacher_read):
+        tally = tallies.setdefault(role, {"slots": 0, "student_right": 0, "teacher_right": 0, "firsts": Counter()})
+        tally["slots"] += 1
+        tally["student_right"] += mine == first
+        tally["teacher_right"] += taught == first
+        tally["firsts"][first] += 1
     for tally in tallies.values():
-        tally["commonest_digit"] = max(tally.pop("digits").values())
+        tally["commonest_first"] = max(tally.pop("firsts").values())
     return {"run": str(run), "mode": cfg.latent.mode, "k": cfg.latent.k,
             "split_steps": cfg.sft.distill.split_steps, "problems": len(problems),
             "slots": dict(sorted(tallies.items()))}
@@ -92,17 +106,17 @@ def readout(run: Path, batch_size: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, help="write the counts here too")
     args = parser.parse_args(argv)
     results = [readout(run, args.batch_size) for run in args.runs]
-    print("| run | slot (partial j of m) | slots | slot's top digit right | written chain's | commonest digit |")
+    print("| run | slot (partial j of m) | slots | block cut there writes it | written chain does | commonest |")
     print("|---|---|---:|---:|---:|---:|")
     for result in results:
         for role, c in result["slots"].items():
             print(f"| {result['run']} | {role} | {c['slots']} | {c['student_right']} ({c['student_right'] / c['slots']:.0%})"
                   f" | {c['teacher_right']} ({c['teacher_right'] / c['slots']:.0%})"
-                  f" | {c['commonest_digit']} ({c['commonest_digit'] / c['slots']:.0%}) |")
+                  f" | {c['commonest_first']} ({c['commonest_first'] / c['slots']:.0%}) |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
