@@ -28,8 +28,8 @@ four-slot block; the closing slot always with the last), so a fed-back state
 is pulled towards one that holds 84 before the next slot computes 84 + 5.
 
 Alignment: the teacher's example is `build_example` with a one-slot block at
-each of the student's converted marks, `insert` placement, then the slots
-removed. Its text pieces are tokenised exactly as the student's, so the text
+each of the student's converted marks (each mark of the split answer, when
+stepwise), `insert` placement, then the slots removed. Its text pieces are tokenised exactly as the student's, so the text
 after a block (" 12 stickers now.") is the same tokens in both, and the
 teacher's *anchor*, the token just before a removed slot, predicts the token
 the student's block-closing slot predicts.
