@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from rlatent.config import load_config
-from rlatent.data.examples import SFTExample, special_token_ids
-from rlatent.data.marks import operations, parse_marks
+from rlatent.data.examples import SFTExample, special_token_ids, split_marks
 from rlatent.data.splits import load_split
 from rlatent.latent.batch import collate
 from rlatent.latent.forward import forward
@@ -38,14 +37,9 @@ from rlatent.sft.curriculum import Curriculum, staged_examples
 
 
 def roles(problem, k: int) -> list[str]:
-    """Per aligned slot of `problem`'s blocks, in order: "j/m", partial result j of a step of m operations (a
-    step left whole, or of one operation, is "1/1")."""
-    found = []
-    for mark in parse_marks(problem.answer):
-        count = len(operations(mark.expression))
-        count = count if 2 <= count <= k else 1
-        found += [f"{j + 1}/{count}" for j in range(count)]
-    return found
+    """Per aligned slot of `problem`'s blocks, in order: "j/m", partial result j of a step the stepwise teacher
+    writes as m operations (`split_marks`; a step it leaves whole is "1/1")."""
+    return [f"{j + 1}/{count}" for count in split_marks(problem.answer, k)[1] for j in range(count)]
 
 
 def cut_after(student: SFTExample, slot: int, lead: int) -> SFTExample:
@@ -75,7 +69,7 @@ def readout(run: Path, batch_size: int) -> dict:
     staged = staged_examples(problems, tokenizer, cfg.latent, 10 ** 6, Curriculum(0, 1), teachers=True,
                              split_steps=cfg.latent.k >= 2)
     _, pad_id = special_token_ids(tokenizer)
-    probes = []  # (role, cut student, the teacher, its lead position, the partial result's first token)
+    probes, teacher_read = [], []  # (role, cut student, the partial result's first token); the teacher's reads
     for problem, student, teacher in zip(problems, staged.stages[-1], staged.teachers[-1]):
         slots = roles(problem, cfg.latent.k)
         if not len(slots) == len(student.anchors) == len(teacher.anchors):
@@ -83,14 +77,17 @@ def readout(run: Path, batch_size: int) -> dict:
                              f"and {len(teacher.anchors)} teacher anchors")
         for role, slot, anchor in zip(slots, student.anchors, teacher.anchors):
             lead, first = teacher.input_ids[anchor + 1], teacher.input_ids[anchor + 2]
-            probes.append((role, cut_after(student, slot, lead), teacher, anchor + 1, first))
-    student_read, teacher_read = [], []
+            probes.append((role, cut_after(student, slot, lead), first))
+    teachers = staged.teachers[-1]
+    for offset in range(0, len(teachers), batch_size):  # each written chain once, read after every anchor's lead
+        chunk = teachers[offset : offset + batch_size]
+        teacher_read += next_tokens(model, chunk, [[a + 1 for a in t.anchors] for t in chunk], pad_id)
+    student_read = []
     for offset in range(0, len(probes), batch_size):
-        chunk = probes[offset : offset + batch_size]
-        student_read += next_tokens(model, [p[1] for p in chunk], [[len(p[1].input_ids) - 1] for p in chunk], pad_id)
-        teacher_read += next_tokens(model, [p[2] for p in chunk], [[p[3]] for p in chunk], pad_id)
+        chunk = [cut for _, cut, _ in probes[offset : offset + batch_size]]
+        student_read += next_tokens(model, chunk, [[len(cut.input_ids) - 1] for cut in chunk], pad_id)
     tallies: dict[str, dict] = {}
-    for (role, *_, first), mine, taught in zip(probes, student_read, teacher_read):
+    for (role, _, first), mine, taught in zip(probes, student_read, teacher_read, strict=True):
         tally = tallies.setdefault(role, {"slots": 0, "student_right": 0, "teacher_right": 0, "firsts": Counter()})
         tally["slots"] += 1
         tally["student_right"] += mine == first

@@ -18,7 +18,7 @@ from rlatent.latent.forward import forward, padded_recurrent_forward, parallel_f
 from rlatent.run.cli import main
 from rlatent.sft.curriculum import Curriculum, staged_examples
 from rlatent.sft import distill
-from rlatent.sft.distill import distill_loss, student_anchors, teacher_example
+from rlatent.sft.distill import distill_loss, teacher_example
 from rlatent.sft.trainer import SFTTrainer
 from tests.test_invariant import build_model, sample_batch
 from tests.test_sft_accumulation import build_model as build_accumulation_model
@@ -30,6 +30,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture
 def repo_root(monkeypatch, request):
     monkeypatch.chdir(request.config.rootpath)
+
+
+def closing_slots(batch):
+    """(B, T) True at the slot that closes each block (it predicts the result written after the block)."""
+    _, _, stop_mask, stop_labels = batch.decision_labels()
+    return stop_mask & stop_labels.bool()
 
 
 def blocks(latent_mask):
@@ -92,7 +98,7 @@ def test_distill_loss_is_the_spread_scaled_l1():
 def test_every_layer_at_the_anchors_is_exact_in_each_forward(tiny_model_dir, trunk):
     model, tokenizer = build_model(tiny_model_dir, trunk)
     batch = sample_batch(model, tokenizer).batch
-    anchors = student_anchors(batch)
+    anchors = closing_slots(batch)
     assert anchors.sum() >= 3 and anchors.any(1).sum() >= 2
     packed = recurrent_forward(model, batch, anchors=anchors)
     padded = padded_recurrent_forward(model, batch, anchors=anchors)

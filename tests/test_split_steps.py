@@ -17,7 +17,8 @@ from rlatent.errors import ConfigError
 from rlatent.io.run_dir import read_metrics
 from rlatent.latent.batch import collate
 from rlatent.run.cli import main
-from rlatent.sft.distill import distill_pair, student_anchors
+from rlatent.sft.distill import distill_pair
+from tests.test_distill import closing_slots
 
 CONFIG = "configs/tiny.yaml"
 
@@ -106,11 +107,11 @@ def test_each_partial_result_has_a_slot_and_a_teacher_state(tiny_tokenizer, k, p
 
 
 def test_without_splitting_the_anchors_are_the_closing_slots(tiny_tokenizer):
-    """`split_up_to` 1 anchors each block at its closing slot: what a batch without anchors falls back to."""
+    """`split_up_to` 1 anchors each block at its closing slot, as distillation without steps always did."""
     problems = generate_problems(6, seed=2, min_steps=2, max_steps=3, multi_op=0.5, allow_zero=False)
     students = [build_example(p, tiny_tokenizer, 3, "replace") for p in problems]
     anchored = [distill_pair(p, s, tiny_tokenizer, None, 1)[0] for p, s in zip(problems, students)]
-    assert student_anchors(collate(anchored, 0)).tolist() == student_anchors(collate(students, 0)).tolist()
+    assert collate(anchored, 0).anchor_mask.tolist() == closing_slots(collate(students, 0)).tolist()
     assert all(len(a.anchors) == len(block_spans(s.latent_mask)) for a, s in zip(anchored, students))
 
 

@@ -81,16 +81,6 @@ def distill_pair(problem: Problem, student: SFTExample, tokenizer, latent_marks:
     return replace(student, anchors=anchors), teacher
 
 
-def student_anchors(batch: LatentBatch) -> torch.Tensor:
-    """(B, T) True where the student's states are pulled towards the teacher's: the examples' `anchors`
-    (`distill_pair`) when the batch carries any, else the slot that closes each block (it predicts the
-    result written after the block)."""
-    if batch.anchor_mask is not None and bool(batch.anchor_mask.any()):
-        return batch.anchor_mask
-    _, _, stop_mask, stop_labels = batch.decision_labels()
-    return stop_mask & stop_labels.bool()
-
-
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Sum over aligned positions of the layer-averaged, spread-scaled L1 distance; `student` and `teacher`
     are (L, N, H) states of the same N positions, the teacher's taken as fixed targets."""
@@ -104,7 +94,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def distill_counts(students: list[LatentBatch], teachers: list[LatentBatch]) -> tuple[int, int]:
     """(aligned positions, teacher target tokens) over every micro-batch of an optimizer step: what the two
     terms are means over, so micro-batch shares add up to the whole batch's."""
-    positions = sum(int(student_anchors(batch).sum()) for batch in students)
+    positions = sum(int(batch.anchor_mask.sum()) for batch in students)
     tokens = sum(int(batch.target_mask()[:, 1:].sum()) for batch in teachers)
     return positions, tokens
 
@@ -120,8 +110,8 @@ def reads_the_same(student: LatentBatch, teacher: LatentBatch) -> bool:
 def distill_terms(model: LatentModel, batch: LatentBatch, student: ForwardOutput, teacher: LatentBatch,
                   counts: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's shares of (distillation, teacher next-token loss); `student` was computed from
-    `batch` with `anchors=student_anchors(batch)`, the teacher batch rows are the same problems in the same
-    order. When the teacher reads exactly what the student read, its loss is taken from the student's
+    `batch` with `anchors=batch.anchor_mask` (the students' anchors, `distill_pair`), the teacher batch rows
+    are the same problems in the same order. When the teacher reads exactly what the student read, its loss is taken from the student's
     states instead of a second forward (same value and gradient, half the work of a written stage)."""
     positions, tokens = counts
     if reads_the_same(batch, teacher):

@@ -30,7 +30,7 @@ from rlatent.model.latent_model import LatentModel
 from rlatent.optim import build_optimizer
 from rlatent.io.run_dir import MetricsLogger, RunDir
 from rlatent.sft.curriculum import Curriculum
-from rlatent.sft.distill import distill_counts, distill_terms, student_anchors
+from rlatent.sft.distill import distill_counts, distill_terms
 from rlatent.sft.losses import LossTotals, classifier_scores, latent_gain, latent_norms, sft_loss
 
 def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
@@ -133,7 +133,7 @@ class SFTTrainer:
             distill_totals = distill_counts(micro_batches, teachers)
         tokens = 0
         for index, batch in enumerate(micro_batches):
-            anchors = None if teachers is None else student_anchors(batch)
+            anchors = None if teachers is None else batch.anchor_mask  # set by `distill_pair`
             out = forward(self.model, batch, self.cfg.latent.gradient, pass_cost=self.cfg.latent.pass_cost,
                           anchors=anchors)
             loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight, counts)
