@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 
 from rlatent.config import load_config
-from rlatent.data.examples import build_example, split_marks
+from rlatent.data.examples import block_spans, build_example, split_marks
 from rlatent.data.marks import evaluate_expression, operations, parse_marks, strip_marks
 from rlatent.data.synthetic import generate_problems
 from rlatent.errors import ConfigError
@@ -75,11 +75,6 @@ def test_split_marks_keeps_every_result_and_the_text_around(answer, counts):
     assert ("3 * (-3) = <<3*(-3)=-9>>" in split) == ("3*(2-5)" in answer)
     assert strip_marks(split).split()[0] == strip_marks(answer).split()[0]
     assert strip_marks(split).endswith(strip_marks(answer)[-4:])
-
-
-def block_spans(latent_mask):
-    starts = [i for i, z in enumerate(latent_mask) if z and not latent_mask[i - 1]]
-    return [(s, latent_mask.index(False, s)) for s in starts]
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])

@@ -35,6 +35,17 @@ class RunConfig(Section):
         if self.sft.distill.split_steps and (self.sft.distill.weight == 0 or self.latent.k < 2):
             raise ValueError(f"sft.distill.split_steps needs sft.distill.weight > 0 and latent.k >= 2 (a slot for "
                              f"each partial result), got weight {self.sft.distill.weight}, k {self.latent.k}")
+        compress = self.sft.compress
+        if compress.weight > 0 and not (mode.recurrent and self.latent.placement == "replace"):
+            raise ValueError(f"sft.compress needs fed-back latents standing for the removed expressions (latent.mode "
+                             f"'latent', placement 'replace'), got mode {self.latent.mode!r}, placement "
+                             f"{self.latent.placement!r}")
+        if compress.weight > 0 and self.sft.distill.weight > 0:
+            raise ValueError("sft.compress and sft.distill are alternatives (teacher-forced slot inputs or matched "
+                             "states): set one weight to 0")
+        if compress.split_steps and (compress.weight == 0 or self.latent.k < 2):
+            raise ValueError(f"sft.compress.split_steps needs sft.compress.weight > 0 and latent.k >= 2 (a slot for "
+                             f"each partial result), got weight {compress.weight}, k {self.latent.k}")
         if self.grpo.latent_noise_std > 0 and not mode.explorable:
             raise ValueError(f"grpo.latent_noise_std > 0 needs latent.mode 'latent': {self.latent.mode} slots hold no "
                              "state-dependent latent to explore, so the noise would have no policy density")

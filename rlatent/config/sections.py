@@ -266,6 +266,21 @@ class DistillConfig(Section):
     teacher stays a chain-of-thought reader after the curriculum has converted every mark."""
 
 
+class CompressConfig(Section):
+    """Compressed-chain training in phase 1 (`rlatent.sft.compress`, after CoLaR): each slot is fed, and
+    taught to produce, the compressed embedding of its piece of the written chain."""
+
+    weight: float = Field(0.0, ge=0)
+    """0 = off. Weight of the regression from the projection of the state before each latent slot to the
+    slot's compressed embedding (the mean embedding of its piece of the written chain, at token scale). While
+    on, phase 1 feeds the slots those embeddings (teacher forcing: one parallel pass); evaluation and phase 2
+    feed back the model's own projected states."""
+    split_steps: bool = False
+    """A converted mark of 2 to `latent.k` operations stands for its chain written one step per operation
+    (`12 * 7 = 84, 84 + 5 =`), so some slot's piece holds each partial result; otherwise for the expression
+    as the answer writes it (`12*7+5 =`)."""
+
+
 class SFTConfig(Section):
     steps: int = Field(100, ge=0)
     """Optimizer steps."""
@@ -298,6 +313,7 @@ class SFTConfig(Section):
     """Training metrics to metrics.jsonl / TensorBoard every N steps."""
     curriculum: CurriculumConfig = CurriculumConfig()
     distill: DistillConfig = DistillConfig()
+    compress: CompressConfig = CompressConfig()
 
     @model_validator(mode="after")
     def _curriculum_fits(self) -> "SFTConfig":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from rlatent.data.gsm8k import Problem
 from rlatent.errors import ModelError
-from rlatent.data.marks import Operation, canonical_number, operations, parse_marks, strip_marks
+from rlatent.data.marks import Mark, Operation, canonical_number, operations, parse_marks, strip_marks
 
 PLACEMENTS = ("insert", "replace", "step")
 # Without a chat template; the answer follows after one space.
@@ -154,16 +154,12 @@ def split_marks(answer: str, most: int, latent_marks: int | None = None) -> tupl
     for index, mark in enumerate(parse_marks(answer)):
         if latent_marks is not None and index >= latent_marks:
             break
-        steps = operations(mark.expression)
-        written = [canonical_number(v) for step in steps for v in (step.left, step.right, step.value)]
-        if not 2 <= len(steps) <= most or any("/" in number for number in written):
+        steps = _split_steps(mark, most)
+        if not steps:
             counts.append(1)
             continue
         before = answer[cursor : mark.start]
-        lead = _LEAD.search(before)
-        cut = _expression_start(before, lead.start())
-        removed = before[cut : lead.start()]
-        space = removed[: len(removed) - len(removed.lstrip(" \t"))] if removed else lead.group(1)
+        cut, space, lead = _expression_cut(before)
         partials = "".join(f"{_operation(step, ' ')} = <<{_operation(step, '')}={canonical_number(step.value)}>>"
                            f"{canonical_number(step.value)}, " for step in steps[:-1])
         pieces.append(f"{before[:cut]}{space}{partials}{_operation(steps[-1], ' ')} ={lead.group(1) or ' '}"
@@ -171,6 +167,54 @@ def split_marks(answer: str, most: int, latent_marks: int | None = None) -> tupl
         counts.append(len(steps))
         cursor = mark.end
     return "".join(pieces) + answer[cursor:], counts
+
+
+def block_chains(answer: str, most: int, latent_marks: int | None = None) -> list[str]:
+    """Per each of the first `latent_marks` marks (all when None), the written text its `replace` block
+    stands for, as it reads in running text: the expression and its `=` (" 10*7-18 ="), one step per
+    operation when the mark splits (`split_marks` with `most`: " 10 * 7 = 70, 70 - 18 ="), the mark's own
+    expression where the answer writes none. Compressed-chain training (`rlatent.sft.compress`) teaches a
+    block's slots to stand for the pieces of this text."""
+    chains, cursor = [], 0
+    for index, mark in enumerate(parse_marks(answer)):
+        if latent_marks is not None and index >= latent_marks:
+            break
+        before = answer[cursor : mark.start]
+        cut, _, lead = _expression_cut(before)
+        steps = _split_steps(mark, most)
+        if steps:
+            chain = "".join(f"{_operation(step, ' ')} = {canonical_number(step.value)}, " for step in steps[:-1])
+            chain += f"{_operation(steps[-1], ' ')} ="
+        else:
+            chain = before[cut : lead.start()].strip() or f"{mark.expression} ="
+        chains.append(" " + chain)
+        cursor = mark.end
+    return chains
+
+
+def block_spans(latent_mask: list[bool]) -> list[tuple[int, int]]:
+    """(first slot, position after the last) of each latent block of an example, in order."""
+    return [(i, latent_mask.index(False, i)) for i, slot in enumerate(latent_mask)
+            if slot and (i == 0 or not latent_mask[i - 1])]
+
+
+def _split_steps(mark: Mark, most: int) -> list[Operation] | None:
+    """The operations of `mark` in evaluation order when `split_marks` writes it stepwise: 2 to `most` of
+    them, every number a finite decimal (not 1/3); None when it stays whole."""
+    steps = operations(mark.expression)
+    written = [canonical_number(v) for step in steps for v in (step.left, step.right, step.value)]
+    return steps if 2 <= len(steps) <= most and not any("/" in number for number in written) else None
+
+
+def _expression_cut(before: str) -> tuple[int, str, re.Match]:
+    """For the text `before` a mark: where its written expression starts, the whitespace that stood before
+    that expression (which stays before whatever replaces it), and the match of the mark's lead (the
+    whitespace and currency sign just before the mark)."""
+    lead = _LEAD.search(before)
+    cut = _expression_start(before, lead.start())
+    removed = before[cut : lead.start()]
+    space = removed[: len(removed) - len(removed.lstrip(" \t"))] if removed else lead.group(1)
+    return cut, space, lead
 
 
 def _operation(step: Operation, space: str) -> str:
@@ -210,7 +254,9 @@ class SFTExample:
     latents should help predict, whose loss measures the latent gain. Masks
     mark target positions: the token at `i` is predicted from position `i - 1`.
     `anchors` are the positions a written chain lines up with a latent one's
-    blocks (`rlatent.sft.distill`); empty elsewhere.
+    blocks (`rlatent.sft.distill`); `slot_chains`, per latent slot in order,
+    the written tokens that slot stands for (`rlatent.sft.compress`); both
+    empty elsewhere.
     """
 
     input_ids: list[int]
@@ -218,6 +264,7 @@ class SFTExample:
     prompt_length: int
     next_step_mask: list[bool]
     anchors: tuple[int, ...] = ()
+    slot_chains: tuple[tuple[int, ...], ...] = ()
 
 
 def format_prompt(question: str, tokenizer) -> list[int]:

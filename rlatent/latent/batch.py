@@ -29,6 +29,7 @@ class LatentBatch:
     prompt_lengths: torch.Tensor  # (B,) long
     next_step_mask: torch.Tensor | None = None  # (B, T) bool; tokens of the step after a block
     anchor_mask: torch.Tensor | None = None  # (B, T) bool; the examples' `anchors` (self-distillation)
+    chain_ids: torch.Tensor | None = None  # (B, T, C) long; at each latent slot its `slot_chains` tokens, -1 after
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -80,7 +81,8 @@ class LatentBatch:
 
 
 def collate(examples, pad_id: int) -> LatentBatch:
-    """SFT examples (`input_ids`, `latent_mask`, `prompt_length`, `next_step_mask`, `anchors`) -> right-padded batch."""
+    """SFT examples (`input_ids`, `latent_mask`, `prompt_length`, `next_step_mask`, `anchors`, `slot_chains`)
+    -> right-padded batch; `chain_ids` only when some example has `slot_chains`."""
     width = max(len(e.input_ids) for e in examples)
     batch = len(examples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -96,7 +98,24 @@ def collate(examples, pad_id: int) -> LatentBatch:
         next_step_mask[row, :n] = torch.tensor(example.next_step_mask)
         anchor_mask[row, list(example.anchors)] = True
     prompt_lengths = torch.tensor([e.prompt_length for e in examples])
-    return LatentBatch(input_ids, latent_mask, attention_mask, prompt_lengths, next_step_mask, anchor_mask)
+    return LatentBatch(input_ids, latent_mask, attention_mask, prompt_lengths, next_step_mask, anchor_mask,
+                       _chain_ids(examples, width))
+
+
+def _chain_ids(examples, width: int) -> torch.Tensor | None:
+    """(B, T, C) the tokens each latent slot stands for (`SFTExample.slot_chains`), -1 padded; None when no
+    example has any."""
+    if not any(e.slot_chains for e in examples):
+        return None
+    longest = max(len(chain) for e in examples for chain in e.slot_chains)
+    chain_ids = torch.full((len(examples), width, longest), -1, dtype=torch.long)
+    for row, example in enumerate(examples):
+        slots = [i for i, slot in enumerate(example.latent_mask) if slot]
+        if len(slots) != len(example.slot_chains):
+            raise ValueError(f"row {row}: {len(slots)} latent slots but {len(example.slot_chains)} slot chains")
+        for position, chain in zip(slots, example.slot_chains):
+            chain_ids[row, position, : len(chain)] = torch.tensor(chain)
+    return chain_ids
 
 
 def _rows(value, rows: torch.Tensor, width: int):

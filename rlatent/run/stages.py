@@ -160,7 +160,8 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
                 curriculum = Curriculum.from_config(cfg.sft)
                 staged = staged_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum,
                                          teachers=cfg.sft.distill.weight > 0,
-                                         split_steps=cfg.sft.distill.split_steps)
+                                         split_steps=cfg.sft.distill.split_steps or cfg.sft.compress.split_steps,
+                                         chains=cfg.sft.compress.weight > 0)
                 train, dropped = staged.stages, staged.dropped
                 evaluation = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length,
                                              curriculum).stages

@@ -13,7 +13,8 @@ mechanisms, not schedules.
 Examples of every stage are built up front and aligned by problem (a problem
 too long at any stage is dropped from all), so the data order, and a resumed
 run's position in it, do not depend on the stage. So are the written-chain
-teachers of self-distillation (`sft.distill`), one per problem and stage.
+teachers of self-distillation (`sft.distill`), one per problem and stage, and
+the slots' written pieces of compressed-chain training (`sft.compress`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from rlatent.config import LatentConfig, SFTConfig
 from rlatent.data.examples import SFTExample
 from rlatent.data.splits import sft_examples
+from rlatent.sft.compress import compress_example
 from rlatent.sft.distill import distill_pair
 
 
@@ -56,11 +58,16 @@ class StagedExamples:
 
 
 def staged_examples(problems, tokenizer, latent: LatentConfig, max_length: int, curriculum: Curriculum,
-                    teachers: bool = False, split_steps: bool = False) -> StagedExamples:
-    """The examples of `problems` at every stage, and with `teachers` their teachers (`rlatent.sft.distill`),
-    stepwise ones with `split_steps` (a mark of up to `latent.k` operations written one step per operation)."""
+                    teachers: bool = False, split_steps: bool = False, chains: bool = False) -> StagedExamples:
+    """The examples of `problems` at every stage, and with `teachers` their teachers (`rlatent.sft.distill`);
+    with `chains` each slot's piece of the written chain (`rlatent.sft.compress`). Stepwise teachers or
+    chains with `split_steps` (a mark of up to `latent.k` operations written one step per operation)."""
     stages = [sft_examples(problems, tokenizer, latent, None, curriculum.latent_marks(s))[0]
               for s in range(curriculum.stages + 1)]
+    if chains:
+        stages = [[compress_example(problem, student, tokenizer, curriculum.latent_marks(s),
+                                    latent.k if split_steps else 1) for problem, student in zip(problems, stage)]
+                  for s, stage in enumerate(stages)]
     taught = None
     if teachers:
         pairs = [[distill_pair(problem, student, tokenizer, curriculum.latent_marks(s),

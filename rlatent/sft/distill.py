@@ -41,7 +41,7 @@ from dataclasses import replace
 
 import torch
 
-from rlatent.data.examples import SFTExample, build_example, split_marks
+from rlatent.data.examples import SFTExample, block_spans, build_example, split_marks
 from rlatent.data.gsm8k import Problem
 from rlatent.errors import DataError
 from rlatent.latent.batch import LatentBatch
@@ -70,8 +70,7 @@ def distill_pair(problem: Problem, student: SFTExample, tokenizer, latent_marks:
     answer, splits = split_marks(problem.answer, split_up_to, latent_marks)
     teacher = teacher_example(replace(problem, answer=answer), tokenizer,
                               None if latent_marks is None else sum(splits))
-    mask = student.latent_mask  # a block always ends before the final EOS
-    spans = [(i, mask.index(False, i)) for i, slot in enumerate(mask) if slot and not mask[i - 1]]
+    spans = block_spans(student.latent_mask)
     if len(spans) != len(splits) or sum(splits) != len(teacher.anchors):
         raise DataError(f"{problem.source}: {len(spans)} latent blocks for {len(splits)} converted marks and "
                         f"{len(teacher.anchors)} teacher anchors; sft.distill needs latent.placement insert or "

@@ -29,6 +29,7 @@ from rlatent.latent.forward import forward
 from rlatent.model.latent_model import LatentModel
 from rlatent.optim import build_optimizer
 from rlatent.io.run_dir import MetricsLogger, RunDir
+from rlatent.sft.compress import chain_inputs, compress_loss
 from rlatent.sft.curriculum import Curriculum
 from rlatent.sft.distill import distill_counts, distill_terms
 from rlatent.sft.losses import LossTotals, classifier_scores, latent_gain, latent_norms, sft_loss
@@ -131,13 +132,23 @@ class SFTTrainer:
         if teachers is not None:
             totals.update(distill_loss=0.0, teacher_lm_loss=0.0)
             distill_totals = distill_counts(micro_batches, teachers)
+        compress = sft.compress.weight > 0
+        if compress:
+            totals["compress_loss"] = 0.0
+            slots = sum(int(batch.latent_mask.sum()) for batch in micro_batches)
         tokens = 0
         for index, batch in enumerate(micro_batches):
             anchors = None if teachers is None else batch.anchor_mask  # set by `distill_pair`
-            out = forward(self.model, batch, self.cfg.latent.gradient, pass_cost=self.cfg.latent.pass_cost,
-                          anchors=anchors)
+            inputs = chain_inputs(self.model, batch) if compress and batch.latent_mask.any() else None
+            out = forward(self.model, batch, self.cfg.latent.gradient, slot_inputs=inputs,
+                          pass_cost=self.cfg.latent.pass_cost, anchors=anchors)
             loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight, counts)
             total, parts = loss.total, [loss.total, loss.lm, loss.start, loss.stop]
+            if compress:
+                regression = (compress_loss(self.model, batch, out, inputs) / max(slots, 1) if inputs is not None
+                              else total.new_zeros(()))
+                total = total + sft.compress.weight * regression
+                parts = [total, loss.lm, loss.start, loss.stop, regression]
             if teachers is not None:
                 distill, teacher_lm = distill_terms(self.model, batch, out, teachers[index], distill_totals)
                 total = total + sft.distill.weight * distill + sft.distill.teacher_weight * teacher_lm

@@ -1,0 +1,146 @@
+"""Compressed-chain training (`sft.compress`, after CoLaR): each block stands for its mark's written chain,
+cut into one piece per slot; a slot is fed its piece's compressed embedding in phase 1 and taught to produce
+it from the state before it; a run trains with it and evaluates on its own fed-back states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlatent.config import load_config
+from rlatent.data.examples import block_chains, block_spans, build_example
+from rlatent.data.marks import operations, parse_marks
+from rlatent.data.synthetic import generate_problems
+from rlatent.errors import ConfigError, DataError
+from rlatent.data.gsm8k import Problem
+from rlatent.io.run_dir import read_metrics
+from rlatent.latent.batch import collate
+from rlatent.latent.forward import forward
+from rlatent.model.latent_model import LatentModel, LatentSettings
+from rlatent.run.cli import main
+from rlatent.sft.compress import chain_inputs, chain_pieces, compress_example, compress_loss
+
+CONFIG = "configs/tiny.yaml"
+ANSWER = ("Raj then has (9 - 8) x 3 = <<(9-8)*3=3>>3 marbles.\n"
+          "After that, she has 13 x 5 - 6 = $<<13*5-6=59>>59.\n#### 59")
+
+
+@pytest.fixture
+def repo_root(monkeypatch, request):
+    monkeypatch.chdir(request.config.rootpath)
+
+
+def test_block_chains_are_the_text_each_replace_block_stands_for():
+    assert block_chains(ANSWER, 1) == [" (9 - 8) x 3 =", " 13 x 5 - 6 ="]
+    assert block_chains(ANSWER, 2) == [" 9 - 8 = 1, 1 * 3 =", " 13 * 5 = 65, 65 - 6 ="]
+    assert block_chains(ANSWER, 2, latent_marks=1) == [" 9 - 8 = 1, 1 * 3 ="]
+    assert block_chains("He pays <<3*4+2=14>>14 dollars.", 1) == [" 3*4+2 ="]  # nothing written: the mark's own
+    assert block_chains("It is 10 / 3 * 3 = <<10/3*3=10>>10.", 2) == [" 10 / 3 * 3 ="]  # 10/3 is no decimal
+
+
+@pytest.mark.parametrize("tokens, slots, pieces", [
+    ([1, 2, 3, 4, 5], 2, [(1, 2), (3, 4, 5)]),
+    ([1, 2, 3, 4, 5], 3, [(1,), (2, 3), (4, 5)]),
+    ([1, 2, 3], 3, [(1,), (2,), (3,)]),
+    ([7, 8], 4, [(7,), (7,), (8,), (8,)]),  # fewer tokens than slots: none stands for nothing
+])
+def test_chain_pieces(tokens, slots, pieces):
+    assert chain_pieces(tokens, slots) == pieces
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("latent_marks", [1, None])
+def test_each_block_stands_for_its_marks_chain(tiny_tokenizer, k, split, latent_marks):
+    problems = generate_problems(12, seed=5, min_steps=1, max_steps=3, multi_op=0.7, allow_zero=False)
+    split_somewhere = False
+    for problem in problems:
+        student = build_example(problem, tiny_tokenizer, k, "replace", latent_marks)
+        example = compress_example(problem, student, tiny_tokenizer, latent_marks, split)
+        assert example.input_ids == student.input_ids and example.latent_mask == student.latent_mask
+        assert len(example.slot_chains) == sum(student.latent_mask)
+        pieces = iter(example.slot_chains)
+        marks = parse_marks(problem.answer)[:latent_marks]
+        for (start, end), mark in zip(block_spans(student.latent_mask), marks, strict=True):
+            written = [token for _ in range(start, end) for token in next(pieces)]
+            text = tiny_tokenizer.decode(written)
+            steps = operations(mark.expression)
+            if split >= 2 and len(steps) >= 2:  # every partial result is in some slot's piece
+                split_somewhere = True
+                assert all(f"= {step.value}," in text for step in steps[:-1])
+            assert text.rstrip().endswith("=")
+    assert split_somewhere == (split >= 2)
+
+
+def test_back_to_back_marks_are_a_data_error(tiny_tokenizer):
+    problem = Problem("He has 2 and 3.", "He has <<2+3=5>><<5*2=10>>10.\n#### 10", "10", "train:7")
+    student = build_example(problem, tiny_tokenizer, 2, "replace")
+    with pytest.raises(DataError, match="train:7: 1 latent blocks for 2 converted marks"):
+        compress_example(problem, student, tiny_tokenizer, None, 1)
+
+
+@pytest.fixture
+def tiny_latent_model(tiny_model_dir):
+    settings = LatentSettings(base_model=str(tiny_model_dir), mode="latent", k=3, proj="mlp")
+    model, tokenizer = LatentModel.from_settings(settings, torch.float32, torch.device("cpu"))
+    return model.eval(), tokenizer
+
+
+def compressed_batch(tokenizer, split=3):
+    problems = generate_problems(4, seed=3, min_steps=1, max_steps=2, multi_op=1.0, allow_zero=False)
+    examples = [compress_example(p, build_example(p, tokenizer, 3, "replace"), tokenizer, None, split)
+                for p in problems]
+    return collate(examples, tokenizer.pad_token_id), examples
+
+
+def test_compressed_embeddings_are_the_pieces_mean_at_token_scale(tiny_latent_model):
+    model, tokenizer = tiny_latent_model
+    batch, examples = compressed_batch(tokenizer)
+    inputs = chain_inputs(model, batch)
+    assert not inputs[~batch.latent_mask].any()
+    assert torch.allclose(inputs[batch.latent_mask].norm(dim=-1), torch.tensor(model.embedding_norm), rtol=1e-5)
+    row = 1
+    slot = [i for i, z in enumerate(examples[row].latent_mask) if z][1]
+    piece = torch.tensor(examples[row].slot_chains[1])
+    mean = model.embed(piece).mean(0)
+    assert torch.allclose(inputs[row, slot], mean / mean.norm() * model.embedding_norm, atol=1e-6)
+    assert (batch.chain_ids[~batch.latent_mask] == -1).all()
+
+
+def test_the_regression_reads_the_state_each_slot_is_fed_from(tiny_latent_model):
+    """Against the inputs a free-running forward fed its slots, the regression is exactly 0 (it compares each
+    slot with the projection of the state before it, not at or after it); against the compressed
+    embeddings it is not."""
+    model, tokenizer = tiny_latent_model
+    batch, _ = compressed_batch(tokenizer)
+    with torch.no_grad():
+        free = forward(model, batch, "recurrent")
+        assert compress_loss(model, batch, free, free.slot_inputs).item() == pytest.approx(0.0, abs=1e-5)
+        inputs = chain_inputs(model, batch)
+        forced = forward(model, batch, slot_inputs=inputs)
+        assert forced.num_passes == 1 and torch.equal(forced.slot_inputs, inputs)
+        assert compress_loss(model, batch, forced, inputs).item() > 1.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["latent.mode=pause"], "sft.compress needs fed-back latents"),
+    (["latent.placement=insert"], "sft.compress needs fed-back latents"),
+    (["sft.distill.weight=1"], "sft.compress and sft.distill are alternatives"),
+    (["sft.compress.weight=0", "sft.compress.split_steps=true"], "sft.compress.split_steps needs"),
+    (["sft.compress.split_steps=true", "latent.k=1"], "sft.compress.split_steps needs"),
+])
+def test_config_errors(repo_root, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG, ["model.name_or_path=x", "latent.mode=latent", "latent.placement=replace",
+                             "sft.compress.weight=1", *overrides])
+
+
+def test_a_compressed_chain_run_trains(repo_root, tiny_model_dir, tmp_path):
+    assert main(["sft", CONFIG, f"model.name_or_path={tiny_model_dir}", "sft.steps=2", "sft.compress.weight=1",
+                 "sft.compress.split_steps=true", "latent.mode=latent", "latent.placement=replace", "latent.k=3",
+                 "latent.proj=mlp", "data.synthetic.multi_op=1", "eval.limit=2", f"output.dir={tmp_path}",
+                 "output.name=run"]) == 0
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train = [r for r in records if r["phase"] == "train"]
+    assert len(train) == 2 and all(r["compress_loss"] > 0 for r in train)
+    assert [r for r in records if r["phase"] == "eval" and "latent_gain_shuffle" in r]
