@@ -123,3 +123,16 @@ def test_a_stepwise_distilled_run_trains(repo_root, tiny_model_dir, tmp_path):
                  "data.synthetic.multi_op=1", "eval.limit=2", f"output.dir={tmp_path}", "output.name=run"]) == 0
     train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["phase"] == "train"]
     assert len(train) == 2 and all(r["distill_loss"] > 0 and r["teacher_lm_loss"] > 0 for r in train)
+
+
+def test_data_split_steps_writes_every_answer_stepwise(repo_root):
+    """`data.split_steps`: written CoT on the stepwise chain; the questions and final answers do not change."""
+    from rlatent.data.splits import load_split
+
+    base = ["model.name_or_path=x", "data.synthetic.multi_op=1", "data.synthetic.allow_zero=false"]
+    plain = {split: load_split(load_config(CONFIG, base).data, split, 6)[0] for split in ("train", "test", "ood")}
+    for split, problems in plain.items():
+        stepwise = load_split(load_config(CONFIG, [*base, "data.split_steps=2"]).data, split, 6)[0]
+        assert [p.answer for p in stepwise] == [split_marks(p.answer, 2)[0] for p in problems]
+        assert [(p.question, p.final_answer) for p in stepwise] == [(p.question, p.final_answer) for p in problems]
+        assert sum(p.answer != q.answer for p, q in zip(stepwise, problems)) >= 3

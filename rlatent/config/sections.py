@@ -231,6 +231,11 @@ class DataConfig(Section):
     """Use only the first N training problems (null = all)."""
     max_length: int = Field(512, ge=8)
     """Training examples longer than this (prompt + answer + latents) are dropped and counted."""
+    split_steps: int = Field(0, ge=0)
+    """0 = off. Every answer's marks of 2 to N operations are written one step per operation, the partial
+    results written and marked (`12*7+5 = 89` -> `12 * 7 = 84, 84 + 5 = 89`; `rlatent.data.examples.split_marks`):
+    written CoT on the stepwise chain that `sft.distill.split_steps` and `sft.compress.split_steps` teach
+    blocks to stand for, or a block per operation."""
     synthetic: SyntheticConfig = SyntheticConfig()
     graph: GraphConfig = GraphConfig()
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rlatent.config import DataConfig, LatentConfig
 from rlatent.errors import ConfigError
 from rlatent.modes import latent_mode
 from rlatent.data.gsm8k import Problem, load_gsm8k
-from rlatent.data.examples import SFTExample, build_example
+from rlatent.data.examples import SFTExample, build_example, split_marks
 from rlatent.data.graphs import generate_graph_problems
 from rlatent.data.synthetic import generate_problems
 
@@ -24,7 +26,15 @@ def has_ood_split(data: DataConfig) -> bool:
 
 def load_split(data: DataConfig, split: str, limit: int | None = None) -> tuple[list[Problem], int]:
     """Problems of `split` ("train", "test" or, for the seeded tasks, "ood") and how many malformed rows
-    were skipped. A limit generates only that many seeded problems: the first ones of the full split."""
+    were skipped. A limit generates only that many seeded problems: the first ones of the full split.
+    With `data.split_steps`, answers are written one step per operation."""
+    problems, skipped = _load_split(data, split, limit)
+    if data.split_steps:
+        problems = [replace(p, answer=split_marks(p.answer, data.split_steps)[0]) for p in problems]
+    return problems, skipped
+
+
+def _load_split(data: DataConfig, split: str, limit: int | None) -> tuple[list[Problem], int]:
     if data.source == "gsm8k":
         if split == "ood":
             raise ConfigError("data.source gsm8k has no out-of-distribution split")
