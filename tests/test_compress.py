@@ -1,8 +1,10 @@
 """Compressed-chain training (`sft.compress`, after CoLaR): each block stands for its mark's written chain,
-cut into one piece per slot; a slot is fed its piece's compressed embedding in phase 1 and taught to produce
-it from the state before it; a run trains with it and evaluates on its own fed-back states."""
+cut into one piece per slot; in phase 1 a slot is fed its piece's mean embedding and the state before it
+predicts the piece; a run trains with it and evaluates on its own fed-back mixtures."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from rlatent.latent.forward import forward
 from rlatent.model.latent_model import LatentModel, LatentSettings
 from rlatent.run.cli import main
 from rlatent.sft.compress import chain_inputs, chain_pieces, compress_example, compress_loss
+from rlatent.sft.losses import token_losses
 
 CONFIG = "configs/tiny.yaml"
 ANSWER = ("Raj then has (9 - 8) x 3 = <<(9-8)*3=3>>3 marbles.\n"
@@ -81,50 +84,49 @@ def test_back_to_back_marks_are_a_data_error(tiny_tokenizer):
 
 @pytest.fixture
 def tiny_latent_model(tiny_model_dir):
-    settings = LatentSettings(base_model=str(tiny_model_dir), mode="latent", k=3, proj="mlp")
+    settings = LatentSettings(base_model=str(tiny_model_dir), mode="latent", k=3, proj="soft")
     model, tokenizer = LatentModel.from_settings(settings, torch.float32, torch.device("cpu"))
     return model.eval(), tokenizer
 
 
-def compressed_batch(tokenizer, split=3):
+def test_compressed_embeddings_are_the_pieces_mean(tiny_latent_model):
+    model, tokenizer = tiny_latent_model
     problems = generate_problems(4, seed=3, min_steps=1, max_steps=2, multi_op=1.0, allow_zero=False)
-    examples = [compress_example(p, build_example(p, tokenizer, 3, "replace"), tokenizer, None, split)
+    examples = [compress_example(p, build_example(p, tokenizer, 3, "replace"), tokenizer, None, 3)
                 for p in problems]
-    return collate(examples, tokenizer.pad_token_id), examples
-
-
-def test_compressed_embeddings_are_the_pieces_mean_at_token_scale(tiny_latent_model):
-    model, tokenizer = tiny_latent_model
-    batch, examples = compressed_batch(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
     inputs = chain_inputs(model, batch)
-    assert not inputs[~batch.latent_mask].any()
-    assert torch.allclose(inputs[batch.latent_mask].norm(dim=-1), torch.tensor(model.embedding_norm), rtol=1e-5)
-    row = 1
-    slot = [i for i, z in enumerate(examples[row].latent_mask) if z][1]
-    piece = torch.tensor(examples[row].slot_chains[1])
-    mean = model.embed(piece).mean(0)
-    assert torch.allclose(inputs[row, slot], mean / mean.norm() * model.embedding_norm, atol=1e-6)
-    assert (batch.chain_ids[~batch.latent_mask] == -1).all()
+    assert not inputs[~batch.latent_mask].any() and (batch.chain_ids[~batch.latent_mask] == -1).all()
+    for row, example in enumerate(examples):
+        slots = [i for i, z in enumerate(example.latent_mask) if z]
+        for slot, piece in zip(slots, example.slot_chains, strict=True):
+            assert torch.allclose(inputs[row, slot], model.embed(torch.tensor(piece)).mean(0), atol=1e-6)
 
 
-def test_the_regression_reads_the_state_each_slot_is_fed_from(tiny_latent_model):
-    """Against the inputs a free-running forward fed its slots, the regression is exactly 0 (it compares each
-    slot with the projection of the state before it, not at or after it); against the compressed
-    embeddings it is not."""
+def test_one_token_pieces_read_as_the_written_chain(tiny_latent_model):
+    """With a slot per token of the chain, the teacher-forced pass is the written chain's forward, and the
+    loss is exactly its next-token loss on the chain's tokens: each piece is predicted from the state before
+    its slot, in order (an off-by-one in either fails this)."""
     model, tokenizer = tiny_latent_model
-    batch, _ = compressed_batch(tokenizer)
-    with torch.no_grad():
-        free = forward(model, batch, "recurrent")
-        assert compress_loss(model, batch, free, free.slot_inputs).item() == pytest.approx(0.0, abs=1e-5)
-        inputs = chain_inputs(model, batch)
-        forced = forward(model, batch, slot_inputs=inputs)
-        assert forced.num_passes == 1 and torch.equal(forced.slot_inputs, inputs)
-        assert compress_loss(model, batch, forced, inputs).item() > 1.0
+    for problem in generate_problems(3, seed=8, min_steps=1, max_steps=1, multi_op=1.0, allow_zero=False):
+        chain = tokenizer.encode(block_chains(problem.answer, 2)[0], add_special_tokens=False)
+        student = build_example(problem, tokenizer, len(chain), "replace")
+        batch = collate([compress_example(problem, student, tokenizer, None, 2)], tokenizer.pad_token_id)
+        slots = batch.latent_mask.clone()
+        written = replace(batch, input_ids=batch.input_ids.masked_scatter(slots, torch.tensor(chain)),
+                          latent_mask=torch.zeros_like(slots), chain_ids=None)
+        with torch.no_grad():
+            forced = forward(model, batch, slot_inputs=chain_inputs(model, batch))
+            reference = forward(model, written)
+            assert forced.num_passes == 1 and torch.allclose(forced.hidden, reference.hidden, atol=1e-5)
+            expected = token_losses(model, written, reference.hidden, slots).sum()
+            assert compress_loss(model, batch, forced).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["latent.mode=pause"], "sft.compress needs fed-back latents"),
-    (["latent.placement=insert"], "sft.compress needs fed-back latents"),
+    (["latent.mode=pause"], "sft.compress needs fed-back token mixtures"),
+    (["latent.placement=insert"], "sft.compress needs fed-back token mixtures"),
+    (["latent.proj=mlp"], "sft.compress needs fed-back token mixtures"),
     (["sft.distill.weight=1"], "sft.compress and sft.distill are alternatives"),
     (["sft.compress.weight=0", "sft.compress.split_steps=true"], "sft.compress.split_steps needs"),
     (["sft.compress.split_steps=true", "latent.k=1"], "sft.compress.split_steps needs"),
@@ -132,13 +134,13 @@ def test_the_regression_reads_the_state_each_slot_is_fed_from(tiny_latent_model)
 def test_config_errors(repo_root, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIG, ["model.name_or_path=x", "latent.mode=latent", "latent.placement=replace",
-                             "sft.compress.weight=1", *overrides])
+                             "latent.proj=soft", "sft.compress.weight=1", *overrides])
 
 
 def test_a_compressed_chain_run_trains(repo_root, tiny_model_dir, tmp_path):
     assert main(["sft", CONFIG, f"model.name_or_path={tiny_model_dir}", "sft.steps=2", "sft.compress.weight=1",
                  "sft.compress.split_steps=true", "latent.mode=latent", "latent.placement=replace", "latent.k=3",
-                 "latent.proj=mlp", "data.synthetic.multi_op=1", "eval.limit=2", f"output.dir={tmp_path}",
+                 "latent.proj=soft", "data.synthetic.multi_op=1", "eval.limit=2", f"output.dir={tmp_path}",
                  "output.name=run"]) == 0
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train = [r for r in records if r["phase"] == "train"]

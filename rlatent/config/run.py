@@ -36,10 +36,11 @@ class RunConfig(Section):
             raise ValueError(f"sft.distill.split_steps needs sft.distill.weight > 0 and latent.k >= 2 (a slot for "
                              f"each partial result), got weight {self.sft.distill.weight}, k {self.latent.k}")
         compress = self.sft.compress
-        if compress.weight > 0 and not (mode.recurrent and self.latent.placement == "replace"):
-            raise ValueError(f"sft.compress needs fed-back latents standing for the removed expressions (latent.mode "
-                             f"'latent', placement 'replace'), got mode {self.latent.mode!r}, placement "
-                             f"{self.latent.placement!r}")
+        if compress.weight > 0 and not (mode.recurrent and self.latent.placement == "replace"
+                                        and self.latent.proj == "soft"):
+            raise ValueError(f"sft.compress needs fed-back token mixtures standing for the removed expressions "
+                             f"(latent.mode 'latent', placement 'replace', proj 'soft'), got mode "
+                             f"{self.latent.mode!r}, placement {self.latent.placement!r}, proj {self.latent.proj!r}")
         if compress.weight > 0 and self.sft.distill.weight > 0:
             raise ValueError("sft.compress and sft.distill are alternatives (teacher-forced slot inputs or matched "
                              "states): set one weight to 0")

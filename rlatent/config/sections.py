@@ -272,14 +272,14 @@ class DistillConfig(Section):
 
 
 class CompressConfig(Section):
-    """Compressed-chain training in phase 1 (`rlatent.sft.compress`, after CoLaR): each slot is fed, and
-    taught to produce, the compressed embedding of its piece of the written chain."""
+    """Compressed-chain training in phase 1 (`rlatent.sft.compress`, after CoLaR): each slot is fed the mean
+    embedding of its piece of the written chain, and the state before it taught to predict that piece."""
 
     weight: float = Field(0.0, ge=0)
-    """0 = off. Weight of the regression from the projection of the state before each latent slot to the
-    slot's compressed embedding (the mean embedding of its piece of the written chain, at token scale). While
-    on, phase 1 feeds the slots those embeddings (teacher forcing: one parallel pass); evaluation and phase 2
-    feed back the model's own projected states."""
+    """0 = off. Weight of the cross-entropy of each latent slot's piece of the written chain (its tokens
+    weighted equally) under the LM head at the state before the slot. While on, phase 1 feeds each slot its
+    piece's mean token embedding (teacher forcing: one parallel pass); evaluation and phase 2 feed back the
+    `soft` mixture of the model's own predictions (needs `latent.proj: soft`)."""
     split_steps: bool = False
     """A converted mark of 2 to `latent.k` operations stands for its chain written one step per operation
     (`12 * 7 = 84, 84 + 5 =`), so some slot's piece holds each partial result; otherwise for the expression

@@ -1,4 +1,4 @@
-"""Compressed-chain training for phase 1 (`sft.compress`), after CoLaR.
+"""Compressed-chain training for phase 1 (`sft.compress`), after CoLaR and Soft Thinking.
 
 Backpropagating through the latent recurrence (Coconut) or matching a
 teacher's states at a block's slots (`rlatent.sft.distill`) tells a block
@@ -9,19 +9,23 @@ Latent Compression of LLM Reasoning Chains", arXiv 2505.16552) trains the
 other way round. The written chain a block stands for (" 10 * 7 = 70, 70 - 18
 =", one step per operation with `split_steps`) is cut into as many contiguous
 pieces as the block has slots, and each slot's input is the *compressed
-embedding* of its piece: the mean of the piece's token embeddings, here
-rescaled to the mean token-embedding norm (the scale the trunk reads inputs
-at, and the one `norm_match`-based projections produce). With those inputs
-known, phase 1 is one parallel pass (teacher forcing), and a regression term
-teaches the projection of the state before each slot (`latent.proj`, what the
-sampler feeds back) to produce that slot's compressed embedding: the slot
-after the one holding "70" then reads a 70 that the model wrote itself.
-At evaluation and in phase 2 the fed-back states replace the compressed
-embeddings, as CoLaR's latent head does at inference.
+embedding* of its piece, the mean of its tokens' embeddings. With those
+inputs known, phase 1 is one parallel pass (teacher forcing).
 
-The regression is the spread-scaled L1 distance of `rlatent.sft.distill`
-(one home for the formula), summed over slots and divided by the slots of the
-whole optimizer step.
+What a slot is fed at evaluation must then be something the model can write
+itself. CoLaR regresses it with a latent head; here (a first version
+regressed it with an L1 distance through `mlp`, and its slots settled on
+one problem-independent sequence, 4.3 % on the two-operation task) the state
+before each slot predicts its piece's tokens through the LM head, a
+cross-entropy against the piece's tokens, each weighted equally, and
+`latent.proj: soft` feeds back the probability-weighted mixture of the top
+token embeddings (Soft Thinking). A model that puts equal probability on a
+piece's tokens feeds back exactly their mean: the teacher-forced input. The
+slot after the one that holds "70" then reads a 70 the model wrote itself,
+which a pause block, fed constants, cannot.
+
+The loss is summed over slots and divided by the slots of the whole optimizer
+step.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from rlatent.errors import DataError
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.forward import ForwardOutput
 from rlatent.model.latent_model import LatentModel
-from rlatent.sft.distill import distill_loss
 
 
 def chain_pieces(tokens: list[int], slots: int) -> list[tuple[int, ...]]:
@@ -70,21 +73,25 @@ def compress_example(problem: Problem, student: SFTExample, tokenizer, latent_ma
 
 
 def chain_inputs(model: LatentModel, batch: LatentBatch) -> torch.Tensor:
-    """(B, T, H) each latent slot's compressed embedding (mean of its piece's token embeddings at the mean
-    token-embedding norm), 0 elsewhere; no gradient (a target and a teacher-forced input)."""
+    """(B, T, H) each latent slot's compressed embedding (the mean of its piece's token embeddings), 0
+    elsewhere; no gradient (a teacher-forced input)."""
     ids = batch.chain_ids
     valid = ids >= 0
     with torch.no_grad():
-        summed = (model.embed(ids.clamp_min(0)).float() * valid[..., None]).sum(2)
+        summed = (model.embed(ids.clamp_min(0)) * valid[..., None]).sum(2)
         mean = summed / valid.sum(2, keepdim=True).clamp_min(1)
-        scaled = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6) * model.embedding_norm
-    return (scaled * batch.latent_mask[..., None]).to(model.dtype)
+    return mean * batch.latent_mask[..., None]
 
 
-def compress_loss(model: LatentModel, batch: LatentBatch, out: ForwardOutput, inputs: torch.Tensor) -> torch.Tensor:
-    """Sum over latent slots of the distance between what the model would feed each slot (the projection of
-    the state before it) and the slot's compressed embedding `inputs` (`chain_inputs`); `out` is the
-    teacher-forced forward of `batch` with those inputs."""
+def compress_loss(model: LatentModel, batch: LatentBatch, out: ForwardOutput) -> torch.Tensor:
+    """Sum over latent slots of the cross-entropy of the slot's piece of the chain (each of its tokens
+    weighted 1 / its length) under the LM head at the state before the slot, what `soft` mixes the slot's
+    input from at evaluation; `out` is the teacher-forced forward of `batch` (`chain_inputs`)."""
     rows, positions = batch.latent_mask.nonzero(as_tuple=True)
-    predicted = model.latent_inputs(out.hidden[rows, positions - 1])
-    return distill_loss(predicted[None], inputs[rows, positions][None])
+    if not len(rows):
+        return out.hidden.sum() * 0.0
+    log_probs = torch.log_softmax(model.token_logits(out.hidden[rows, positions - 1]).float(), dim=-1)
+    pieces = batch.chain_ids[rows, positions]  # (N, C), -1 after each piece
+    valid = pieces >= 0
+    picked = log_probs.gather(1, pieces.clamp_min(0)) * valid
+    return -(picked.sum(1) / valid.sum(1)).sum()

@@ -145,7 +145,7 @@ class SFTTrainer:
             loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight, counts)
             total, parts = loss.total, [loss.total, loss.lm, loss.start, loss.stop]
             if compress:
-                regression = (compress_loss(self.model, batch, out, inputs) / max(slots, 1) if inputs is not None
+                regression = (compress_loss(self.model, batch, out) / max(slots, 1) if inputs is not None
                               else total.new_zeros(()))
                 total = total + sft.compress.weight * regression
                 parts = [total, loss.lm, loss.start, loss.stop, regression]
