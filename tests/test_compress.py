@@ -137,12 +137,19 @@ def test_config_errors(repo_root, overrides, message):
                              "latent.proj=soft", "sft.compress.weight=1", *overrides])
 
 
-def test_a_compressed_chain_run_trains(repo_root, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("forcing", ["true", "false"])
+def test_a_compressed_chain_run_trains(repo_root, tiny_model_dir, tmp_path, forcing, monkeypatch):
+    import rlatent.sft.trainer as trainer
+
+    fed = []  # the batches phase 1 fed compressed embeddings: every latent one with teacher forcing, none without
+    monkeypatch.setattr(trainer, "chain_inputs", lambda model, batch: fed.append(batch) or chain_inputs(model, batch))
     assert main(["sft", CONFIG, f"model.name_or_path={tiny_model_dir}", "sft.steps=2", "sft.compress.weight=1",
+                 f"sft.compress.teacher_forcing={forcing}",
                  "sft.compress.split_steps=true", "latent.mode=latent", "latent.placement=replace", "latent.k=3",
                  "latent.proj=soft", "data.synthetic.multi_op=1", "eval.limit=2", f"output.dir={tmp_path}",
                  "output.name=run"]) == 0
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train = [r for r in records if r["phase"] == "train"]
     assert len(train) == 2 and all(r["compress_loss"] > 0 for r in train)
+    assert len(fed) == (2 if forcing == "true" else 0)
     assert [r for r in records if r["phase"] == "eval" and "latent_gain_shuffle" in r]

@@ -284,6 +284,9 @@ class CompressConfig(Section):
     """A converted mark of 2 to `latent.k` operations stands for its chain written one step per operation
     (`12 * 7 = 84, 84 + 5 =`), so some slot's piece holds each partial result; otherwise for the expression
     as the answer writes it (`12*7+5 =`)."""
+    teacher_forcing: bool = True
+    """Feed each slot its piece's mean embedding in phase 1 (one parallel pass); false: the exact recurrent
+    forward, each slot fed the model's own mixture, as at evaluation (no exposure bias, one pass per slot)."""
 
 
 class SFTConfig(Section):

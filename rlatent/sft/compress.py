@@ -24,6 +24,12 @@ piece's tokens feeds back exactly their mean: the teacher-forced input. The
 slot after the one that holds "70" then reads a 70 the model wrote itself,
 which a pause block, fed constants, cannot.
 
+Teacher forcing trains every slot in one pass but never shows the model its
+own mixtures, which at evaluation drift from the means it was fed (exposure
+bias); with `teacher_forcing: false` phase 1 runs the exact recurrent forward
+instead, each slot fed the mixture the model itself predicted, and the same
+loss asks each state for its slot's piece.
+
 The loss is summed over slots and divided by the slots of the whole optimizer
 step.
 """
@@ -86,7 +92,7 @@ def chain_inputs(model: LatentModel, batch: LatentBatch) -> torch.Tensor:
 def compress_loss(model: LatentModel, batch: LatentBatch, out: ForwardOutput) -> torch.Tensor:
     """Sum over latent slots of the cross-entropy of the slot's piece of the chain (each of its tokens
     weighted 1 / its length) under the LM head at the state before the slot, what `soft` mixes the slot's
-    input from at evaluation; `out` is the teacher-forced forward of `batch` (`chain_inputs`)."""
+    input from at evaluation; `out` is the forward of `batch`, teacher-forced (`chain_inputs`) or free-running."""
     rows, positions = batch.latent_mask.nonzero(as_tuple=True)
     if not len(rows):
         return out.hidden.sum() * 0.0

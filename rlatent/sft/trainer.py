@@ -139,14 +139,14 @@ class SFTTrainer:
         tokens = 0
         for index, batch in enumerate(micro_batches):
             anchors = None if teachers is None else batch.anchor_mask  # set by `distill_pair`
-            inputs = chain_inputs(self.model, batch) if compress and batch.latent_mask.any() else None
+            forced = compress and sft.compress.teacher_forcing and bool(batch.latent_mask.any())
+            inputs = chain_inputs(self.model, batch) if forced else None
             out = forward(self.model, batch, self.cfg.latent.gradient, slot_inputs=inputs,
                           pass_cost=self.cfg.latent.pass_cost, anchors=anchors)
             loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight, counts)
             total, parts = loss.total, [loss.total, loss.lm, loss.start, loss.stop]
             if compress:
-                regression = (compress_loss(self.model, batch, out) / max(slots, 1) if inputs is not None
-                              else total.new_zeros(()))
+                regression = compress_loss(self.model, batch, out) / max(slots, 1)
                 total = total + sft.compress.weight * regression
                 parts = [total, loss.lm, loss.start, loss.stop, regression]
             if teachers is not None:
