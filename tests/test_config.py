@@ -150,6 +150,14 @@ def test_two_trunks_need_lora(tmp_path):
     assert load_config(None, ["latent.trunk=shared", "model.lora_r=0"]).model.lora_r == 0
 
 
+def test_sampling_cap_holds_a_trained_block(tmp_path):
+    """A fed-back block of k latents must fit under the sampling cap; pause blocks are always k long."""
+    message = config_error(write(tmp_path, "seed: 0\n"), ["latent.mode=latent", "latent.k=16"])
+    assert "latent.max_latents_per_block 8 is below latent.k 16" in message
+    assert load_config(None, ["latent.mode=latent", "latent.k=16", "latent.max_latents_per_block=16"]).latent.k == 16
+    assert load_config(None, ["latent.mode=pause", "latent.k=16"]).latent.k == 16
+
+
 def test_synthetic_steps_ordered(tmp_path):
     path = write(tmp_path, "data: {synthetic: {min_steps: 4, max_steps: 2}}\n")
     message = config_error(path)

@@ -35,6 +35,10 @@ class RunConfig(Section):
         if self.sft.distill.split_steps and (self.sft.distill.weight == 0 or self.latent.k < 2):
             raise ValueError(f"sft.distill.split_steps needs sft.distill.weight > 0 and latent.k >= 2 (a slot for "
                              f"each partial result), got weight {self.sft.distill.weight}, k {self.latent.k}")
+        if mode.recurrent and self.latent.max_latents_per_block < self.latent.k:
+            raise ValueError(f"latent.max_latents_per_block {self.latent.max_latents_per_block} is below latent.k "
+                             f"{self.latent.k}: sampling would cut every block phase 1 trains; raise it to at least "
+                             f"{self.latent.k}")
         compress = self.sft.compress
         if compress.weight > 0 and not (mode.recurrent and self.latent.placement == "replace"
                                         and self.latent.proj == "soft"):

@@ -106,7 +106,8 @@ class LatentConfig(Section):
     sampled ones) it is one parallel pass; in phase 1 the latents are first recomputed without gradient, which
     measured 1.6-1.8x a plain step on CPU, about as much as `recurrent`."""
     max_latents_per_block: int = Field(8, ge=1)
-    """Sampling cap: a block this long is closed (a forced decision, no log-prob)."""
+    """Sampling cap: a block this long is closed (a forced decision, no log-prob). At least `latent.k` for
+    fed-back latents (pause blocks are always `k` long)."""
     max_blocks: int = Field(16, ge=0)
     """Sampling cap on blocks per answer; 0 disables latents at sampling time."""
     max_total_latents: int = Field(64, ge=0)
