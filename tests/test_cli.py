@@ -124,6 +124,24 @@ def test_sft_then_eval(runs, variant):
         assert evals and not any("latent_gain_zeros" in r for r in evals)
 
 
+def test_eval_on_the_out_of_distribution_split(runs, tmp_path, capsys):
+    from rlatent.config import load_config
+    from rlatent.data.splits import load_split
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(runs("latent")[0], run_dir, ignore=shutil.ignore_patterns("evals"))
+    assert main(["eval", str(run_dir), "--limit", "3", "--split", "ood"]) == 0
+    metrics = eval_metrics(run_dir)
+    assert metrics["split"] == "ood" and metrics["problems"] == 3
+    data = load_config(run_dir / "config.yaml").data
+    asked = [r["question"] for r in read_jsonl(next(run_dir.glob("evals/*/samples.jsonl")))]  # eval.num_samples
+    assert asked and asked == [p.question for p in load_split(data, "ood", 3)[0]][: len(asked)]
+    assert asked != [p.question for p in load_split(data, "test", 3)[0]][: len(asked)]
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--split", "ood", "data.source=gsm8k", "data.path=/nowhere"]) == 2
+    assert "data.source gsm8k has no out-of-distribution split" in capsys.readouterr().err
+
+
 def test_pause_blocks_are_k_long(runs):
     run_dir, _, _ = runs("pause")
     metrics = eval_metrics(run_dir)

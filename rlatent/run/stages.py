@@ -274,8 +274,9 @@ def evaluate_with_engine(cfg: RunConfig, model, tokenizer, problems, samples_pat
             engine.close()
 
 
-def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
-    """Evaluate a run directory's latest checkpoint (or `eval.checkpoint`) on its eval split."""
+def run_eval(target: str, overrides: list[str], limit: int | None, split: str = "test") -> Path:
+    """Evaluate a run directory's latest checkpoint (or `eval.checkpoint`) on its eval split (`test`) or its
+    out-of-distribution one (`ood`, the seeded tasks)."""
     target_path = Path(target)
     is_run = target_path.is_dir()
     if limit is not None:
@@ -298,15 +299,17 @@ def run_eval(target: str, overrides: list[str], limit: int | None) -> Path:
                                             cache_dir=cfg.model.cache_dir)
     else:
         model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
-    problems, skipped = load_split(cfg.data, "test", cfg.eval.limit)
-    require_problems(cfg.data, "test", problems, skipped)
+    if split == "ood" and not has_ood_split(cfg.data):
+        raise ConfigError(f"data.source {cfg.data.source} has no out-of-distribution split")
+    problems, skipped = load_split(cfg.data, split, cfg.eval.limit)
+    require_problems(cfg.data, split, problems, skipped)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{out_dir}: cannot write the evaluation ({exc.strerror or exc})") from None
-    print(f"evaluating {checkpoint or cfg.model.name_or_path} on {len(problems)} problems")
+    print(f"evaluating {checkpoint or cfg.model.name_or_path} on {len(problems)} {split} problems")
     results = evaluate_with_engine(cfg, model, tokenizer, problems, out_dir / "samples.jsonl")
-    results["checkpoint"] = str(checkpoint)
+    results.update(checkpoint=str(checkpoint), split=split)
     atomic_write_json(out_dir / "metrics.json", results)
     print(metrics_table([results], GENERATION_COLUMNS))
     print(f"results: {out_dir}")
