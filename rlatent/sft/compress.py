@@ -32,6 +32,12 @@ loss asks each state for its slot's piece.
 
 The loss is summed over slots and divided by the slots of the whole optimizer
 step.
+
+Measured (docs/results.md, two operations in one step, SmolLM2-135M, one
+seed): at about one token of the stepwise chain a slot (k = 16) the block
+answers 25.0 % right against 5.0 % for the pause control at the same k; at
+about two tokens a slot (k = 8) it is at chance, teacher-forced or not: a
+piece's mean embedding loses the order of its tokens ("70" and "07").
 """
 
 from __future__ import annotations

@@ -146,9 +146,9 @@ class SFTTrainer:
             loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight, counts)
             total, parts = loss.total, [loss.total, loss.lm, loss.start, loss.stop]
             if compress:
-                regression = compress_loss(self.model, batch, out) / max(slots, 1)
-                total = total + sft.compress.weight * regression
-                parts = [total, loss.lm, loss.start, loss.stop, regression]
+                chain = compress_loss(self.model, batch, out) / max(slots, 1)
+                total = total + sft.compress.weight * chain
+                parts = [total, loss.lm, loss.start, loss.stop, chain]
             if teachers is not None:
                 distill, teacher_lm = distill_terms(self.model, batch, out, teachers[index], distill_totals)
                 total = total + sft.distill.weight * distill + sft.distill.teacher_weight * teacher_lm
