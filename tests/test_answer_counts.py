@@ -1,19 +1,13 @@
 """`scripts/answer_counts.py`: which answers a samples file holds, counted exactly."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.scripts import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "answer_counts.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("answer_counts", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_counts_said_and_right_per_answer(tmp_path):
@@ -21,7 +15,7 @@ def test_counts_said_and_right_per_answer(tmp_path):
             ("3", "5", False)]
     path = tmp_path / "eval_samples.jsonl"
     path.write_text("".join(json.dumps({"predicted": p, "reference": r, "correct": c}) + "\n" for p, r, c in rows))
-    lines = load_script().answer_counts(path, ["21", "7"], top=2)
+    lines = load_script("answer_counts").answer_counts(path, ["21", "7"], top=2)
     assert lines == [f"{path}: 6 problems, 3 right, 4 distinct answers (1 without one)",
                      "  '1': said 3, right 2", "  '7': said 1, right 1", "  '21': said 0, right 0"]
 

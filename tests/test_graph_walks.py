@@ -1,20 +1,16 @@
 """scripts/graph_walks.py on real generated problems: the reference answers walk stated facts and end at
 the asked concept exactly when the answer is Yes; an answer that always says Yes follows its walk only then."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 from rlatent.data.graphs import generate_graph_problems
 from rlatent.data.marks import strip_marks
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "graph_walks.py"
+from tests.scripts import load_script
 
 
 def run_script(tmp_path, rows, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("graph_walks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("graph_walks")
     path = tmp_path / "eval_samples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr("sys.argv", ["graph_walks.py", str(path)])

@@ -1,7 +1,6 @@
 """scripts/ladder_table.py on hand-built run directories: where each kind of run keeps each phase's
 evaluation, and paired tests only on the problems and seeds two rows share."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,16 +9,14 @@ from pathlib import Path
 import pytest
 
 from rlatent.run.stats import mcnemar_exact
+from tests.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ladder_table.py"
 
 
 @pytest.fixture(scope="module")
 def ladder_table():
-    spec = importlib.util.spec_from_file_location("ladder_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ladder_table")
 
 
 def write_run(root: Path, name: str, evaluations: dict[str, list[int]], trained: str | None,

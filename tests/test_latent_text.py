@@ -2,7 +2,6 @@
 operands and the partial result, read against its own problem; against the next problem's, only where the
 numbers happen to agree; the blocks are cut from the sample's latents by its `[z]` runs."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,17 +10,14 @@ import pytest
 from rlatent.config import load_config
 from rlatent.data.examples import block_chains
 from rlatent.data.splits import load_split
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "latent_text.py"
 
 
 @pytest.fixture(scope="module")
 def latent_text():
-    spec = importlib.util.spec_from_file_location("latent_text", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("latent_text")
 
 
 def sample(source: str, blocks: list[str]) -> dict:

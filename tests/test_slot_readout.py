@@ -1,6 +1,5 @@
 """`scripts/slot_readout.py`: each aligned slot read against its partial result's first digit, counted exactly."""
 
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,31 +14,24 @@ from rlatent.data.gsm8k import Problem
 from rlatent.data.splits import load_split
 from rlatent.data.synthetic import generate_problems
 from rlatent.run.cli import main
+from tests.scripts import load_script
 from tests.test_invariant import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "slot_readout.py"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("slot_readout", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_roles_name_each_partial_result():
     problem = Problem("q", "He has 12 * 7 + 5 = <<12*7+5=89>>89.\nThen 89 - 3 = <<89-3=86>>86.\n"
                            "Then 2 + 3 + 4 + 1 = <<2+3+4+1=10>>10.\n#### 10", "10", "t")
-    assert load_script().roles(problem, 2) == ["1/2", "2/2", "1/1", "1/1"]
+    assert load_script("slot_readout").roles(problem, 2) == ["1/2", "2/2", "1/1", "1/1"]
 
 
 @pytest.mark.parametrize("trunk", ["shared", "two"])
 def test_a_block_cut_at_its_closing_slot_reads_as_the_whole_sequence(tiny_model_dir, trunk):
     """Cut after the closing slot with the lead token appended, the sequence is the full one's prefix: the
     causal model's next token there is the full sequence's, in every latent mode."""
-    script = load_script()
+    script = load_script("slot_readout")
     model, tokenizer = build_model(tiny_model_dir, trunk)
     problems = generate_problems(4, seed=1, min_steps=2, max_steps=3, multi_op=0.5, allow_zero=False)
     students = [build_example(p, tokenizer, 2, "replace") for p in problems]
@@ -64,7 +56,7 @@ def test_readout_counts_every_slot_of_a_stepwise_run(monkeypatch, tiny_model_dir
                  "sft.distill.weight=1", "sft.distill.split_steps=true", "latent.k=2", "latent.placement=replace",
                  "data.synthetic.multi_op=0.5", "eval.limit=6", f"output.dir={tmp_path}", "output.name=run"]) == 0
     run = tmp_path / "run"
-    script = load_script()
+    script = load_script("slot_readout")
     out = tmp_path / "readout.json"
     assert script.main([str(run), "--batch-size", "4", "--json", str(out)]) == 0
     [result] = json.loads(out.read_text())

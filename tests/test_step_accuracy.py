@@ -1,6 +1,5 @@
 """`scripts/step_accuracy.py`: each step's written result held against the reference's mark, counted exactly."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -10,16 +9,10 @@ from pathlib import Path
 from rlatent.config import load_config
 from rlatent.data.marks import parse_marks, strip_marks
 from rlatent.data.splits import load_split
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "step_accuracy.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("step_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_counts_per_step_on_a_run_directory(tmp_path):
@@ -36,7 +29,7 @@ def test_counts_per_step_on_a_run_directory(tmp_path):
     ]
     (run / "samples" / "eval_samples.jsonl").write_text("".join(
         json.dumps({"source": p.source, "completion": c}) + "\n" for p, c in zip(problems, completions)))
-    script = load_script()
+    script = load_script("step_accuracy")
     outcomes = script.step_results(script.answered(run, "test"))
     steps = script.step_counts(outcomes)
     lengths = [len(r) for r in results]
@@ -66,7 +59,7 @@ def test_not_a_run_directory_is_one_line(tmp_path):
 
 
 def test_paired_steps_count_discordant_problems_per_step():
-    script = load_script()
+    script = load_script("step_accuracy")
     a = {"p1": [True, True], "p2": [True, False, False], "p3": [False, True], "only_a": [True, True]}
     b = {"p1": [False, True], "p2": [False, False, True], "p3": [False, False], "only_b": [True, True]}
     rows = script.paired_steps(a, b)
@@ -76,7 +69,7 @@ def test_paired_steps_count_discordant_problems_per_step():
 
 
 def test_pooled_pairs_sum_the_seeds_both_rows_have_whatever_the_order():
-    script = load_script()
+    script = load_script("step_accuracy")
 
     def pair(a, b, step, problems, a_only, b_only):
         return {"a": f"runs/x/{a}", "b": f"runs/x/{b}", "split": "test", "step": step, "problems": problems,
@@ -97,7 +90,7 @@ def test_pooled_pairs_sum_the_seeds_both_rows_have_whatever_the_order():
 
 
 def test_counts_by_operation_split_each_step_by_its_operators():
-    script = load_script()
+    script = load_script("step_accuracy")
     assert [script.operation(e) for e in ["12*7", "5 + 15", "(43+13)*5", "(9-8)*5", "-3+4", "1.5/3", "7"]] == [
         "*", "+", "+*", "-*", "+", "/", "none"]
     outcomes = {"p1": [True, True], "p2": [False, True], "p3": [True, False, True]}
@@ -112,7 +105,7 @@ def test_counts_by_operation_split_each_step_by_its_operators():
 
 
 def test_written_expressions_tell_wrong_operations_from_wrong_arithmetic():
-    script = load_script()
+    script = load_script("step_accuracy")
     assert script.written_value("Ann then has (9 - 7) x 10 = 10 pencils.") == 20
     assert script.written_value("She pays $3 \u00d7 4 = $12 in all.") == 12
     assert script.written_value("She has 5 apples.") is None  # no `=`
