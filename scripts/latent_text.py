@@ -33,8 +33,8 @@ SAMPLES = {"test": "eval_samples.jsonl", "ood": "eval_samples_ood.jsonl"}
 
 def block_texts(sample: dict) -> list[str]:
     """Each latent block of a sample as the text of its latents' nearest tokens."""
-    sizes = [len(run) for run in re.findall(rf"(?:{re.escape(LATENT_TEXT)})+", sample["with_latents"])]
-    sizes = [size // len(LATENT_TEXT) for size in sizes]
+    runs = re.findall(rf"(?:{re.escape(LATENT_TEXT)})+", sample["with_latents"])
+    sizes = [len(run) // len(LATENT_TEXT) for run in runs]
     tokens = [latent["nearest_embeddings"][0] for latent in sample["latents"]]
     if sum(sizes) != len(tokens):
         raise ValueError(f"{sample['source']}: {sum(sizes)} latents shown, {len(tokens)} recorded")

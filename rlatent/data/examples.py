@@ -85,15 +85,11 @@ def answer_segments(answer: str, k: int, placement: str = "insert", latent_marks
             pending += before
             cursor = mark.end
             continue
-        lead = _LEAD.search(before)
-        cut = lead.start()
-        if placement == "replace":
-            cut = _expression_start(before, cut)
-        removed = before[cut : lead.start()]
-        if removed:  # the space before the expression moves, not the one after "="
-            spaces = removed[: len(removed) - len(removed.lstrip(" \t"))]
+        if placement == "replace":  # the space before the expression moves, not the one after "="
+            cut, spaces, lead = _expression_cut(before)
         else:
-            spaces = lead.group(1)
+            lead = _LEAD.search(before)
+            cut, spaces = lead.start(), lead.group(1)
         pending = _add_block(segments, pending + before[:cut], size)
         pending, cursor = pending + spaces + lead.group(2), mark.end
     pending += answer[cursor:]
