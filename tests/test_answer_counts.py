@@ -3,11 +3,10 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from tests.scripts import load_script
+from tests.scripts import SCRIPTS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "answer_counts.py"
+SCRIPT = SCRIPTS / "answer_counts.py"
 
 
 def test_counts_said_and_right_per_answer(tmp_path):

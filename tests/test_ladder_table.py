@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from rlatent.run.stats import mcnemar_exact
-from tests.scripts import load_script
+from tests.scripts import SCRIPTS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ladder_table.py"
+SCRIPT = SCRIPTS / "ladder_table.py"
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from pathlib import Path
 from rlatent.config import load_config
 from rlatent.data.marks import parse_marks, strip_marks
 from rlatent.data.splits import load_split
-from tests.scripts import load_script
+from tests.scripts import SCRIPTS, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "step_accuracy.py"
+SCRIPT = SCRIPTS / "step_accuracy.py"
 
 
 def test_counts_per_step_on_a_run_directory(tmp_path):
