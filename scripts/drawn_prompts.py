@@ -6,7 +6,7 @@ Phase 2 draws `grpo.prompts_per_step` training problems a step from a permutatio
 `seed` (`rlatent.grpo.loop.prompt_order`), so over a short run (12 steps x 8 prompts) two seeds see two
 different samples of ~100 problems. When two seeds of the same recipe end far apart, this separates the
 draw from the updates: it samples CHECKPOINT (default: the run's start, `grpo.init_checkpoint`) once per
-drawn problem exactly as the rollouts sample (`SamplingSettings.for_rollouts`: temperature, top-p, sampled
+drawn problem exactly as the rollouts sample (`rlatent.distributed.rollout_settings`: temperature, top-p, sampled
 decisions, caps, noise) and, for comparison, on as many held-out problems (or all there are). `--prompt-seed` replays another
 seed's draw (the same start on a second seed's prompts). Scored as evaluations are
 (`rlatent.run.evaluate.evaluate_problems`); the per-problem samples go next to OUT.
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from rlatent.config import RunConfig, load_config
-from rlatent.data.examples import encode_stop_sequences
 from rlatent.data.splits import load_split
+from rlatent.distributed import rollout_settings
 from rlatent.grpo.loop import prompt_order
-from rlatent.latent.sampler import SamplingSettings
 from rlatent.model.latent_model import LatentModel
 from rlatent.model.loading import model_dtype, resolve_device
 from rlatent.run.evaluate import evaluate_problems
@@ -49,7 +47,7 @@ def measure(run: Path, checkpoint: str | None, prompt_seed: int | None, out: Pat
     device = resolve_device(cfg.model.device)
     model, tokenizer = LatentModel.load(checkpoint, model_dtype(cfg.model.dtype, device), device,
                                         cache_dir=cfg.model.cache_dir)
-    settings = replace(SamplingSettings.for_rollouts(cfg), stop_sequences=encode_stop_sequences(cfg.grpo.stop, tokenizer))
+    settings = rollout_settings(cfg, tokenizer)
     drawn = drawn_problems(cfg, prompt_seed)
     splits = {"drawn": drawn, "held_out": load_split(cfg.data, "test", len(drawn))[0]}
     result = {"run": str(run), "checkpoint": str(checkpoint),

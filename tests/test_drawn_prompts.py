@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlatent.config import load_config
+from rlatent.data.splits import load_split
 from rlatent.grpo.loop import GRPOTrainer
 from rlatent.model.latent_model import LatentModel
 from tests.scripts import load_script
@@ -30,8 +31,6 @@ class RecordingBackend:
 
 def test_drawn_problems_are_the_trainers(drawn_prompts, tiny_tokenizer):
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.name_or_path=x", *OVERRIDES])
-    from rlatent.data.splits import load_split
-
     problems = load_split(cfg.data, "train")[0]
     trainer = GRPOTrainer(cfg, None, tiny_tokenizer, problems, None, None, RecordingBackend())
     drawn = drawn_prompts.drawn_problems(cfg)

@@ -14,10 +14,15 @@ from rlatent.data.examples import encode_stop_sequences
 from rlatent.latent.sampler import SamplingSettings
 
 
+def rollout_settings(cfg: RunConfig, tokenizer) -> SamplingSettings:
+    """How phase 2's rollouts sample (`SamplingSettings.for_rollouts`), with `grpo.stop` encoded for
+    `tokenizer`: one definition for the backends and for tools that replay rollouts."""
+    return replace(SamplingSettings.for_rollouts(cfg), stop_sequences=encode_stop_sequences(cfg.grpo.stop, tokenizer))
+
+
 def make_backend(cfg: RunConfig, model, tokenizer):
     """The backend `distributed.backend` names, around the policy `model` (a `LatentModel`)."""
-    settings = replace(SamplingSettings.for_rollouts(cfg),
-                       stop_sequences=encode_stop_sequences(cfg.grpo.stop, tokenizer))
+    settings = rollout_settings(cfg, tokenizer)
     if cfg.distributed.backend == "ray":
         from rlatent.distributed.ray_backend import RayBackend
 
