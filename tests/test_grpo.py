@@ -70,6 +70,16 @@ def test_a_learnable_reward_rises_and_a_zero_weighted_one_does_not(tiny_model_di
     assert late > early + 1.0, paid_latents
     assert sum(unpaid_latents[-3:]) / 3 < late - 1.0, (unpaid_latents, paid_latents)
     assert phase_metric(unpaid, "grpo", "advantage_abs_max") == [0.0] * 12  # zero weight: no signal at all
+    # Phase 2 ends with the diagnostics of its final model: moved by the paid reward, not by the unpaid one.
+    diagnosed = ["lm_loss", "start_loss", "stop_loss", "latent_gain_zeros", "latent_gain_noise", "latent_gain_shuffle"]
+    for run, moved in ((paid, True), (unpaid, False)):
+        records = read_metrics(run / "metrics.jsonl")
+        phase1 = [r for r in records if r["phase"] == "eval"][-1]
+        [phase2] = [r for r in records if r["phase"] == "eval_grpo"]
+        assert all(isinstance(phase2[key], float) for key in diagnosed), phase2
+        assert ({key: phase2[key] for key in diagnosed} != {key: phase1[key] for key in diagnosed}) == moved
+        report = (run / "report.md").read_text()
+        assert "After phase 1: " in report and "After phase 2: " in report
 
 
 def test_kill_and_resume_reaches_the_same_metrics(tiny_model_dir, tmp_path, monkeypatch):
@@ -92,7 +102,8 @@ def test_kill_and_resume_reaches_the_same_metrics(tiny_model_dir, tmp_path, monk
     assert main(["train", "--resume", str(killed)]) == 0
 
     for phase, name in [("grpo", "reward_mean"), ("grpo", "loss"), ("grpo", "latents_per_completion"),
-                        ("sft", "loss"), ("test", "accuracy"), ("test", "tokens_per_answer")]:
+                        ("sft", "loss"), ("test", "accuracy"), ("test", "tokens_per_answer"),
+                        ("eval_grpo", "latent_gain_shuffle")]:
         phase_name = "train" if phase == "sft" else phase
         assert phase_metric(killed, phase_name, name) == phase_metric(whole, phase_name, name), (phase, name)
     # Every step says how much its rollouts agree on one answer, and that answer's part of the accuracy.
@@ -102,6 +113,7 @@ def test_kill_and_resume_reaches_the_same_metrics(tiny_model_dir, tmp_path, monk
     for top_share, top_accuracy, accuracy in shares:
         assert 0.0 <= top_accuracy <= min(top_share, accuracy) and top_share <= 1.0
     assert json.loads((killed / "run.json").read_text())["command"] == "train"
+    assert len([r for r in read_metrics(killed / "metrics.jsonl") if r["phase"] == "eval_grpo"]) == 1
 
 
 def test_resume_of_a_run_killed_in_phase_1(tiny_model_dir, tmp_path, monkeypatch):

@@ -19,6 +19,9 @@ DIAGNOSTIC_COLUMNS = ["step", "lm_loss", "start_f1", "stop_f1", "next_step_loss"
                       "latent_gain_noise", "latent_gain_shuffle", "latent_norm", "embedding_norm"]
 
 
+# The diagnostics records (`rlatent.sft.diagnostics`): phase 1's periodic ones and phase 2's final one.
+DIAGNOSED_AFTER = {"eval": "phase 1", "eval_grpo": "phase 2"}
+
 GAIN_MEANING = {
     "zeros": "latents replaced by zeros",
     "noise": "latents replaced by noise of the same norm",
@@ -27,7 +30,7 @@ GAIN_MEANING = {
 
 
 def latent_use_verdict(diagnostic: dict, warn_below: float) -> str:
-    """One sentence on whether the model uses its latents, from the last phase-1 diagnostics."""
+    """One sentence on whether the model uses its latents, from one diagnostics record."""
     gains = {how: diagnostic.get(f"latent_gain_{how}") for how in GAIN_MEANING}
     gains = {how: g for how, g in gains.items() if g is not None}
     if not gains:
@@ -46,12 +49,19 @@ def latent_use_verdict(diagnostic: dict, warn_below: float) -> str:
             "the same statistics but the wrong content.")
 
 
+def latent_use_section(diagnostics: list[dict], warn_below: float) -> str:
+    """The verdict after each phase that logged diagnostics: phase 1's last, and phase 2's final model."""
+    last = {DIAGNOSED_AFTER[r["phase"]]: r for r in diagnostics}
+    if not last:
+        return latent_use_verdict({}, warn_below)
+    return "\n\n".join(f"After {phase}: {latent_use_verdict(record, warn_below)}" for phase, record in last.items())
+
+
 def finish_run(run: RunDir, cfg: RunConfig, results: dict[str, dict[str, float]]) -> None:
     """Plots and report.md from what the run logged."""
     records = read_metrics(run.metrics_path)
     plot_run(records, run.plots_dir)
-    diagnostics = [r for r in records if r["phase"] == "eval"]
-    verdict = latent_use_verdict(diagnostics[-1] if diagnostics else {}, cfg.eval.gain_warn_below)
+    diagnostics = [r for r in records if r["phase"] in DIAGNOSED_AFTER]
     sections = {
         "Run": (f"- model: `{cfg.model.name_or_path}` (LoRA r={cfg.model.lora_r})\n"
                 f"- latent: mode `{cfg.latent.mode}`, trunk `{cfg.latent.trunk}`, proj `{cfg.latent.proj}`, "
@@ -60,8 +70,10 @@ def finish_run(run: RunDir, cfg: RunConfig, results: dict[str, dict[str, float]]
                 f"grpo: {cfg.grpo.steps} steps x {cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size}, "
                 f"loss `{cfg.grpo.loss_type}`, rewards {[r.function for r in cfg.grpo.rewards]}"),
         "Phase 2 (last logged step)": grpo_summary(run),
-        "Phase 1 diagnostics": metrics_table(diagnostics, DIAGNOSTIC_COLUMNS) if diagnostics else "none logged",
-        "Latent use": verdict,
+        "Diagnostics (held-out written chains, teacher-forced)": (
+            metrics_table([{"after": DIAGNOSED_AFTER[r["phase"]], **r} for r in diagnostics],
+                          ["after"] + DIAGNOSTIC_COLUMNS) if diagnostics else "none logged"),
+        "Latent use": latent_use_section(diagnostics, cfg.eval.gain_warn_below),
         "Evaluation (sampled answers)": metrics_table([{"after": phase, **r} for phase, r in results.items()],
                                                       ["after"] + GENERATION_COLUMNS),
         "Files": ("`config.yaml`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `plots/`, "

@@ -132,7 +132,8 @@ def records_to_keep(done: tuple[str | None, int], cfg: RunConfig) -> Callable[[d
     those it will not log again. From scratch (no checkpoint): none. From phase 1 at step s: the data
     summary and phase 1's records up to s, but the diagnostics of the last step (the trainer evaluates
     again at the end, also when it resumes there); never the held-out tests (`test*`) or phase 2. From
-    phase 2 at step s: all of phase 1 (its final test included) and phase 2's steps up to s."""
+    phase 2 at step s: all of phase 1 (its final test included) and phase 2's steps up to s (not its final
+    diagnostics, `eval_grpo`)."""
     phase, step = done
     if phase is None:
         return lambda record: False
@@ -141,7 +142,7 @@ def records_to_keep(done: tuple[str | None, int], cfg: RunConfig) -> Callable[[d
             name, at = record.get("phase", ""), record.get("step", 0)
             if name == "data":
                 return True
-            if name.startswith("test") or name == "grpo" or at > step:
+            if name.startswith("test") or name in ("grpo", "eval_grpo") or at > step:
                 return False
             return not (name == "eval" and at >= cfg.sft.steps)
         return keep
@@ -150,7 +151,7 @@ def records_to_keep(done: tuple[str | None, int], cfg: RunConfig) -> Callable[[d
         name = record.get("phase", "")
         if name == "grpo":
             return record.get("step", 0) <= step
-        return not (name.startswith("test") and not name.startswith("test_sft"))
+        return name != "eval_grpo" and not (name.startswith("test") and not name.startswith("test_sft"))
     return keep
 
 

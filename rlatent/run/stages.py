@@ -31,9 +31,10 @@ from rlatent.io.checkpoint import check_checkpoint_files, checkpoint_phase
 from rlatent.distributed import make_backend
 from rlatent.grpo.loop import GRPOTrainer
 from rlatent.sft.curriculum import Curriculum, staged_examples
+from rlatent.sft.diagnostics import latent_diagnostics
 from rlatent.sft.trainer import SFTTrainer
 from rlatent.data.examples import encode_stop_sequences
-from rlatent.data.splits import has_ood_split, load_split
+from rlatent.data.splits import has_ood_split, load_split, sft_examples
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -195,8 +196,8 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
                 started = True
                 checkpoint = train_phase(trainer, "grpo", cfg, logger, command)
                 print(f"phase 2 checkpoint: {checkpoint}")
-                results.update(evaluate_trained(checkpoint, run, command, lambda: test_after(
-                    "grpo", cfg, model, tokenizer, held_out, run, logger, trainer.step, "test", "eval_samples")))
+                results.update(evaluate_trained(checkpoint, run, command, lambda: diagnose_and_test_after_grpo(
+                    cfg, model, tokenizer, held_out, run, logger, trainer.step)))
     except BaseException:
         if fresh and not started:  # failed before training: leave no half-made run directory
             shutil.rmtree(run.path, ignore_errors=True)
@@ -239,6 +240,17 @@ def evaluate_trained(checkpoint: Path, run: RunDir, command: str, evaluate) -> d
     except RlatentError as exc:
         raise type(exc)(f"{exc}; the training is saved in {checkpoint} (resume with `rlatent {command} "
                         f"--resume {run.path}` to evaluate it again)") from None
+
+
+def diagnose_and_test_after_grpo(cfg: RunConfig, model, tokenizer, held_out: dict[str, list], run: RunDir,
+                                 logger: MetricsLogger, step: int) -> dict[str, dict[str, float]]:
+    """Phase 1's latent diagnostics on phase 2's final model (logged as `eval_grpo`), so the run says whether
+    the latents still carry each problem's computation, then the held-out tests."""
+    examples = sft_examples(held_out["test"], tokenizer, cfg.latent, cfg.data.max_length)[0]
+    if examples:
+        logger.log(step, latent_diagnostics(model, examples, tokenizer.pad_token_id, cfg, "after phase 2"),
+                   phase="eval_grpo")
+    return test_after("grpo", cfg, model, tokenizer, held_out, run, logger, step, "test", "eval_samples")
 
 
 def test_after(name: str, cfg: RunConfig, model, tokenizer, held_out: dict[str, list], run: RunDir,

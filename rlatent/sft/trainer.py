@@ -11,7 +11,6 @@ precision/recall/F1, latent gain, latent norms) and atomic checkpoints.
 from __future__ import annotations
 
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +31,8 @@ from rlatent.io.run_dir import MetricsLogger, RunDir
 from rlatent.sft.compress import chain_inputs, compress_loss
 from rlatent.sft.curriculum import Curriculum
 from rlatent.sft.distill import distill_counts, distill_terms
-from rlatent.sft.losses import LossTotals, classifier_scores, latent_gain, latent_norms, sft_loss
+from rlatent.sft.diagnostics import latent_diagnostics
+from rlatent.sft.losses import LossTotals, sft_loss
 
 def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
     """Endless batches, reshuffled each epoch from `seed` (same seed, same order)."""
@@ -163,40 +163,10 @@ class SFTTrainer:
         grad_norm = self.optimizer.step(f"sft step {self.step + 1}")
         return {**totals, "grad_norm": grad_norm, "lr": self.optimizer.lr, "positions": tokens}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Diagnostics on the first `eval.gain_batches` batches of the eval split."""
-        self.model.eval()
-        size = self.cfg.sft.batch_size
-        sums: dict[str, float] = {}
-        start_logits, start_labels, stop_logits, stop_labels = [], [], [], []
+        """Diagnostics (`rlatent.sft.diagnostics`) on the eval split at the current curriculum stage."""
         evaluation = self.stages[self.curriculum.stage(max(self.step - 1, 0))][1]
-        chunks = [evaluation[i : i + size] for i in range(0, len(evaluation), size)]
-        chunks = chunks[: self.cfg.eval.gain_batches]
-        for index, examples in enumerate(chunks):
-            batch = self.batch(examples)
-            out = forward(self.model, batch, "recurrent", pass_cost=self.cfg.latent.pass_cost)
-            loss = sft_loss(self.model, batch, out, 1.0, 1.0, self.cfg.sft.start_pos_weight)
-            values = {"lm_loss": loss.lm.item(), "start_loss": loss.start.item(), "stop_loss": loss.stop.item()}
-            values.update(latent_gain(self.model, batch, out, seed=self.cfg.seed + index))
-            values.update(latent_norms(self.model, out, batch))
-            for name, value in values.items():
-                sums[name] = sums.get(name, 0.0) + value / len(chunks)
-            start_logits.append(loss.start_logits)
-            start_labels.append(loss.start_labels)
-            stop_logits.append(loss.stop_logits)
-            stop_labels.append(loss.stop_labels)
-        latent = self.cfg.latent
-        if self.model.latent_mode.has_slots:
-            sums.update(classifier_scores(torch.cat(start_logits), torch.cat(start_labels), latent.start_threshold, "start"))
-        if self.model.latent_mode.has_stop_decisions:
-            sums.update(classifier_scores(torch.cat(stop_logits), torch.cat(stop_labels), latent.stop_threshold, "stop"))
-        gains = [v for k, v in sums.items() if k.startswith("latent_gain_")]
-        if gains:
-            sums["latents_ignored"] = float(max(gains) < self.cfg.eval.gain_warn_below)
-            if sums["latents_ignored"]:
-                tqdm.write(f"WARNING step {self.step}: latent gain is ~0 ({', '.join(f'{g:+.4f}' for g in gains)} nats "
-                           "for zeros/noise/shuffle): the model is IGNORING its latents", file=sys.stderr)
+        sums = latent_diagnostics(self.model, evaluation, self.pad_id, self.cfg, f"step {self.step}")
         self.logger.log(self.step, sums, phase="eval")
         return sums
 
