@@ -188,6 +188,7 @@ def test_phase_two_is_set_against_each_cells_own_start():
         c["splits"]["test"]["predictions"] = said_after
         c["phase1_splits"] = {"test": {"correct": before, "questions_sha1": "q", "references": refs,
                                        "predictions": said_before}}
+        c["phase2_diagnostics"] = {"latent_gain_shuffle": -0.01 * (seed + 1)}
         return c
 
     cells = [cell(0, [0, 1, 0, 1], [0, 0, 1, 1], [None, "7", "3", "12"], ["0", "0", "0", "12"]),
@@ -199,9 +200,10 @@ def test_phase_two_is_set_against_each_cells_own_start():
     assert (test["only_phase1"], test["only_phase2"], test["p"]) == (1, 2, mcnemar_exact(1, 2))
     assert test["constant_answer"] == "7" and test["says_constant"] == [2, 1] and test["right_other"] == [1, 3]
     assert test["top_answer"] == "0" and test["says_top"] == [0, 5]
+    assert test["shuffle_gain"] == pytest.approx([0.015, -0.015])  # seeds 0 and 1: +0.01, +0.02 -> -0.01, -0.02
     md = render_markdown({"name": "x", "cells": cells})
     assert "## Phase 2 against phase 1" in md and "| m=a | test | 2 | 0.375 -> 0.500 | 1 | 2 |" in md
-    assert "| 2 -> 1 | 1 -> 3 | '0': 0 -> 5 |" in md
+    assert "| 2 -> 1 | 1 -> 3 | '0': 0 -> 5 | +0.0150 -> -0.0150 |" in md
 
 
 # ---- end to end on the tiny model ------------------------------------------------------------------------
@@ -293,11 +295,15 @@ def test_a_train_cell_is_set_against_its_own_phase_one(tiny_model_dir, tmp_path,
             entry = first[key][split]
             assert len(entry["correct"]) == len(entry["predictions"]) == 4, (key, split)
         assert first["phase1_splits"][split]["questions"] == first["splits"][split]["questions"]
+    # the latent gains of phase 2's final model, next to phase 1's
+    assert {"latent_gain_zeros", "latent_gain_shuffle"} <= set(first["phase2_diagnostics"]) & set(first["diagnostics"])
     data = json.loads((tmp_path / "lift" / "ablation.json").read_text())
     assert [(t["point"], t["split"], t["problems"]) for t in data["phase2_vs_phase1"]] == [
         ("latent.k=1", "test", 4), ("latent.k=1", "ood", 4)]
     for t in data["phase2_vs_phase1"]:
         assert len(t["says_constant"]) == 2
+        assert t["shuffle_gain"] == [first["diagnostics"]["latent_gain_shuffle"],
+                                     first["phase2_diagnostics"]["latent_gain_shuffle"]]
         # the tiny model may write no number at all: then phase 2 has no commonest answer to report
         assert ("top_answer" in t) == any(p is not None for p in first["splits"][t["split"]]["predictions"])
     assert "## Phase 2 against phase 1" in (tmp_path / "lift" / "ablation.md").read_text()

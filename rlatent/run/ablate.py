@@ -187,10 +187,11 @@ def _split_record(outcome: dict) -> dict:
     }
 
 
-def last_diagnostics(run_dir: Path) -> dict[str, float]:
-    """Latent gains (zeros / noise / shuffle) and head F1 of the last phase-1 diagnostics (phase `eval`)."""
+def last_diagnostics(run_dir: Path, phase: str = "eval") -> dict[str, float]:
+    """Latent gains (zeros / noise / shuffle) and head F1 of the run's last diagnostics logged as `phase`:
+    `eval` (phase 1's) or `eval_grpo` (phase 2's final model)."""
     path = RunDir(run_dir).metrics_path
-    records = [r for r in read_metrics(path) if r.get("phase") == "eval"] if path.is_file() else []
+    records = [r for r in read_metrics(path) if r.get("phase") == phase] if path.is_file() else []
     last = records[-1] if records else {}
     return {key: last[key] for key in DIAGNOSTIC_KEYS if isinstance(last.get(key), (int, float))}
 
@@ -222,6 +223,9 @@ def run_cell(spec: dict) -> dict:
                       checkpoint=None if checkpoint is None else str(checkpoint.relative_to(Path(spec["dir"]))))
         if start:
             record["phase1_splits"] = start
+        after_phase2 = last_diagnostics(Path(spec["dir"]), "eval_grpo")
+        if after_phase2:
+            record["phase2_diagnostics"] = after_phase2
     except Exception as error:  # noqa: BLE001 -- one failed cell never loses the others
         record["error"] = error_line(error)
         if not isinstance(error, RlatentError):

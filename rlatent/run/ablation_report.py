@@ -161,7 +161,9 @@ def phase_two_tests(cells: list[dict]) -> list[dict]:
     the same problems, pooled over seeds (exact McNemar); and, with the `constant answer` cells present, how
     many problems each phase answered with that answer and how many it got right with another
     (`constant_answer_split`): a phase 2 that gains only by saying the commonest answer more often shows as
-    the first count rising and the second flat. Also the answer phase 2 gives most, said before and after."""
+    the first count rising and the second flat. Also the answer phase 2 gives most, said before and after,
+    and the shuffle gain (mean over the seeds) after each phase: whether phase 2 kept the latents
+    problem-specific."""
     answers = {split: c["splits"][split]["answer"] for c in cells if c["overrides"] == [CONSTANT]
                for split in c["splits"]}
     tests = []
@@ -177,6 +179,12 @@ def phase_two_tests(cells: list[dict]) -> list[dict]:
             test = {"point": point, "split": split, "seeds": len(pairs), "problems": len(before),
                     "accuracy_phase1": sum(before) / len(before), "accuracy_phase2": sum(after) / len(after),
                     "only_phase1": only_before, "only_phase2": only_after, "p": mcnemar_exact(only_before, only_after)}
+            gains = [(c["diagnostics"]["latent_gain_shuffle"], c["phase2_diagnostics"]["latent_gain_shuffle"])
+                     for c in group if c["status"] == "done"
+                     and "latent_gain_shuffle" in c.get("diagnostics", {})
+                     and "latent_gain_shuffle" in c.get("phase2_diagnostics", {})]
+            if gains:
+                test["shuffle_gain"] = [_mean([pair[i] for pair in gains]) for i in (0, 1)]
             if all(e.get("predictions") for pair in pairs for e in pair):
                 said = [[p for pair in pairs for p in pair[i]["predictions"]] for i in (0, 1)]
                 # what phase 2 says most: where a drift goes, which need not be the constant answer (the
@@ -276,16 +284,21 @@ def render_markdown(data: dict) -> str:
                   "says the constant answer": " -> ".join(map(str, t.get("says_constant", []))),
                   "phase 2's commonest answer": (f"{t['top_answer']!r}: " + " -> ".join(map(str, t["says_top"]))
                                                  if "top_answer" in t else ""),
-                  "right, other answers": " -> ".join(map(str, t.get("right_other", [])))} for t in lifts]
+                  "right, other answers": " -> ".join(map(str, t.get("right_other", []))),
+                  "shuffle gain": " -> ".join(f"{g:+.4f}" for g in t.get("shuffle_gain", []))} for t in lifts]
         parts.append("## Phase 2 against phase 1\n\nEach cell's own phase-1 evaluation against its final one, same "
                      "problems, pooled over seeds. *Says the constant answer*: problems answered with the commonest "
                      "reference; *right, other answers*: problems right whose reference is another. A gain made "
                      "by saying the commonest answer more often raises the first and leaves the second flat. "
                      "*Phase 2's commonest answer*: how often each phase said it; a drift to one answer shows there "
-                     "even when the reward paid another than the evaluation's commonest (the training prompts').\n\n"
+                     "even when the reward paid another than the evaluation's commonest (the training prompts'). "
+                     "*Shuffle gain*: nats the next-step loss rises when each problem gets another's latents, "
+                     "after phase 1 and after phase 2 (mean over seeds): a drop says phase 2 wore away what the "
+                     "latents carry.\n\n"
                      + metrics_table(lines, ["grid point", "split", "seeds", "phase 1 -> 2", "phase 1 only",
                                              "phase 2 only", "p (exact McNemar)", "says the constant answer",
-                                             "right, other answers", "phase 2's commonest answer"]))
+                                             "right, other answers", "phase 2's commonest answer",
+                                             "shuffle gain"]))
     cell_lines = [{"cell": c["id"], "status": c["status"],
                    "accuracy": _num(c["splits"]["test"]["metrics"]["accuracy"]) if c["status"] == "done" else "",
                    "OOD accuracy": (_num(c["splits"]["ood"]["metrics"]["accuracy"])
