@@ -1,6 +1,6 @@
 """Does a checkpoint still use its latents for each problem? Phase 1's diagnostics on any checkpoints.
 
-    python scripts/latent_use.py NAME=PATH [NAME=PATH ...] [--batches N] [--json OUT]
+    python scripts/latent_use.py NAME=PATH [NAME=PATH ...] [--batches N] [--batch-size B] [--json OUT]
 
 PATH is a run directory (its latest checkpoint) or a checkpoint directory (its run's config.yaml two levels
 up). Each is measured as phase 1 measures itself (`rlatent.sft.diagnostics`): teacher-forced all-latent
@@ -9,6 +9,7 @@ replaced by zeros, by noise of their norm, or by another problem's latents (the 
 problem-specific content), and the start/stop heads' F1 at the marks. A phase-2 run logs this once for its
 final model (`eval_grpo`); the script puts a phase-2 run's start and end side by side, also for runs made
 before that record existed, and with `--batches` on more examples than a run's `eval.gain_batches`.
+The shuffle gain takes its donors within a batch, so compare runs at one `--batch-size`.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def locate(path: Path) -> tuple[Path, Path]:
     return config, path
 
 
-def measure(path: Path, batches: int | None = None) -> dict:
-    """The diagnostics of `path`'s checkpoint on the first `batches` (default `eval.gain_batches`) batches."""
+def measure(path: Path, batches: int | None = None, batch_size: int | None = None) -> dict:
+    """The diagnostics of `path`'s checkpoint on the first `batches` (default `eval.gain_batches`) batches of
+    `batch_size` (default the run's `sft.batch_size`)."""
     config, checkpoint = locate(path)
-    cfg = load_config(str(config))
+    cfg = load_config(str(config), [f"sft.batch_size={batch_size}"] if batch_size else [])
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     model, tokenizer = LatentModel.load(checkpoint, model_dtype(cfg.model.dtype, device), device,
@@ -61,7 +63,10 @@ def measure(path: Path, batches: int | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("named", nargs="+", help="NAME=PATH: a run directory or a checkpoint")
-    parser.add_argument("--batches", type=int, help="batches of sft.batch_size (default: eval.gain_batches)")
+    parser.add_argument("--batches", type=int, help="batches to measure (default: eval.gain_batches)")
+    parser.add_argument("--batch-size", type=int,
+                        help="examples a batch (default: the run's sft.batch_size); set it to compare runs whose "
+                             "sft.batch_size differs, e.g. a phase-2 run given only grpo settings and its start")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     results = {}
@@ -69,7 +74,7 @@ def main() -> None:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"{item!r}: expected NAME=PATH")
-        results[name] = measure(Path(path), args.batches)
+        results[name] = measure(Path(path), args.batches, args.batch_size)
         print(f"{name}: shuffle gain {results[name].get('latent_gain_shuffle', float('nan')):+.4f} nats")
     rows = [{"name": name, **r, "checkpoint": Path(r["checkpoint"]).name} for name, r in results.items()]
     print(metrics_table(rows, COLUMNS))
