@@ -245,7 +245,9 @@ def evaluate_trained(checkpoint: Path, run: RunDir, command: str, evaluate) -> d
 def diagnose_and_test_after_grpo(cfg: RunConfig, model, tokenizer, held_out: dict[str, list], run: RunDir,
                                  logger: MetricsLogger, step: int) -> dict[str, dict[str, float]]:
     """Phase 1's latent diagnostics on phase 2's final model (logged as `eval_grpo`), so the run says whether
-    the latents still carry each problem's computation, then the held-out tests."""
+    the latents still carry each problem's computation, then the held-out tests. The batches are the run's
+    `sft.batch_size` (the shuffle gain draws its donors within a batch): a phase-2-only run compares with its
+    start's phase 1 when it keeps that run's `sft.batch_size` (`scripts/latent_use.py --batch-size`)."""
     examples = sft_examples(held_out["test"], tokenizer, cfg.latent, cfg.data.max_length)[0]
     if examples:
         logger.log(step, latent_diagnostics(model, examples, tokenizer.pad_token_id, cfg, "after phase 2"),
