@@ -196,8 +196,9 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
                 started = True
                 checkpoint = train_phase(trainer, "grpo", cfg, logger, command)
                 print(f"phase 2 checkpoint: {checkpoint}")
+                phase1_examples = evaluation[-1] if "sft" in phases else None
                 results.update(evaluate_trained(checkpoint, run, command, lambda: diagnose_and_test_after_grpo(
-                    cfg, model, tokenizer, held_out, run, logger, trainer.step)))
+                    cfg, model, tokenizer, held_out, run, logger, trainer.step, phase1_examples)))
     except BaseException:
         if fresh and not started:  # failed before training: leave no half-made run directory
             shutil.rmtree(run.path, ignore_errors=True)
@@ -243,12 +244,16 @@ def evaluate_trained(checkpoint: Path, run: RunDir, command: str, evaluate) -> d
 
 
 def diagnose_and_test_after_grpo(cfg: RunConfig, model, tokenizer, held_out: dict[str, list], run: RunDir,
-                                 logger: MetricsLogger, step: int) -> dict[str, dict[str, float]]:
+                                 logger: MetricsLogger, step: int, examples: list | None = None
+                                 ) -> dict[str, dict[str, float]]:
     """Phase 1's latent diagnostics on phase 2's final model (logged as `eval_grpo`), so the run says whether
-    the latents still carry each problem's computation, then the held-out tests. The batches are the run's
-    `sft.batch_size` (the shuffle gain draws its donors within a batch): a phase-2-only run compares with its
-    start's phase 1 when it keeps that run's `sft.batch_size` (`scripts/latent_use.py --batch-size`)."""
-    examples = sft_examples(held_out["test"], tokenizer, cfg.latent, cfg.data.max_length)[0]
+    the latents still carry each problem's computation, then the held-out tests. `examples`: phase 1's
+    all-latent eval examples in a `train` run (the same ones its diagnostics used); a phase-2-only run
+    builds them from the eval split. The batches are the run's `sft.batch_size` (the shuffle gain draws its
+    donors within a batch): a phase-2-only run compares with its start's phase 1 when it keeps that run's
+    `sft.batch_size` (`scripts/latent_use.py --batch-size`)."""
+    if examples is None:
+        examples = sft_examples(held_out["test"], tokenizer, cfg.latent, cfg.data.max_length)[0]
     if examples:
         logger.log(step, latent_diagnostics(model, examples, tokenizer.pad_token_id, cfg, "after phase 2"),
                    phase="eval_grpo")
