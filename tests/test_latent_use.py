@@ -39,7 +39,7 @@ def test_it_reproduces_the_runs_own_diagnostics(latent_use, tiny_model_dir, tmp_
     more = latent_use.measure(run, batches=2)  # the tiny eval split has 8 problems: two batches of 4
     assert more["examples"] == 8 and more["latent_gain_shuffle"] != last["latent_gain_shuffle"]
     wide = latent_use.measure(run, batches=1, batch_size=8)  # one batch of all 8: other donors for the shuffle
-    assert wide["examples"] == 8 and wide["next_step_loss"] != more["next_step_loss"]
+    assert wide["examples"] == 8 and wide["latent_gain_shuffle"] != more["latent_gain_shuffle"]
     assert "by_checkpoint" in capsys.readouterr().out
 
 
