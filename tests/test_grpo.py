@@ -164,7 +164,7 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, l
         chosen = [problems[i] for i in range(2) for _ in range(4)]
         traj = trainer.backend.engine.sample([format_prompt(p.question, tokenizer) for p in chosen], seed=0)
         assert len(set(traj.batch.lengths.tolist())) > 1  # rows of different lengths: trimming matters
-        rewards, _ = trainer.score(chosen, traj)
+        rewards = trainer.score(chosen, traj).rewards
         from rlatent.grpo.losses import group_advantages
 
         advantages = group_advantages(rewards, 4, "group")
@@ -209,7 +209,7 @@ def test_rewards_get_the_reference_solution_and_its_final_answer(tiny_model_dir,
     with MetricsLogger(run) as logger:
         trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger, make_backend(cfg, model, tokenizer))
         traj = trainer.backend.engine.sample([format_prompt(p.question, tokenizer) for p in chosen], seed=0)
-        _, metrics = trainer.score(chosen, traj)
+        metrics = trainer.reward_metrics([trainer.score(chosen, traj)])
     import seen_reward
 
     assert seen_reward.SEEN["solution"] == [p.answer for p in chosen]

@@ -30,6 +30,13 @@ class GRPOConfig(Section):
     """Prompts per step; each is sampled `group_size` times."""
     group_size: int = Field(4, ge=2)
     """Completions per prompt (G); the group mean is the baseline."""
+    dynamic_sampling_rounds: int = Field(1, ge=1)
+    """Dynamic sampling (DAPO, arXiv 2503.14476): a group whose rewards are all equal has zero advantage and
+    teaches nothing, and a policy that solves one rollout in ten leaves most groups of 8 all wrong. With R > 1,
+    while fewer than `prompts_per_step` of the step's groups have unequal rewards, up to R - 1 further rounds of
+    `prompts_per_step` prompts are sampled (from a second seeded stream, so the first round draws what a run
+    without it draws); the update takes the first `prompts_per_step` groups with unequal rewards, topped up with
+    equal ones in draw order when the rounds run out, so its size never changes. 1 = off."""
     temperature: float = Field(1.0, gt=0)
     """Rollout token temperature; token log-probs are taken at it."""
     top_p: float = Field(1.0, gt=0, le=1)

@@ -6,7 +6,9 @@ One step, top to bottom:
    top-p) and optional exploration noise on latents; the sampler stores the
    log-prob of every action and each chunk carries the weights' version;
 2. reward: every configured reward scores the batch; the weighted sum gives
-   group-relative advantages;
+   group-relative advantages. With `grpo.dynamic_sampling_rounds` > 1, groups
+   whose rewards are all equal (no advantage) are replaced by groups of further
+   rounds of prompts (`rlatent.grpo.dynamic_sampling`);
 3. update: the learner's GRPO update (`rlatent.grpo.learner`), then the new
    trainable weights go to engines that hold their own copy.
 
@@ -31,21 +33,24 @@ from rlatent.errors import LearnerFailure, TrainingError
 from rlatent.data.grading import answer_concentration, flexible_extract, strict_match
 from rlatent.data.examples import format_prompt, special_token_ids
 from rlatent.data.marks import extract_final_answer
+from rlatent.grpo.dynamic_sampling import (ScoredRound, assemble, enough_informative, informative_groups,
+                                           pick_groups)
 from rlatent.grpo.losses import group_advantages
 from rlatent.model.latent_model import LatentModel
 from rewards.registry import reward_stats
-from rlatent.workers.rollout import make_chunks
+from rlatent.workers.rollout import STREAM_OFFSET, make_chunks
 from rlatent.io.run_dir import MetricsLogger, RunDir
 from rlatent.latent.trajectory import ACTION_KINDS, Trajectories
 
 
-def prompt_order(count: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Problem indices for `step`: epochs of a seeded permutation, so a resumed run sees the same prompts."""
+def prompt_order(count: int, step: int, per_step: int, seed: int, stream: int = 0) -> list[int]:
+    """Problem indices for `step`: epochs of a seeded permutation, so a resumed run sees the same prompts.
+    `stream` 1 is the second sequence dynamic sampling's further rounds draw from."""
     indices = []
     for i in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(i, count)
-        permutation = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.append(int(permutation[offset]))
+        generator = torch.Generator().manual_seed(seed + epoch + stream * STREAM_OFFSET)
+        indices.append(int(torch.randperm(count, generator=generator)[offset]))
     return indices
 
 
@@ -95,28 +100,43 @@ class GRPOTrainer:
             self.backend.close()
         return checkpoint
 
-    def launch(self, step: int, version: int):
+    def launch(self, step: int, version: int, round_index: int = 0):
         """Start sampling `step`'s prompts with the weights the engines hold now, which must be `version`
-        (the learner's steps so far); a chunk sampled with other weights is refused."""
+        (the learner's steps so far); a chunk sampled with other weights is refused. Round 0 is the step's
+        own prompts; round r > 0 of dynamic sampling takes the next `prompts_per_step` of the second stream."""
         g = self.cfg.grpo
-        chosen = [self.problems[i] for i in prompt_order(len(self.problems), step, g.prompts_per_step, self.cfg.seed)]
-        group = [p for p in chosen for _ in range(g.group_size)]  # (P*G,), groups consecutive
+        count = len(self.problems)
+        if round_index == 0:
+            order = prompt_order(count, step, g.prompts_per_step, self.cfg.seed)
+        else:
+            extra = g.dynamic_sampling_rounds - 1
+            order = prompt_order(count, step * extra + round_index - 1, g.prompts_per_step, self.cfg.seed, stream=1)
+        group = [self.problems[i] for i in order for _ in range(g.group_size)]  # (P*G,), groups consecutive
         prompts = [format_prompt(p.question, self.tokenizer) for p in group]
-        chunks = make_chunks(prompts, g.group_size, self.cfg.rollout_chunks(), self.cfg.seed, step)
+        chunks = make_chunks(prompts, g.group_size, self.cfg.rollout_chunks(), self.cfg.seed, step, round_index)
         return group, version, time.perf_counter(), self.backend.launch(chunks, version)
 
     def train_step(self, launched) -> tuple[dict[str, float], object]:
-        """One step on the rollouts `launched` for it; returns its metrics and the next step's launch."""
+        """One step on the rollouts `launched` for it (plus dynamic sampling's further rounds); returns its
+        metrics and the next step's launch."""
         g = self.cfg.grpo
         group, version, started, handle = launched
         parts, rollout_metrics = self.backend.collect(handle, version)
-        traj = Trajectories.concat(parts, self.pad_id)
         rolled = time.perf_counter()
+        rounds = [self.score(group, Trajectories.concat(parts, self.pad_id))]
+        scored = time.perf_counter()
+        while len(rounds) < g.dynamic_sampling_rounds and not enough_informative(rounds, g.group_size,
+                                                                                 g.prompts_per_step):
+            extra_group, _, _, handle = self.launch(self.step, version=self.step, round_index=len(rounds))
+            parts, more_metrics = self.backend.collect(handle, self.step)
+            rollout_metrics.update(more_metrics)
+            rounds.append(self.score(extra_group, Trajectories.concat(parts, self.pad_id)))
+        resampled = time.perf_counter()
         next_step = self.step + 1
         overlap = self.cfg.distributed.async_rollouts and next_step < g.steps
         upcoming = self.launch(next_step, version=self.step) if overlap else None  # pre-update weights
-        rewards, reward_metrics = self.score(group, traj)
-        scored = time.perf_counter()
+        picks = pick_groups(rounds, g.group_size, g.prompts_per_step)
+        traj, rewards = assemble(rounds, picks, g.group_size, self.pad_id)
         advantages = group_advantages(rewards, g.group_size, g.scale_rewards, g.advantage_std)
         metrics = self.backend.update(traj, advantages, next_step)
         updated = time.perf_counter()
@@ -124,13 +144,16 @@ class GRPOTrainer:
         if not overlap and next_step < g.steps:
             upcoming = self.launch(next_step, version=next_step)
         metrics.update(rollout_metrics)
-        metrics.update(reward_metrics)
+        metrics.update(self.reward_metrics(rounds))
         metrics.update(self.trajectory_metrics(traj, advantages))
-        metrics.update({"time_rollout": rolled - started, "time_reward": scored - rolled,
-                        "time_update": updated - scored, "policy_lag": float(self.step - version)})
+        metrics.update({"sampling_rounds": float(len(rounds)),
+                        "groups_informative": float(informative_groups(rewards, g.group_size).sum()),
+                        "time_rollout": rolled - started, "time_reward": scored - rolled,
+                        "time_resample": resampled - scored, "time_update": updated - resampled,
+                        "policy_lag": float(self.step - version)})
         return metrics, upcoming
 
-    def score(self, problems: list[Problem], traj: Trajectories) -> tuple[torch.Tensor, dict[str, float]]:
+    def score(self, problems: list[Problem], traj: Trajectories) -> ScoredRound:
         counts = traj.counts()
         completions = [self.tokenizer.decode(traj.completion_ids(row), skip_special_tokens=True)
                        for row in range(len(problems))]
@@ -144,21 +167,32 @@ class GRPOTrainer:
             "source": [p.source for p in problems],
         }
         total, per_reward, zeroed = self.backend.score(prompts, completions, facts, self.cfg.grpo.group_size)
+        return ScoredRound(problems, traj, torch.tensor(total, dtype=torch.float32), per_reward, zeroed, completions)
+
+    def reward_metrics(self, rounds: list[ScoredRound]) -> dict[str, float]:
+        """Rewards and accuracy over every rollout the step sampled (all rounds): the policy's, not the
+        update's selection."""
+        problems = [p for r in rounds for p in r.problems]
+        completions = [c for r in rounds for c in r.completions]
+        answers = [p.final_answer for p in problems]
+        per_reward = {name: [v for r in rounds for v in r.per_reward[name]] for name in rounds[0].per_reward}
+        rewards = torch.cat([r.rewards for r in rounds])
         metrics = reward_stats(per_reward)
-        metrics.update({f"reward/{name}_zeroed": float(n) for name, n in zeroed.items()})
-        rewards = torch.tensor(total, dtype=torch.float32)
+        metrics.update({f"reward/{name}_zeroed": float(sum(r.zeroed[name] for r in rounds))
+                        for name in rounds[0].zeroed})
         metrics["reward_mean"] = float(rewards.mean())
         metrics["reward_std"] = float(rewards.std(unbiased=False))
         if "gsm8k_correct" in per_reward:
             metrics["accuracy"] = sum(per_reward["gsm8k_correct"]) / len(problems)
         # lm-evaluation-harness's two GSM8K filters, so rollout accuracy compares with published tables.
-        metrics["strict_match"] = sum(map(strict_match, completions, facts["answer"])) / len(problems)
-        metrics["flexible_extract"] = sum(map(flexible_extract, completions, facts["answer"])) / len(problems)
+        metrics["strict_match"] = sum(map(strict_match, completions, answers)) / len(problems)
+        metrics["flexible_extract"] = sum(map(flexible_extract, completions, answers)) / len(problems)
         # A policy that learns one answer for every problem shows here before it shows in an evaluation.
-        finished = traj.finished.tolist()
+        finished = [done for r in rounds for done in r.traj.finished.tolist()]
         predicted = [extract_final_answer(text, done) for text, done in zip(completions, finished)]
-        metrics.update(answer_concentration(predicted, facts["answer"]))
-        return rewards, metrics
+        metrics.update(answer_concentration(predicted, answers))
+        metrics["groups_drawn"] = float(len(problems) // self.cfg.grpo.group_size)
+        return metrics
 
     # ---- logging and state ------------------------------------------------------------------
 

@@ -62,12 +62,15 @@ def finish_run(run: RunDir, cfg: RunConfig, results: dict[str, dict[str, float]]
     records = read_metrics(run.metrics_path)
     plot_run(records, run.plots_dir)
     diagnostics = [r for r in records if r["phase"] in DIAGNOSED_AFTER]
+    rounds = cfg.grpo.dynamic_sampling_rounds
+    dynamic_sampling = f" (dynamic sampling, up to {rounds} rounds)" if rounds > 1 else ""
     sections = {
         "Run": (f"- model: `{cfg.model.name_or_path}` (LoRA r={cfg.model.lora_r})\n"
                 f"- latent: mode `{cfg.latent.mode}`, trunk `{cfg.latent.trunk}`, proj `{cfg.latent.proj}`, "
                 f"k={cfg.latent.k}, placement `{cfg.latent.placement}`, gradient `{cfg.latent.gradient}`\n"
                 f"- data: `{cfg.data.source}`; sft: {cfg.sft.steps} steps x {cfg.sft.batch_size} x {cfg.sft.grad_accum}; "
-                f"grpo: {cfg.grpo.steps} steps x {cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size}, "
+                f"grpo: {cfg.grpo.steps} steps x {cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size}"
+                f"{dynamic_sampling}, "
                 f"loss `{cfg.grpo.loss_type}`, rewards {[r.function for r in cfg.grpo.rewards]}"),
         "Phase 2 (last logged step)": grpo_summary(run),
         "Diagnostics (held-out written chains, teacher-forced)": (

@@ -29,15 +29,26 @@ class RolloutChunk:
     seed: int
 
 
-def make_chunks(prompts: list[list[int]], group_size: int, chunks: int, seed: int, step: int) -> list[RolloutChunk]:
-    """Split `prompts` (groups of `group_size` consecutive rows) into `chunks` near-equal runs of groups."""
+def make_chunks(prompts: list[list[int]], group_size: int, chunks: int, seed: int, step: int,
+                round_index: int = 0) -> list[RolloutChunk]:
+    """Split `prompts` (groups of `group_size` consecutive rows) into `chunks` near-equal runs of groups.
+    `round_index`: which of the step's sampling rounds (dynamic sampling) the prompts are; each gets seeds
+    of its own."""
     groups = len(prompts) // group_size
     bounds = [round(i * groups / chunks) * group_size for i in range(chunks + 1)]
-    return [RolloutChunk(i, prompts[bounds[i]:bounds[i + 1]], chunk_seed(seed, step, i)) for i in range(chunks)]
+    return [RolloutChunk(i, prompts[bounds[i]:bounds[i + 1]], chunk_seed(seed, step, i, round_index))
+            for i in range(chunks)]
 
 
-def chunk_seed(seed: int, step: int, index: int) -> int:
-    return (seed * 1_000_003 + step * 1_009 + index) % (2**63)
+STREAM_OFFSET = 2**31 + 11
+"""Seed distance between streams (dynamic sampling's rounds, its second prompt sequence). torch seeds its CPU
+generator with the seed's low 32 bits, so a multiple of 2**32 would give the same numbers again; this is
+half-way round, so no step or epoch a run reaches lands on another stream's seed."""
+
+
+def chunk_seed(seed: int, step: int, index: int, round_index: int = 0) -> int:
+    """Round 0 keeps the seeds runs had before dynamic sampling existed."""
+    return (seed * 1_000_003 + step * 1_009 + index + round_index * STREAM_OFFSET) % (2**63)
 
 
 @contextmanager
