@@ -8,7 +8,8 @@ different samples of ~100 problems. When two seeds of the same recipe end far ap
 draw from the updates: it samples CHECKPOINT (default: the run's start, `grpo.init_checkpoint`) once per
 drawn problem exactly as the rollouts sample (`rlatent.distributed.rollout_settings`: temperature, top-p, sampled
 decisions, caps, noise) and, for comparison, on as many held-out problems (or all there are). `--prompt-seed` replays another
-seed's draw (the same start on a second seed's prompts). Scored as evaluations are
+seed's draw (the same start on a second seed's prompts). With dynamic sampling (`grpo.dynamic_sampling_rounds`)
+these are each step's first round; the further rounds depend on the rewards the run saw. Scored as evaluations are
 (`rlatent.run.evaluate.evaluate_problems`); the per-problem samples go next to OUT.
 """
 

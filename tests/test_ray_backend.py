@@ -78,13 +78,17 @@ def assert_same_metrics(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("async_rollouts", [False, True])
-def test_ray_backend_matches_local(tmp_path, tiny_model_dir, async_rollouts):
-    flag = f"distributed.async_rollouts={str(async_rollouts).lower()}"
-    assert run_grpo(tmp_path, tiny_model_dir, "local", flag) == 0
-    assert run_grpo(tmp_path, tiny_model_dir, "ray", flag, "distributed.backend=ray") == 0
+@pytest.mark.parametrize("async_rollouts,rounds", [(False, 1), (True, 1), (True, 3)])
+def test_ray_backend_matches_local(tmp_path, tiny_model_dir, async_rollouts, rounds):
+    """With dynamic sampling (`rounds` 3: the tiny model hardly ever scores, so steps sample further rounds) the
+    further rounds go to the workers with the weights of the step, after the first round's one-step lag."""
+    flags = [f"distributed.async_rollouts={str(async_rollouts).lower()}", f"grpo.dynamic_sampling_rounds={rounds}"]
+    assert run_grpo(tmp_path, tiny_model_dir, "local", *flags) == 0
+    assert run_grpo(tmp_path, tiny_model_dir, "ray", *flags, "distributed.backend=ray") == 0
     assert_same_metrics(tmp_path / "local", tmp_path / "ray")
     rows = grpo_rows(tmp_path / "ray")
+    drawn = [r["sampling_rounds"] for r in rows]
+    assert max(drawn) == rounds and min(drawn) >= 1, drawn  # further rounds were sampled on the workers
     assert [r["policy_lag"] for r in rows] == [0.0] + [float(async_rollouts)] * (STEPS - 1)
     assert all(r["rollout_samples"] == PER_STEP and r["stale_refused"] == 0 for r in rows)
     cfg = load_config(CONFIG, [f"model.name_or_path={tiny_model_dir}"])

@@ -42,7 +42,8 @@ DASHBOARDS: dict[str, list[tuple[str, list[str]]]] = {
         ("KL to the reference", ["grpo/kl", "grpo/kl_token", "grpo/kl_start", "grpo/kl_stop", "grpo/kl_latent"]),
         ("token entropy", ["grpo/entropy"]),
         ("clip fraction", ["grpo/clip_fraction", "grpo/clip_low", "grpo/clip_high"]),
-        ("step time (s)", ["grpo/step_seconds", "grpo/time_rollout", "grpo/time_update"]),
+        ("groups: drawn / with a signal in the update", ["grpo/groups_drawn", "grpo/groups_informative"]),
+        ("step time (s)", ["grpo/step_seconds", "grpo/time_rollout", "grpo/time_resample", "grpo/time_update"]),
     ],
 }
 """Figure name -> panels (title, curves). A curve that was not logged is left out; an empty panel too."""
