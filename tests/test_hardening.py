@@ -28,7 +28,8 @@ SMALL = ["sft.steps=2", "sft.eval_every=1", "sft.batch_size=2", "data.synthetic.
          "data.synthetic.num_eval=4", "eval.limit=4", "eval.batch_size=4", "eval.max_new_tokens=8",
          "eval.num_samples=2", "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=2"]
 GOOD_ROW = json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"})
-TIMING = ("time", "step_seconds", "wall_seconds", "time_rollout", "time_reward", "time_update", "sync_seconds")
+TIMING = ("time", "step_seconds", "wall_seconds", "time_rollout", "time_reward", "time_resample", "time_update",
+          "sync_seconds")
 REWARDS = '''
 import os
 
