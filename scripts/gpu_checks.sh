@@ -7,10 +7,10 @@
 #    DeepSpeed): the sampler, the packed recurrent forward and its gradients, the compiled decode step:
 #    the same as on the CPU, in float64; plus an end-to-end `rlatent train`
 #    in the GPU's default dtype (bf16).
-# 2. scripts/bench_latent.py on MODEL in bf16: the sampler on a GRPO rollout workload (16 prompts x G=8 = 128
+# 2. benchmarks/bench_latent.py on MODEL in bf16: the sampler on a GRPO rollout workload (16 prompts x G=8 = 128
 #    rows, sampled decisions, ragged lengths) against Hugging Face `generate`, with and without continuous
 #    batching and `compile`, and the recurrent training step against a plain one.
-# 3. scripts/bench_update_memory.py: peak GPU memory of a GRPO update of 8 rows with up to 60 latents each,
+# 3. benchmarks/bench_update_memory.py: peak GPU memory of a GRPO update of 8 rows with up to 60 latents each,
 #    against a plain forward+backward of the same tokens.
 # MODEL defaults to a random model with SmolLM2-135M's shapes (`python -m rlatent.model.tiny DIR --like
 # smollm2`): speed and memory depend on the shapes, not the weights, and it needs no download. Results: OUT_DIR/
@@ -34,10 +34,10 @@ if [ -z "$model" ]; then
 fi
 questions=()
 [ -n "${GSM8K_TEST:-}" ] && questions=(--questions "$GSM8K_TEST")
-python3 "$here/scripts/bench_latent.py" --model "$model" --device cuda --dtype bfloat16 --batch 8 --seq-len 256 \
+python3 "$here/benchmarks/bench_latent.py" --model "$model" --device cuda --dtype bfloat16 --batch 8 --seq-len 256 \
   --rollout-prompts 16 --group-size 8 --rollout-new-tokens 128 --slots 64 --repeats 2 --max-wait 10 \
   "${questions[@]}" --json "$out/bench_latent.json" 2>&1 | grep -v "Loading weights\|Writing model" \
   | tee "$out/bench_latent.txt" | tail -40 || failed=$((failed + 1))
-python3 "$here/scripts/bench_update_memory.py" --device cuda --cases smollm2-shape --rows 8 --new-tokens 192 \
+python3 "$here/benchmarks/bench_update_memory.py" --device cuda --cases smollm2-shape --rows 8 --new-tokens 192 \
   --latents 60 --json "$out/update_memory.json" 2>&1 | tee "$out/update_memory.txt" | tail -6 || failed=$((failed + 1))
 exit "$failed"

@@ -1,16 +1,17 @@
-"""Import a file of `scripts/` as a module, for the tests of the benchmark and analysis scripts (they are
-scripts, not a package)."""
+"""Import a file of `scripts/`, `experiments/tools/` or `benchmarks/` as a module, for the tests of the
+analysis and benchmark scripts (they are scripts, not a package)."""
 
 import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
 
 
-def load_script(name: str) -> ModuleType:
-    """`scripts/<name>.py`, executed as a fresh module named `name`."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+def load_script(name: str, folder: str = "scripts") -> ModuleType:
+    """`<folder>/<name>.py` (folder relative to the repository root), executed as a fresh module named `name`."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

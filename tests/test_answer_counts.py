@@ -1,12 +1,12 @@
-"""`scripts/answer_counts.py`: which answers a samples file holds, counted exactly."""
+"""`experiments/tools/answer_counts.py`: which answers a samples file holds, counted exactly."""
 
 import json
 import subprocess
 import sys
 
-from tests.scripts import SCRIPTS, load_script
+from tests.scripts import ROOT, load_script
 
-SCRIPT = SCRIPTS / "answer_counts.py"
+SCRIPT = ROOT / "experiments/tools/answer_counts.py"
 
 
 def test_counts_said_and_right_per_answer(tmp_path):
@@ -14,7 +14,7 @@ def test_counts_said_and_right_per_answer(tmp_path):
             ("3", "5", False)]
     path = tmp_path / "eval_samples.jsonl"
     path.write_text("".join(json.dumps({"predicted": p, "reference": r, "correct": c}) + "\n" for p, r, c in rows))
-    lines = load_script("answer_counts").answer_counts(path, ["21", "7"], top=2)
+    lines = load_script("answer_counts", "experiments/tools").answer_counts(path, ["21", "7"], top=2)
     assert lines == [f"{path}: 6 problems, 3 right, 4 distinct answers (1 without one)",
                      "  '1': said 3, right 2", "  '7': said 1, right 1", "  '21': said 0, right 0"]
 

@@ -1,4 +1,4 @@
-"""scripts/drawn_prompts.py: the problems it replays are the ones the GRPO trainer launches, step by step, and
+"""experiments/tools/drawn_prompts.py: the problems it replays are the ones the GRPO trainer launches, step by step, and
 its counts are those of the samples it writes, on a tiny model sampled as the rollouts sample."""
 
 import json
@@ -19,7 +19,7 @@ OVERRIDES = ["grpo.steps=3", "grpo.prompts_per_step=3", "grpo.group_size=2", "se
 
 @pytest.fixture(scope="module")
 def drawn_prompts():
-    return load_script("drawn_prompts")
+    return load_script("drawn_prompts", "experiments/tools")
 
 
 class RecordingBackend:

@@ -1,4 +1,4 @@
-"""scripts/graph_walks.py on real generated problems: the reference answers walk stated facts and end at
+"""experiments/tools/graph_walks.py on real generated problems: the reference answers walk stated facts and end at
 the asked concept exactly when the answer is Yes; an answer that always says Yes follows its walk only then."""
 
 import json
@@ -10,7 +10,7 @@ from tests.scripts import load_script
 
 
 def run_script(tmp_path, rows, capsys, monkeypatch):
-    module = load_script("graph_walks")
+    module = load_script("graph_walks", "experiments/tools")
     path = tmp_path / "eval_samples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr("sys.argv", ["graph_walks.py", str(path)])

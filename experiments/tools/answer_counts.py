@@ -1,6 +1,6 @@
 """Which answers a policy gives, file against file: the drift of a phase 2 towards one answer, read off.
 
-    python scripts/answer_counts.py runs/ladder_nz/latent-seed0/samples/eval_samples.jsonl \
+    python experiments/tools/answer_counts.py runs/ladder_nz/latent-seed0/samples/eval_samples.jsonl \
         runs/ladder_nz/latent_long-seed0/samples/eval_samples.jsonl [--answers 1 21] [--top 5]
 
 A reward for right answers pays a policy that says the commonest answer of its training prompts without
