@@ -14,7 +14,7 @@ from rlatent.config import LatentConfig, ModelConfig
 from rlatent.latent.forward import forward, plan_waves
 from rlatent.model.latent_model import LatentModel
 from rlatent.latent.sampler import SamplingSettings, sample
-from rlatent.sft.losses import latent_norms
+from rlatent.sft.diagnostics import latent_norms
 
 TOLERANCE = 1e-9
 

@@ -19,7 +19,8 @@ from rlatent.latent.forward import forward
 from rlatent.model.latent_model import HEADS_FILE, SETTINGS_FILE, LatentModel
 from rlatent.latent.sampler import SamplingSettings, sample
 from rlatent.sft.trainer import SFTTrainer
-from rlatent.sft.losses import GAIN_REPLACEMENTS, latent_gain, replaced_latents, sft_loss
+from rlatent.sft.diagnostics import GAIN_REPLACEMENTS, latent_gain, replaced_latents
+from rlatent.sft.losses import sft_loss
 from rlatent.data.splits import sft_examples
 from rlatent.data.synthetic import generate_problems
 

@@ -82,7 +82,7 @@ class SoftTokens(nn.Module):
     Renormalised over the top k (a full-vocabulary mixture would cost a (V, H) matmul per latent and be
     dominated by the tail). No parameters of its own: the gradient reaches the trunk and LM-head adapters
     through the weights. An audit found one system's "soft" actions effectively one-hot (median max weight
-    0.9999989); phase 1 logs that number for these latents (`soft_max_weight`, `rlatent.sft.losses.latent_norms`).
+    0.9999989); phase 1 logs that number for these latents (`soft_max_weight`, `rlatent.sft.diagnostics.latent_norms`).
     """
 
     def __init__(self, tokens: TokenSpace, top_k: int, temperature: float):
@@ -126,7 +126,7 @@ class PausePlusState(nn.Module):
 
     At initialisation every latent input is c, the pause control's input, whatever the state; W's gradient
     is not zero (it is the input gradient times the state), so training lets the state in only as far as it
-    lowers the loss (phase 1 logs how far it has: `latent_state_share`, `rlatent.sft.losses.latent_norms`).
+    lowers the loss (phase 1 logs how far it has: `latent_state_share`, `rlatent.sft.diagnostics.latent_norms`).
     """
 
     def __init__(self, tokens: TokenSpace, hidden_size: int, target_norm: float):

@@ -1,4 +1,6 @@
-"""Phase-1 losses and the diagnostics that say whether latents are used.
+"""Phase-1 losses: next-token LM loss and the start/stop heads' BCE.
+
+The diagnostics that say whether latents are used live in `rlatent.sft.diagnostics`.
 
 Loss = LM cross-entropy on answer tokens
      + lambda_start * BCE(start head, 1 exactly before each block)
@@ -13,13 +15,6 @@ batch of an optimizer step (`LossTotals`: target tokens, start decisions and
 their positives, stop decisions), so with gradient accumulation the
 micro-batch losses add up to the loss of the whole batch in one piece, and the
 `auto` weight is that batch's: 1x8, 2x4 and 8x1 give one gradient.
-
-*Latent gain* is the next-step loss (the tokens right after each block up to
-the end of the line) with the latents replaced, minus that loss with the real
-latents. Replacements: zeros, Gaussian noise of each latent's own norm, and
-the batch's latents shuffled across rows. A gain near zero for every
-replacement means the model ignores its latents: the failure a public
-post-mortem of this very plan ran into.
 """
 
 from __future__ import annotations
@@ -31,11 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from rlatent.latent.batch import LatentBatch
-from rlatent.latent.forward import ForwardOutput, parallel_forward
+from rlatent.latent.forward import ForwardOutput
 from rlatent.model.latent_model import LatentModel
-from rlatent.model.projections import PausePlusState, SoftTokens
-
-GAIN_REPLACEMENTS = ("zeros", "noise", "shuffle")
 
 
 @dataclass
@@ -116,76 +108,3 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
     float32 kernels round per element differently for different tensor sizes, which would make
     accumulated float64 gradients differ by ~1e-8)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def classifier_scores(logits: torch.Tensor, labels: torch.Tensor, threshold: float, name: str) -> dict[str, float]:
-    """Precision, recall and F1 of thresholded decisions (the decisions greedy sampling takes)."""
-    predicted = torch.sigmoid(logits) > threshold
-    actual = labels > 0.5
-    tp = (predicted & actual).sum().item()
-    precision = tp / max(predicted.sum().item(), 1)
-    recall = tp / max(actual.sum().item(), 1)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    return {f"{name}_precision": precision, f"{name}_recall": recall, f"{name}_f1": f1}
-
-
-def replaced_latents(slot_inputs: torch.Tensor, latent_mask: torch.Tensor, how: str,
-                     generator: torch.Generator) -> torch.Tensor:
-    """(B, T, H) latents with those at latent slots replaced: `zeros`, `noise` (same norm) or `shuffle`."""
-    vectors = slot_inputs[latent_mask]  # (N, H)
-    if how == "zeros":
-        replaced = torch.zeros_like(vectors)
-    elif how == "noise":
-        noise = torch.randn(vectors.shape, generator=generator, dtype=torch.float32).to(vectors)
-        replaced = noise / noise.norm(dim=-1, keepdim=True) * vectors.norm(dim=-1, keepdim=True)
-    else:  # shuffle: each row takes the latents of another row (a random cyclic shift over rows)
-        rows = latent_mask.nonzero()[:, 0]
-        owners = rows.unique()
-        if owners.numel() < 2:
-            return slot_inputs.clone()  # nothing to shuffle with: no replacement
-        shift = int(torch.randint(1, owners.numel(), (1,), generator=generator))
-        donors = owners.roll(-shift)
-        pieces = []
-        for owner, donor in zip(owners.tolist(), donors.tolist()):
-            mine, theirs = (rows == owner).sum().item(), vectors[rows == donor]
-            pieces.append(theirs[torch.arange(mine) % len(theirs)])
-        replaced = torch.cat(pieces)
-    out = slot_inputs.clone()
-    out[latent_mask] = replaced
-    return out
-
-
-@torch.no_grad()
-def latent_gain(model: LatentModel, batch: LatentBatch, out: ForwardOutput, seed: int) -> dict[str, float]:
-    """Next-step loss with real latents and its increase under each replacement (nats)."""
-    step_tokens = batch.next_step_mask & batch.target_mask()
-    if not model.latent_mode.has_slots or not batch.latent_mask.any() or not step_tokens.any():
-        return {}
-    real = token_losses(model, batch, out.hidden, step_tokens).mean().item()
-    metrics = {"next_step_loss": real}
-    generator = torch.Generator().manual_seed(seed)
-    for how in GAIN_REPLACEMENTS:
-        inputs = replaced_latents(out.slot_inputs, batch.latent_mask, how, generator)
-        replaced = parallel_forward(model, batch, inputs)
-        metrics[f"latent_gain_{how}"] = token_losses(model, batch, replaced.hidden, step_tokens).mean().item() - real
-    return metrics
-
-
-def latent_norms(model: LatentModel, out: ForwardOutput, batch: LatentBatch) -> dict[str, float]:
-    """Mean norm of latent inputs vs token embeddings: a scale mismatch is a common silent failure. With
-    `latent.proj: pause_plus`, also `latent_state_share`: the mean |z - c| / |z| of the latents, the part
-    the state adds to the learned constant (0 at initialisation: the latent is still the pause input).
-    With `latent.proj: soft`, also `soft_max_weight`: the mean largest weight of each latent's mixture
-    (near 1: the "soft" latent is a one-hot token in disguise)."""
-    if not batch.latent_mask.any():
-        return {}
-    slots = out.slot_inputs[batch.latent_mask].float()
-    norms = {"latent_norm": slots.norm(dim=-1).mean().item(), "embedding_norm": model.embedding_norm}
-    if isinstance(model.proj, PausePlusState):
-        added = (slots - model.proj.constant.detach().float()).norm(dim=-1) / slots.norm(dim=-1).clamp_min(1e-6)
-        norms["latent_state_share"] = added.mean().item()
-    if isinstance(model.proj, SoftTokens):
-        fed_back = F.pad(out.hidden, (0, 0, 1, 0))[:, :-1][batch.latent_mask]  # the state each latent was read from
-        weights, _ = model.proj.top_tokens(fed_back.to(model.head_dtype))
-        norms["soft_max_weight"] = weights.max(-1).values.float().mean().item()
-    return norms
