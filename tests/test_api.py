@@ -1,8 +1,9 @@
 """The Python API: the README's snippet runs as written on a tiny trained run, and its answers are the
-sampler's (same counts, same seeded results)."""
+sampler's (same counts, same seeded results) under the run's own evaluation settings: `rlatent eval`'s."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 import rlatent
 from rlatent.errors import CheckpointError
+from rlatent.latent.sampler import SamplingSettings
 from rlatent.run.cli import main
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
@@ -21,7 +23,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory, request):
     out = tmp_path_factory.mktemp("api")
     config = str(Path(request.config.rootpath) / CONFIG)
     assert main(["sft", config, f"model.name_or_path={tiny_model_dir}", "sft.steps=2", "sft.eval_every=2",
-                 "eval.limit=2", f"output.dir={out}", "output.name=run"]) == 0
+                 "eval.limit=2", "latent.start_threshold=0.01", f"output.dir={out}", "output.name=run"]) == 0
     return out / "run", config
 
 
@@ -56,7 +58,27 @@ def test_answers_are_consistent_and_seeded(tiny_run, one_torch_thread):
     assert [a.text for a in rlatent.load(checkpoint).generate(questions, **kwargs)] == [a.text for a in first]
 
 
+def test_generate_answers_as_rlatent_eval_does(tiny_run, one_torch_thread):
+    """Left to its defaults, `generate` gives `rlatent eval`'s answers on the same problems, latents and all: it
+    samples with the run's `eval.*` and `latent.*` settings, not the library's; an argument still overrides."""
+    run, _ = tiny_run
+    assert main(["eval", str(run)]) == 0
+    [samples] = (run / "evals").glob("*/samples.jsonl")
+    evaluated = [json.loads(line) for line in samples.read_text().splitlines()]
+    policy = rlatent.load(run)
+    answers = policy.generate([s["question"] for s in evaluated])
+    assert [(a.text, a.final_answer, a.with_latents, a.latent_tokens, a.truncated) for a in answers] == \
+        [(s["completion"], s["predicted"], s["with_latents"], s["latents"], s["truncated"]) for s in evaluated]
+    assert len(answers) == 2 and any(a.latents for a in answers)
+    library = policy.generate([s["question"] for s in evaluated], **{
+        name: getattr(SamplingSettings(), name) for name in ("max_new_tokens", "max_latents_per_block",
+                                                             "max_total_latents", "start_threshold")})
+    assert [a.text for a in library] != [a.text for a in answers]  # the library's defaults answer otherwise
+
+
 def test_a_directory_without_a_checkpoint_is_one_error(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         rlatent.load(tmp_path)
+    with pytest.raises(CheckpointError, match="neither a run directory"):
+        rlatent.load(tmp_path / "checkpoints")

@@ -10,26 +10,28 @@
 
     model, tokenizer = rlatent.build_model("configs/quickstart.yaml", ["latent.trunk=two"])
 
-`generate` takes the test-time budget knobs of `rlatent eval` as arguments
-(`start_threshold`, `stop_threshold` and the latent caps); it runs the same
-sampler that evaluation and GRPO rollouts use.
+A loaded run answers as `rlatent eval` evaluates it: `generate` runs the sampler that evaluation and
+GRPO rollouts use, with the run's own evaluation settings (its config.yaml's `latent` caps and
+thresholds, `eval` sampling, stop strings and batch size, `seed`), so a run trained with 16 latents a
+block is not cut at some library default; each keyword argument overrides one of them. A checkpoint
+outside a run directory has no config and takes `SamplingSettings`' defaults.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from rlatent.config import RunConfig, load_config
+from rlatent.config import ModelConfig, RunConfig, load_config
 from rlatent.data.examples import encode_stop_sequences, format_prompt, render_example, special_token_ids
 from rlatent.data.marks import extract_final_answer
 from rlatent.errors import CheckpointError
 from rlatent.io.checkpoint import check_checkpoint_files
 from rlatent.io.run_dir import RunDir
 from rlatent.latent.sampler import SamplingSettings, sample
-from rlatent.model.latent_model import LatentModel
+from rlatent.model.latent_model import SETTINGS_FILE, LatentModel
 from rlatent.model.loading import model_dtype, resolve_device
 from rlatent.run.evaluate import nearest_tokens
 
@@ -38,7 +40,7 @@ from rlatent.run.evaluate import nearest_tokens
 class Answer:
     question: str
     text: str  # the completion, latents left out
-    final_answer: str | None  # the number after `####` (or the last number), as graded
+    final_answer: str | None  # the number after `####` (or the last number of a finished answer), as graded
     with_latents: str  # the completion with a marker at each latent slot
     latents: int
     blocks: int
@@ -49,29 +51,37 @@ class Answer:
 
 
 class LatentPolicy:
-    """A trained latent policy (model + tokenizer) that answers questions."""
+    """A trained latent policy (model + tokenizer) that answers questions; `cfg` (its run's config, or None)
+    gives the defaults of `generate`."""
 
-    def __init__(self, model: LatentModel, tokenizer):
-        self.model, self.tokenizer = model.eval(), tokenizer
+    def __init__(self, model: LatentModel, tokenizer, cfg: RunConfig | None = None):
+        self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
+        self.settings = SamplingSettings() if cfg is None else SamplingSettings.from_config(
+            cfg.latent, cfg.eval, stop_sequences=encode_stop_sequences(cfg.eval.stop, tokenizer))
+        self.batch_size, self.seed = (16, 0) if cfg is None else (cfg.eval.batch_size, cfg.seed)
 
     @torch.no_grad()
-    def generate(self, questions: list[str], *, temperature: float = 0.0, top_p: float = 1.0,
-                 decisions: str = "greedy", max_new_tokens: int = 256, start_threshold: float = 0.5,
-                 stop_threshold: float = 0.5, max_latents_per_block: int = 8, max_blocks: int = 16,
-                 max_total_latents: int = 64, stop: list[str] = (), batch_size: int = 16,
-                 seed: int = 0) -> list[Answer]:
-        """One answer per question. `temperature` 0 = greedy tokens; `decisions` `greedy` thresholds the
-        start/stop heads at `start_threshold`/`stop_threshold` (raise the first for fewer latents), `sample`
-        draws them. `stop`: strings that end an answer like EOS. Seeded: the same call gives the same answers."""
-        settings = SamplingSettings(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, decisions=decisions,
-            start_threshold=start_threshold, stop_threshold=stop_threshold,
-            max_latents_per_block=max_latents_per_block, max_blocks=max_blocks, max_total_latents=max_total_latents,
-            stop_sequences=encode_stop_sequences(list(stop), self.tokenizer))
+    def generate(self, questions: list[str], *, temperature: float | None = None, top_p: float | None = None,
+                 decisions: str | None = None, max_new_tokens: int | None = None,
+                 start_threshold: float | None = None, stop_threshold: float | None = None,
+                 max_latents_per_block: int | None = None, max_blocks: int | None = None,
+                 max_total_latents: int | None = None, stop: list[str] | None = None,
+                 batch_size: int | None = None, seed: int | None = None) -> list[Answer]:
+        """One answer per question; every argument left None is the run's (`eval.*`, `latent.*`, `seed`).
+        `temperature` 0 = greedy tokens; `decisions` `greedy` thresholds the start/stop heads at
+        `start_threshold`/`stop_threshold` (raise the first for fewer latents), `sample` draws them. `stop`:
+        strings that end an answer like EOS. Seeded: the same call gives the same answers."""
+        chosen = dict(temperature=temperature, top_p=top_p, decisions=decisions, max_new_tokens=max_new_tokens,
+                      start_threshold=start_threshold, stop_threshold=stop_threshold,
+                      max_latents_per_block=max_latents_per_block, max_blocks=max_blocks,
+                      max_total_latents=max_total_latents,
+                      stop_sequences=None if stop is None else encode_stop_sequences(list(stop), self.tokenizer))
+        settings = replace(self.settings, **{name: value for name, value in chosen.items() if value is not None})
+        batch_size = batch_size or self.batch_size
         eos_id, pad_id = special_token_ids(self.tokenizer)
         answers = []
         generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
+        torch.manual_seed(self.seed if seed is None else seed)
         try:
             for offset in range(0, len(questions), batch_size):
                 chunk = questions[offset:offset + batch_size]
@@ -90,7 +100,7 @@ class LatentPolicy:
         slots = batch.latent_mask[row, :length]
         text = self.tokenizer.decode(traj.completion_ids(row), skip_special_tokens=True)
         return Answer(
-            question=question, text=text, final_answer=extract_final_answer(text),
+            question=question, text=text, final_answer=extract_final_answer(text, bool(traj.finished[row])),
             with_latents=render_example(batch.input_ids[row, start:length].tolist(), slots[start:].tolist(),
                                         self.tokenizer),
             latents=int(counts["latents"][row]), blocks=int(counts["blocks"][row]),
@@ -99,16 +109,34 @@ class LatentPolicy:
         )
 
 
-def load(path: str | Path, device: str = "auto", dtype: str = "auto", cache_dir: str | None = None) -> LatentPolicy:
-    """A run directory (its latest checkpoint) or a checkpoint directory, ready to `generate`."""
+def locate(path: str | Path) -> tuple[Path, Path | None]:
+    """(checkpoint, its run's config.yaml or None) of a run directory (its latest checkpoint) or of a
+    checkpoint directory (`RUN/checkpoints/step_N`: the config two levels up, where there is one)."""
     path = Path(path)
-    checkpoint = RunDir(path, create=False).latest_checkpoint() if (path / "config.yaml").is_file() else path
-    if checkpoint is None:
-        raise CheckpointError(f"{path}: run directory has no checkpoint")
+    if (path / "config.yaml").is_file():
+        checkpoint = RunDir(path, create=False).latest_checkpoint()
+        if checkpoint is None:
+            raise CheckpointError(f"{path}: run directory has no checkpoint")
+        return checkpoint, path / "config.yaml"
+    if not (path / SETTINGS_FILE).is_file():
+        raise CheckpointError(f"{path}: neither a run directory (config.yaml) nor a checkpoint ({SETTINGS_FILE})")
+    config = path.parent.parent / "config.yaml"
+    return path, config if config.is_file() else None
+
+
+def load(path: str | Path, device: str | None = None, dtype: str | None = None, cache_dir: str | None = None,
+         overrides: list[str] = ()) -> LatentPolicy:
+    """A run directory (its latest checkpoint) or a checkpoint directory, ready to `generate` as the run
+    evaluates. `device`, `dtype` and `cache_dir` default to the run's `model.*` (`auto` without a config);
+    `overrides` (`key.sub=value`) apply to the run's config, e.g. for one that a newer check refuses."""
+    checkpoint, config = locate(path)
     check_checkpoint_files(checkpoint)  # a LoRA checkpoint without its adapter would load as the base model
-    resolved = resolve_device(device)
-    model, tokenizer = LatentModel.load(checkpoint, model_dtype(dtype, resolved), resolved, cache_dir=cache_dir)
-    return LatentPolicy(model, tokenizer)
+    cfg = None if config is None else load_config(config, list(overrides))
+    run_model = cfg.model if cfg is not None else ModelConfig()  # without a config: `auto` device and dtype
+    resolved = resolve_device(device or run_model.device)
+    model, tokenizer = LatentModel.load(checkpoint, model_dtype(dtype or run_model.dtype, resolved), resolved,
+                                        cache_dir=cache_dir or run_model.cache_dir)
+    return LatentPolicy(model, tokenizer, cfg)
 
 
 def build_model(config: str | Path | RunConfig | None = None, overrides: list[str] = ()
