@@ -20,7 +20,7 @@ from rlatent.latent.batch import collate
 from rlatent.latent.forward import forward
 from rlatent.model.latent_model import LatentModel, LatentSettings
 from rlatent.run.cli import main
-from rlatent.sft.compress import chain_inputs, chain_pieces, compress_example, compress_loss
+from rlatent.sft.compress import INPUT_ONLY, chain_inputs, chain_pieces, compress_example, compress_loss
 from rlatent.sft.losses import token_losses
 
 CONFIG = "configs/tiny.yaml"
@@ -45,7 +45,8 @@ def test_block_chains_are_the_text_each_replace_block_stands_for():
     ([1, 2, 3, 4, 5], 2, [(1, 2), (3, 4, 5)]),
     ([1, 2, 3, 4, 5], 3, [(1,), (2, 3), (4, 5)]),
     ([1, 2, 3], 3, [(1,), (2,), (3,)]),
-    ([7, 8], 4, [(7,), (7,), (8,), (8,)]),  # fewer tokens than slots: none stands for nothing
+    # Fewer tokens than slots: a slot per token, then fillers fed the last token again but no loss target.
+    ([7, 8], 4, [(7,), (8,), (INPUT_ONLY - 8,), (INPUT_ONLY - 8,)]),
 ])
 def test_chain_pieces(tokens, slots, pieces):
     assert chain_pieces(tokens, slots) == pieces
@@ -124,9 +125,10 @@ def test_one_token_pieces_read_as_the_written_chain(tiny_latent_model):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["latent.mode=pause"], "sft.compress needs fed-back token mixtures"),
-    (["latent.placement=insert"], "sft.compress needs fed-back token mixtures"),
-    (["latent.proj=mlp"], "sft.compress needs fed-back token mixtures"),
+    (["latent.mode=none"], "sft.compress needs slots standing for the removed expressions"),
+    (["latent.placement=insert"], "sft.compress needs slots standing for the removed expressions"),
+    (["latent.proj=mlp"], "sft.compress needs slots standing for the removed expressions"),
+    (["sft.compress.weight=0", "sft.compress.tokens_per_latent=2"], "tokens_per_latent sizes blocks"),
     (["sft.distill.weight=1"], "sft.compress and sft.distill are alternatives"),
     (["sft.compress.weight=0", "sft.compress.split_steps=true"], "sft.compress.split_steps needs"),
     (["sft.compress.split_steps=true", "latent.k=1"], "sft.compress.split_steps needs"),

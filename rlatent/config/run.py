@@ -23,6 +23,27 @@ class RunConfig(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _data_seed_of_run(cls, values):
+        """`data.<task>.seed: run` becomes the run's seed here, so the saved config.yaml names the draw a run
+        trained on and `rlatent eval RUN seed=N` cannot move it to another draw."""
+        if not isinstance(values, dict) or "data" not in values:
+            return values
+        data, seed = values["data"], values.get("seed", 0)
+        if isinstance(data, Section):
+            data = data.model_dump()
+        if not isinstance(data, dict):
+            return values  # pydantic names the wrong type
+        data = dict(data)
+        for task in ("synthetic", "graph"):
+            section = data.get(task)
+            if isinstance(section, Section):
+                section = section.model_dump()
+            if isinstance(section, dict) and section.get("seed") == "run":
+                data[task] = {**section, "seed": seed}
+        return {**values, "data": data}
+
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         if self.latent.trunk == "two" and self.model.lora_r == 0:
@@ -40,11 +61,15 @@ class RunConfig(Section):
                              f"{self.latent.k}: sampling would cut every block phase 1 trains; raise it to at least "
                              f"{self.latent.k}")
         compress = self.sft.compress
-        if compress.weight > 0 and not (mode.recurrent and self.latent.placement == "replace"
-                                        and self.latent.proj == "soft"):
-            raise ValueError(f"sft.compress needs fed-back token mixtures standing for the removed expressions "
-                             f"(latent.mode 'latent', placement 'replace', proj 'soft'), got mode "
+        if compress.weight > 0 and not (mode.has_slots and self.latent.placement == "replace"
+                                        and (self.latent.proj == "soft" or not mode.recurrent)):
+            raise ValueError(f"sft.compress needs slots standing for the removed expressions (placement "
+                             f"'replace') fed back token mixtures (latent.mode 'latent' with proj 'soft') or pause "
+                             f"inputs (latent.mode 'pause': the chain-supervised pause control), got mode "
                              f"{self.latent.mode!r}, placement {self.latent.placement!r}, proj {self.latent.proj!r}")
+        if compress.tokens_per_latent is not None and compress.weight == 0:
+            raise ValueError("sft.compress.tokens_per_latent sizes blocks by their chains: it needs "
+                             "sft.compress.weight > 0")
         if compress.weight > 0 and self.sft.distill.weight > 0:
             raise ValueError("sft.compress and sft.distill are alternatives (teacher-forced slot inputs or matched "
                              "states): set one weight to 0")

@@ -23,6 +23,20 @@ def _takes_float(annotation) -> bool:
     return False
 
 
+MAX_LR = 1.0
+"""The largest learning rate a config takes. AdamW moves each weight by about lr per step, whatever the
+gradient's scale, and a pretrained weight is ~0.02 in size: above 1 a step outweighs the weights it trains,
+so no such lr can train, and one is nearly always a lost minus sign (`1e6` for `1e-6`)."""
+
+
+def sane_lr(value: float) -> float:
+    """`value` if it is at most `MAX_LR`, else the refusal that says why (a learning-rate field's validator)."""
+    if value > MAX_LR:
+        raise ValueError(f"{value:g} is above {MAX_LR:g}: AdamW would move every weight by about that much per "
+                         "step (a minus sign lost from the exponent?)")
+    return value
+
+
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are re-validated on assignment.
 
@@ -127,9 +141,12 @@ class SyntheticConfig(Section):
     num_train: int = Field(2000, ge=1)
     """Synthetic training problems."""
     num_eval: int = Field(100, ge=1)
-    """Synthetic evaluation problems (drawn from a separate seed stream)."""
-    seed: int = 0
-    """Generator seed: same seed, same problems."""
+    """Synthetic `test` problems (drawn from a separate seed stream), evaluated once per final recipe."""
+    num_dev: int | None = Field(None, ge=1)
+    """Synthetic `dev` problems (a third seed stream), for choosing recipes; null = `num_eval`."""
+    seed: int | Literal["run"] = 0
+    """Generator seed: same seed, same problems. `run`: the run's own `seed`, so that each run seed trains
+    and is tested on its own draw (seeds pooled then count problems, not repeats of the same ones)."""
     min_steps: int = Field(2, ge=1)
     """Fewest calculator steps per problem."""
     max_steps: int = Field(3, ge=1)
@@ -175,11 +192,13 @@ class GraphConfig(Section):
     num_train: int = Field(2000, ge=1)
     """Graph training problems."""
     num_eval: int = Field(100, ge=1)
-    """Graph evaluation problems (drawn from a separate seed stream)."""
+    """Graph `test` problems (drawn from a separate seed stream), evaluated once per final recipe."""
+    num_dev: int | None = Field(None, ge=1)
+    """Graph `dev` problems (a third seed stream), for choosing recipes; null = `num_eval`."""
     num_ood: int | None = Field(None, ge=1)
     """Out-of-distribution evaluation problems (split `ood`: more hops, its own seed stream); null = `num_eval`."""
-    seed: int = 0
-    """Generator seed: same seed, same problems."""
+    seed: int | Literal["run"] = 0
+    """Generator seed: same seed, same problems. `run`: the run's own `seed` (each run seed its own draw)."""
     min_hops: int = Field(2, ge=1)
     """Fewest hops (marked steps) in the answer's chain."""
     max_hops: int = Field(4, ge=1)
@@ -230,6 +249,14 @@ class DataConfig(Section):
     """A malformed JSONL line or mark: stop with file:line, or skip it and count it."""
     train_limit: int | None = Field(None, ge=1)
     """Use only the first N training problems (null = all)."""
+    dev_size: int = Field(0, ge=0)
+    """GSM8K: the last N problems of the train file form the `dev` split, for choosing recipes, and are not
+    trained on (0 = no dev split); the test file stays for one evaluation per final recipe. The seeded tasks
+    draw `dev` from a seed stream of its own (`num_dev`)."""
+    answer_format: Literal["natural", "equations"] = "natural"
+    """`natural`: the answer as written (`Natalia sold 48/2 = <<48/2=24>>24 clips ...`). `equations`: only its
+    calculator steps, one per line, then the final answer (`48/2=<<48/2=24>>24` ... `#### 72`), as GSM8K-Aug
+    writes chains (the format CODI, Coconut and SIM-CoT report on): marks stay where latents go."""
     max_length: int = Field(512, ge=8)
     """Training examples longer than this (prompt + answer + latents) are dropped and counted."""
     split_steps: int = Field(0, ge=0)
@@ -288,6 +315,10 @@ class CompressConfig(Section):
     teacher_forcing: bool = True
     """Feed each slot its piece's mean embedding in phase 1 (one parallel pass); false: the exact recurrent
     forward, each slot fed the model's own mixture, as at evaluation (no exposure bias, one pass per slot)."""
+    tokens_per_latent: int | None = Field(None, ge=1)
+    """The compression factor c: a converted mark's block gets ceil(chain tokens / c) slots (at most `latent.k`),
+    each standing for c consecutive tokens of its chain, so blocks follow their marks' lengths (CoLaR's factor).
+    null: every block has `latent.k` slots and its chain is cut into `k` near-equal pieces."""
 
 
 class SFTConfig(Section):
@@ -298,7 +329,9 @@ class SFTConfig(Section):
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
     lr: float = Field(2e-4, gt=0)
-    """Peak AdamW learning rate (LoRA, heads, projection)."""
+    """Peak AdamW learning rate (LoRA, heads, projection); 1e-2 can suit a small LoRA. At most 1 (`MAX_LR`:
+    AdamW moves each weight by about lr per step, so above 1 nothing trains). A step whose loss exceeds 10x the
+    run's first prints a warning: divergence that the NaN guard misses while the weights stay finite."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     warmup_steps: int = Field(10, ge=0)
@@ -324,6 +357,11 @@ class SFTConfig(Section):
     distill: DistillConfig = DistillConfig()
     compress: CompressConfig = CompressConfig()
 
+    @field_validator("lr")
+    @classmethod
+    def _lr_at_most_max(cls, value: float) -> float:
+        return sane_lr(value)
+
     @model_validator(mode="after")
     def _curriculum_fits(self) -> "SFTConfig":
         c = self.curriculum
@@ -333,6 +371,9 @@ class SFTConfig(Section):
 
 
 class EvalConfig(Section):
+    split: Literal["dev", "test"] = "test"
+    """The in-distribution held-out split a run evaluates on: `dev` while choosing a recipe, `test` once the
+    recipe is fixed (each number in docs says which). `rlatent eval --split` picks any split of a trained run."""
     limit: int | None = Field(None, ge=1)
     """Evaluate on the first N problems of the eval split (null = all)."""
     batch_size: int = Field(16, ge=1)

@@ -23,6 +23,7 @@ the start of the result, so the result tokenises as it would in running text
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rlatent.data.gsm8k import Problem
@@ -39,12 +40,13 @@ LATENT_TEXT = "[z]"
 _LEAD = re.compile(r"([ \t]*)([$€£¢]?)$")
 
 
-def answer_segments(answer: str, k: int, placement: str = "insert", latent_marks: int | None = None
-                    ) -> list[str | int]:
+def answer_segments(answer: str, k: int | Sequence[int], placement: str = "insert",
+                    latent_marks: int | None = None) -> list[str | int]:
     """The answer as text pieces and latent blocks (an int: that many latents).
 
     Marks are stripped. Each of the first `latent_marks` marks (all when None)
-    becomes a block of `k` latents, `placement` saying whether the written
+    becomes a block of `k` latents (`k[i]` for mark i when a sequence: blocks
+    sized by their chains, `block_sizes`), `placement` saying whether the written
     expression before it stays (`insert`) or goes (`replace`), or its whole
     line goes (`step`: the block stands where the line stood; a later mark on
     a line already gone adds its `k` to that block). The marks after those
@@ -59,14 +61,14 @@ def answer_segments(answer: str, k: int, placement: str = "insert", latent_marks
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    if k == 0 and placement == "insert" or latent_marks == 0:
+    if isinstance(k, int) and k == 0 and placement == "insert" or latent_marks == 0:
         text = strip_marks(answer)
         return [text] if text else []
     segments: list[str | int] = []
     pending, cursor = "", 0
     for index, mark in enumerate(parse_marks(answer)):
         converted = latent_marks is None or index < latent_marks
-        size = k if converted else 0
+        size = (k if isinstance(k, int) else k[index]) if converted else 0
         if placement == "step" and mark.start < cursor:  # its line went with an earlier mark's
             pending = _add_block(segments, pending, size)
             continue
@@ -167,7 +169,8 @@ def split_marks(answer: str, most: int, latent_marks: int | None = None) -> tupl
 
 def block_chains(answer: str, most: int, latent_marks: int | None = None) -> list[str]:
     """Per each of the first `latent_marks` marks (all when None), the written text its `replace` block
-    stands for, as it reads in running text: the expression and its `=` (" 10*7-18 ="), one step per
+    stands for, as it reads in running text: the expression and its `=` (" 10*7-18 =", "10*7-18=" at the
+    start of a line), one step per
     operation when the mark splits (`split_marks` with `most`: " 10 * 7 = 70, 70 - 18 ="), the mark's own
     expression where the answer writes none. Compressed-chain training (`rlatent.sft.compress`) teaches a
     block's slots to stand for the pieces of this text."""
@@ -183,9 +186,23 @@ def block_chains(answer: str, most: int, latent_marks: int | None = None) -> lis
             chain += f"{_operation(steps[-1], ' ')} ="
         else:
             chain = before[cut : lead.start()].strip() or f"{mark.expression} ="
-        chains.append(" " + chain)
+        # Running text writes a space before the expression; an expression that starts its line (the
+        # `equations` answer format) is written without one.
+        at_line_start = (before[:cut] or (answer[cursor - 1] if cursor else "\n")).endswith("\n")
+        chains.append(chain if at_line_start else " " + chain)
         cursor = mark.end
     return chains
+
+
+def block_sizes(answer: str, tokenizer, tokens_per_latent: int, most_slots: int, split_up_to: int,
+                latent_marks: int | None = None) -> list[int]:
+    """Per each of the first `latent_marks` marks (all when None), the slots of its block at compression
+    factor `tokens_per_latent` (c): ceil(tokens of its chain / c), at most `most_slots`; the chain is
+    `block_chains(answer, split_up_to)`'s, tokenized as `rlatent.sft.compress` cuts it. CoLaR's factor:
+    at c = 1 a slot per chain token, at c = 2 one per two, so a block is as long as its step needs."""
+    chains = block_chains(answer, split_up_to, latent_marks)
+    lengths = [len(tokenizer.encode(chain, add_special_tokens=False)) for chain in chains]
+    return [min(most_slots, max(1, -(-length // tokens_per_latent))) for length in lengths]
 
 
 def block_spans(latent_mask: list[bool]) -> list[tuple[int, int]]:
@@ -281,10 +298,10 @@ def answer_lead(tokenizer) -> str:
     return "" if getattr(tokenizer, "chat_template", None) is not None else " "
 
 
-def build_example(problem: Problem, tokenizer, k: int, placement: str = "insert",
+def build_example(problem: Problem, tokenizer, k: int | Sequence[int], placement: str = "insert",
                   latent_marks: int | None = None) -> SFTExample:
-    """The supervised example for `problem` with `k` latents at each of its first `latent_marks` marks
-    (all when None; see `answer_segments`).
+    """The supervised example for `problem` with `k` latents (`k[i]` at mark i) at each of its first
+    `latent_marks` marks (all when None; see `answer_segments`).
 
     Each text piece is tokenised on its own (no special tokens), so no token
     straddles a latent block.

@@ -19,6 +19,7 @@ from rewards.registry import RewardSet
 from rlatent.io.atomic import atomic_write_json
 from rlatent.config import RunConfig, load_config
 from rlatent.errors import CheckpointError, ConfigError, DataError, RlatentError
+from rlatent.run.eval_settings import ignored_edits, refuse_inapplicable
 from rlatent.run.evaluate import evaluate_problems
 from rlatent.model.latent_model import LatentModel
 from rlatent.model.loading import model_dtype, resolve_device
@@ -138,8 +139,10 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
         model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
     train_problems, skipped = load_split(cfg.data, "train", cfg.data.train_limit)
     require_problems(cfg.data, "train", train_problems, skipped)
-    eval_problems, eval_skipped = load_split(cfg.data, "test", cfg.eval.limit)
-    require_problems(cfg.data, "test", eval_problems, eval_skipped)
+    # The in-distribution held-out split (`eval.split`: dev while choosing a recipe, test once it is fixed)
+    # is logged under the phase names "test" and "test_sft" whichever it is; config.yaml says which.
+    eval_problems, eval_skipped = load_split(cfg.data, cfg.eval.split, cfg.eval.limit)
+    require_problems(cfg.data, cfg.eval.split, eval_problems, eval_skipped)
     held_out = {"test": eval_problems}
     if has_ood_split(cfg.data):  # longer chains than trained: the out-of-distribution test
         held_out["ood"] = load_split(cfg.data, "ood", cfg.eval.limit)[0]
@@ -162,10 +165,12 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
                 staged = staged_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum,
                                          teachers=cfg.sft.distill.weight > 0,
                                          split_steps=cfg.sft.distill.split_steps or cfg.sft.compress.split_steps,
-                                         chains=cfg.sft.compress.weight > 0)
+                                         chains=cfg.sft.compress.weight > 0,
+                                         tokens_per_latent=cfg.sft.compress.tokens_per_latent)
                 train, dropped = staged.stages, staged.dropped
-                evaluation = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length,
-                                             curriculum).stages
+                evaluation = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum,
+                                             split_steps=cfg.sft.compress.split_steps,
+                                             tokens_per_latent=cfg.sft.compress.tokens_per_latent).stages
                 for split, examples, problems in (("train", train, train_problems), ("eval", evaluation, eval_problems)):
                     if not all(examples):
                         raise DataError(f"{split} split: all {len(problems)} problems are longer than data.max_length "
@@ -294,19 +299,27 @@ def evaluate_with_engine(cfg: RunConfig, model, tokenizer, problems, samples_pat
 
 
 def run_eval(target: str, overrides: list[str], limit: int | None, split: str = "test") -> Path:
-    """Evaluate a run directory's latest checkpoint (or `eval.checkpoint`) on its eval split (`test`) or its
-    out-of-distribution one (`ood`, the seeded tasks)."""
+    """Evaluate a run directory's latest checkpoint (or `eval.checkpoint`) on `split`: `dev` (for choosing a
+    recipe), `test` (once per final recipe) or the out-of-distribution one (`ood`, the seeded tasks)."""
     target_path = Path(target)
     is_run = target_path.is_dir()
+    if not target_path.exists() and target_path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"{target}: no such run directory")
+    if is_run and not (target_path / "config.yaml").is_file():
+        raise ConfigError(f"{target}: not a run directory (config.yaml missing)")
     if limit is not None:
         overrides = [*overrides, f"eval.limit={limit}"]
     cfg = load_config(target_path / "config.yaml" if is_run else target_path, overrides)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     dtype = model_dtype(cfg.model.dtype, device)
-    checkpoint = cfg.eval.checkpoint or (RunDir(target_path, create=False).latest_checkpoint() if is_run else None)
+    run = RunDir(target_path, create=False) if is_run else None
+    checkpoint = cfg.eval.checkpoint or (run.latest_checkpoint() if is_run else None)
     if is_run and checkpoint is None:
         raise ConfigError(f"{target_path}: run directory has no checkpoint to evaluate")
+    refuse_inapplicable(overrides, checkpoint, is_run)
+    for line in ignored_edits(run, cfg, checkpoint) if is_run else ():
+        print(line)
     out_dir = (target_path if is_run else Path(cfg.output.dir)) / "evals" / time.strftime("%Y%m%d-%H%M%S")
     problem = writable_problem(out_dir)
     if problem:

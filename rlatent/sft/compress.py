@@ -54,18 +54,21 @@ from rlatent.latent.forward import ForwardOutput
 from rlatent.model.latent_model import LatentModel
 
 
+INPUT_ONLY = -2
+"""A piece's token id t stored as `INPUT_ONLY - t`: fed to its slot under teacher forcing, not a loss target."""
+
+
 def chain_pieces(tokens: list[int], slots: int) -> list[tuple[int, ...]]:
     """`tokens` cut into `slots` contiguous pieces of near-equal length, in order (piece j starts at
-    len * j // slots); when there are fewer tokens than slots, a slot whose piece would be empty takes the
-    token its piece starts at, so every slot stands for something."""
+    len * j // slots). With fewer tokens than slots, slot j < len stands for token j and each later slot
+    is a filler: fed the last token again (the chain is complete) but no loss target, so that every
+    token of the chain counts once in the chain loss."""
     count = len(tokens)
     if not count:
         raise ValueError("a block stands for no written tokens")
-    pieces = []
-    for j in range(slots):
-        start = min(count * j // slots, count - 1)
-        pieces.append(tuple(tokens[start : max(count * (j + 1) // slots, start + 1)]))
-    return pieces
+    if count < slots:
+        return [(token,) for token in tokens] + [(INPUT_ONLY - tokens[-1],)] * (slots - count)
+    return [tuple(tokens[count * j // slots : count * (j + 1) // slots]) for j in range(slots)]
 
 
 def compress_example(problem: Problem, student: SFTExample, tokenizer, latent_marks: int | None,
@@ -88,10 +91,11 @@ def chain_inputs(model: LatentModel, batch: LatentBatch) -> torch.Tensor:
     """(B, T, H) each latent slot's compressed embedding (the mean of its piece's token embeddings), 0
     elsewhere; no gradient (a teacher-forced input)."""
     pieces = batch.chain_ids[batch.latent_mask]  # (N, C): only the slots' pieces are embedded
-    valid = pieces >= 0
+    valid = pieces != -1
+    tokens = torch.where(pieces <= INPUT_ONLY, INPUT_ONLY - pieces, pieces).clamp_min(0)
     inputs = torch.zeros(*batch.latent_mask.shape, model.hidden_size, device=model.device, dtype=model.dtype)
     with torch.no_grad():
-        summed = (model.embed(pieces.clamp_min(0)) * valid[..., None]).sum(1)
+        summed = (model.embed(tokens) * valid[..., None]).sum(1)
         inputs[batch.latent_mask] = summed / valid.sum(1, keepdim=True)
     return inputs
 
@@ -99,12 +103,14 @@ def chain_inputs(model: LatentModel, batch: LatentBatch) -> torch.Tensor:
 def compress_loss(model: LatentModel, batch: LatentBatch, out: ForwardOutput) -> torch.Tensor:
     """Sum over latent slots of the cross-entropy of the slot's piece of the chain (each of its tokens
     weighted 1 / its length) under the LM head at the state before the slot, what `soft` mixes the slot's
-    input from at evaluation; `out` is the forward of `batch`, teacher-forced (`chain_inputs`) or free-running."""
+    input from at evaluation; `out` is the forward of `batch`, teacher-forced (`chain_inputs`) or free-running.
+    Filler slots (`chain_pieces`) add nothing. In the pause control with the chain loss (`latent.mode: pause`)
+    the slots are fed pause inputs and the same states carry the same loss: only what is fed back differs."""
     rows, positions = batch.latent_mask.nonzero(as_tuple=True)
     if not len(rows):
         return out.hidden.sum() * 0.0
     log_probs = torch.log_softmax(model.token_logits(out.hidden[rows, positions - 1]).float(), dim=-1)
-    pieces = batch.chain_ids[rows, positions]  # (N, C), -1 after each piece
+    pieces = batch.chain_ids[rows, positions]  # (N, C), -1 after each piece, fillers <= INPUT_ONLY
     valid = pieces >= 0
     picked = log_probs.gather(1, pieces.clamp_min(0)) * valid
-    return -(picked.sum(1) / valid.sum(1)).sum()
+    return -(picked.sum(1) / valid.sum(1).clamp_min(1)).sum()

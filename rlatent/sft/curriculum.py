@@ -5,7 +5,8 @@ calculator marks of every answer into latent blocks and leaves the others
 written; after `stages` stages every mark is a block, for the rest of phase 1.
 Coconut (arXiv 2412.06769) fell from 34.1 % to 14.4 % on GSM8K without its
 curriculum, and a pause-token control trained with the same curriculum matched
-it in distribution ("The Curriculum Is the Mechanism", arXiv 2512.21711). The
+it in distribution (B. Martin, "The Curriculum Is the Mechanism"; checkpoints on the Hugging Face hub as
+`bmarti44/coconut-curriculum-checkpoints`). The
 pause and no-CoT controls therefore run through the same stages (their mode
 decides what a converted mark becomes), so a comparison between modes compares
 mechanisms, not schedules.
@@ -58,20 +59,24 @@ class StagedExamples:
 
 
 def staged_examples(problems, tokenizer, latent: LatentConfig, max_length: int, curriculum: Curriculum,
-                    teachers: bool = False, split_steps: bool = False, chains: bool = False) -> StagedExamples:
+                    teachers: bool = False, split_steps: bool = False, chains: bool = False,
+                    tokens_per_latent: int | None = None) -> StagedExamples:
     """The examples of `problems` at every stage, and with `teachers` their teachers (`rlatent.sft.distill`);
     with `chains` each slot's piece of the written chain (`rlatent.sft.compress`). Stepwise teachers or
-    chains with `split_steps` (a mark of up to `latent.k` operations written one step per operation)."""
-    stages = [sft_examples(problems, tokenizer, latent, None, curriculum.latent_marks(s))[0]
+    chains with `split_steps` (a mark of up to `latent.k` operations written one step per operation). With
+    `tokens_per_latent` (c) each block has a slot per c tokens of its chain (`sft.compress.tokens_per_latent`)."""
+    split_up_to = latent.k if split_steps else 1
+    stages = [sft_examples(problems, tokenizer, latent, None, curriculum.latent_marks(s), tokens_per_latent,
+                           split_up_to)[0]
               for s in range(curriculum.stages + 1)]
     if chains:
-        stages = [[compress_example(problem, student, tokenizer, curriculum.latent_marks(s),
-                                    latent.k if split_steps else 1) for problem, student in zip(problems, stage)]
+        stages = [[compress_example(problem, student, tokenizer, curriculum.latent_marks(s), split_up_to)
+                   for problem, student in zip(problems, stage)]
                   for s, stage in enumerate(stages)]
     taught = None
     if teachers:
-        pairs = [[distill_pair(problem, student, tokenizer, curriculum.latent_marks(s),
-                               latent.k if split_steps else 1) for problem, student in zip(problems, stage)]
+        pairs = [[distill_pair(problem, student, tokenizer, curriculum.latent_marks(s), split_up_to)
+                  for problem, student in zip(problems, stage)]
                  for s, stage in enumerate(stages)]
         stages = [[student for student, _ in stage] for stage in pairs]
         taught = [[teacher for _, teacher in stage] for stage in pairs]

@@ -27,12 +27,20 @@ from rlatent.data.examples import SFTExample
 from rlatent.latent.forward import forward
 from rlatent.model.latent_model import LatentModel
 from rlatent.optim import build_optimizer
-from rlatent.io.run_dir import MetricsLogger, RunDir
+from rlatent.io.run_dir import MetricsLogger, RunDir, read_metrics
 from rlatent.sft.compress import chain_inputs, compress_loss
 from rlatent.sft.curriculum import Curriculum
 from rlatent.sft.distill import distill_counts, distill_terms
 from rlatent.sft.diagnostics import latent_diagnostics
 from rlatent.sft.losses import LossTotals, sft_loss
+
+LOSS_GROWTH_WARNING = 10.0
+"""A step whose loss exceeds this many times the run's first is diverging, nearly always from too high a
+learning rate: a console warning, once per process. The run stops only when the weights turn NaN/inf (the
+optimizer's guard), and a loss can grow a hundred-thousandfold while they stay finite (`sft.lr=1e6`, now
+refused by the config, took the tiny model's 9.6 to 1.4e6 at step 2; `sft.lr=1`, accepted, full fine-tuning
+to 11x at step 3). A healthy run's loss falls from its first step's: ten times above it is no noise."""
+
 
 def epoch_batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
     """Endless batches, reshuffled each epoch from `seed` (same seed, same order)."""
@@ -71,6 +79,8 @@ class SFTTrainer:
             lambda opt: get_scheduler(sft.schedule, opt, num_warmup_steps=sft.warmup_steps,
                                       num_training_steps=max(sft.steps, 1)))
         self.step = 0
+        self.first_loss: float | None = None  # the run's first step's, for `LOSS_GROWTH_WARNING`
+        self.warned_loss = False
 
     def batch(self, examples: list[SFTExample]) -> LatentBatch:
         return collate(examples, self.pad_id).to(self.model.device)
@@ -97,6 +107,7 @@ class SFTTrainer:
             metrics["step_seconds"] = time.perf_counter() - started
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", lm=f"{metrics['lm_loss']:.3f}")
+            self.watch_loss(metrics["loss"])
             if self.step % sft.log_every == 0:
                 self.logger.log(self.step, metrics, phase="train")
             if self.step % sft.eval_every == 0 and self.step < sft.steps:
@@ -107,6 +118,16 @@ class SFTTrainer:
         path = self.save_checkpoint()  # training is kept even if the final diagnostics fail
         self.evaluate()
         return path
+
+    def watch_loss(self, loss: float) -> None:
+        """Warn once when a step's loss exceeds `LOSS_GROWTH_WARNING` times the run's first."""
+        if self.first_loss is None:
+            self.first_loss = loss
+        elif not self.warned_loss and loss > LOSS_GROWTH_WARNING * self.first_loss:
+            self.warned_loss = True
+            tqdm.write(f"WARNING sft step {self.step}: loss {loss:.4g} is {loss / self.first_loss:.0f}x the first "
+                       f"step's ({self.first_loss:.4g}): training is diverging; sft.lr {self.cfg.sft.lr:g} is "
+                       "likely too high")
 
     def enter_stage(self) -> int:
         """The curriculum stage of the coming step; at a stage change, say so and reset the optimizer's
@@ -139,7 +160,10 @@ class SFTTrainer:
         tokens = 0
         for index, batch in enumerate(micro_batches):
             anchors = None if teachers is None else batch.anchor_mask  # set by `distill_pair`
-            forced = compress and sft.compress.teacher_forcing and bool(batch.latent_mask.any())
+            # Pause slots keep their pause inputs: the chain-supervised pause control differs from the
+            # latent row only in what is fed back.
+            forced = (compress and sft.compress.teacher_forcing and self.model.latent_mode.recurrent
+                      and bool(batch.latent_mask.any()))
             inputs = chain_inputs(self.model, batch) if forced else None
             out = forward(self.model, batch, self.cfg.latent.gradient, slot_inputs=inputs,
                           pass_cost=self.cfg.latent.pass_cost, anchors=anchors)
@@ -172,8 +196,10 @@ class SFTTrainer:
 
     def resume(self, checkpoint: Path) -> None:
         """Continue from a checkpoint of this phase (the caller loads the model); the data position
-        follows from the step."""
+        follows from the step, the first loss from metrics.jsonl (its first logged step's)."""
         self.step = restore_training_state(checkpoint, "sft", self.optimizer)
+        self.first_loss = next((record["loss"] for record in read_metrics(self.run.metrics_path)
+                                if record.get("phase") == "train"), None)
 
     def save_checkpoint(self) -> Path:
         path = self.run.checkpoint_path(self.step)
