@@ -1,4 +1,4 @@
-"""`rlatent` command line: `sft`, `grpo`, `train`, `eval`, `ablate`, `config`, `tiny-model`.
+"""`rlatent` command line: `sft`, `grpo`, `train`, `eval`, `ablate`, `compare`, `config`, `tiny-model`.
 
 Every user error ends as one line on stderr, `rlatent: error: <what> (<where>)`, and
 exit status 2 (`user_error` is the one place that decides what counts as one);
@@ -26,6 +26,7 @@ EPILOG = """examples:
   rlatent eval runs/quickstart-20261122-120000 --limit 50
   rlatent eval runs/quickstart-20261122-120000 latent.start_threshold=0.8   # fewer latents
   rlatent ablate configs/quickstart.yaml --grid latent.mode=latent,pause --seeds 3 --command sft
+  rlatent compare --a runs/pause-seed0 runs/pause-seed1 --b runs/latent-seed0 runs/latent-seed1
 overrides are key.sub=value (value parsed as YAML); unknown keys are errors."""
 
 
@@ -59,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what each cell runs (default train: both phases)")
     ab.add_argument("--name", help="ablation directory under output.dir (default: CONFIG stem + -ablation)")
     ab.add_argument("--report", metavar="DIR", help="only rebuild DIR/ablation.md and .png from ablation.json")
+    cp = commands.add_parser("compare", help="paired accuracy difference of evaluations on the same problems "
+                             "(run directories or samples files), per seed and pooled with a 95%% interval")
+    cp.add_argument("sources", nargs="*", metavar="[NAME=]RUN_OR_SAMPLES", help="evaluations; every pair is compared")
+    cp.add_argument("--a", nargs="+", default=[], metavar="RUN", help="side A, one evaluation per seed")
+    cp.add_argument("--b", nargs="+", default=[], metavar="RUN", help="side B, in the seed order of --a")
+    cp.add_argument("--phase", choices=("final", "sft"), default="final",
+                    help="a run's final evaluation, or its phase-1 one (sft) of `rlatent train`")
+    cp.add_argument("--ood", action="store_true", help="a run's out-of-distribution evaluation")
+    cp.add_argument("--json", metavar="PATH", help="also write every number here")
     commands.add_parser("config", help="print every config key with its default and meaning (markdown)")
     tiny = commands.add_parser("tiny-model", help="write a tiny random model + tokenizer directory (tests, demos)")
     tiny.add_argument("path")
@@ -148,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return ablate_command(args.config, args.overrides, args.grid, args.seeds, args.ablate_command,
                                   args.name, args.report)
+        elif args.command == "compare":
+            from rlatent.run.compare import compare_command
+
+            return compare_command(args.sources, args.a, args.b, args.phase, args.ood, args.json)
         elif args.command == "config":
             from rlatent.config import config_reference
 

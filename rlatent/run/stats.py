@@ -15,6 +15,11 @@ interval, and two cells are compared with a paired test on the same problems.
   discordant pair goes either way with probability 1/2, so the exact test is a two-sided binomial
   test on them; exact because the discordant counts of small evaluations are far too small for
   the chi-square approximation.
+- `paired_difference`: B - A over several seeds. Pooling the seeds' outcomes into one McNemar test treats a
+  problem that three seeds answered as three independent problems (it is one problem, met three times), and
+  treats the three seeds as all the seeds there could be. The difference gets a hierarchical bootstrap
+  instead: resample the seeds, then the problems, each problem keeping one weight for every seed that met
+  it; that gives its 95 % interval and a p-value. One seed keeps the exact McNemar p.
 - `constant_answer`: the control every table needs beside its rows: what a policy that ignores the
   question scores. On a Yes/No task that is the majority rate of these problems, not 50 %.
   `constant_answer_split` splits a policy's answers by it: how often it says that answer, and how
@@ -26,7 +31,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
+
+import numpy as np
 
 Z_975 = 1.959963984540054
 """The standard normal's 0.975 quantile: two-sided 95 %."""
@@ -116,6 +124,89 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
     return float(min(Fraction(1), Fraction(2 * tail, 2**n)))
+
+
+BOOTSTRAP_REPLICATES = 10_000
+"""Replicates of `paired_difference`'s bootstrap: its smallest p is 2 / 10,001, and its interval's ends move by
+well under a point between RNG seeds."""
+
+SeedOutcomes = tuple[Sequence[Hashable], Sequence[int], Sequence[int]]
+"""One seed's paired outcomes: (problem ids, 0/1 outcomes of A, 0/1 outcomes of B), one entry per problem."""
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Accuracy of B minus accuracy of A on paired outcomes, pooled over seeds, with its 95 % interval."""
+
+    difference: float  # pooled accuracy B - pooled accuracy A (every seed's problems counted once each)
+    low: float
+    high: float
+    p: float           # two-sided, against "no difference"
+    test: str          # "exact McNemar" (one seed) or "hierarchical bootstrap" (several)
+    seeds: int
+    pairs: int         # (seed, problem) pairs
+    problems: int      # distinct problems among them
+    only_a: int        # pairs A got right and B wrong
+    only_b: int
+
+
+def paired_difference(seeds: Sequence[SeedOutcomes], replicates: int = BOOTSTRAP_REPLICATES,
+                      rng_seed: int = 0) -> PairedDifference:
+    """B - A over `seeds`, each the outcomes of one seed of A and the same seed of B on the same problems.
+
+    The interval is a percentile bootstrap that resamples what another experiment would draw anew: first the
+    seeds (with replacement), then the problems. Problems are resampled by the Poisson bootstrap: each distinct
+    problem id gets a Poisson(1) multiplicity, the number of times a resample with replacement of n problems
+    takes one as n grows (Hanley & MacGibbon 2006). Unlike a resample of one fixed list, it is defined on any
+    collection of problems: a problem that several seeds met keeps one weight for all of them (the clustering:
+    a seed that saw the same 300 problems as another adds its training noise, not 300 new problems), while
+    seeds with their own data draws resample their own problems, apart. A replicate whose drawn seeds get no
+    problem at all (possible only with a handful of problems) is drawn again. The p-value is the bootstrap's,
+    2 x the smaller share of replicates on either side of 0 (each count plus 1, so never 0), which keeps it
+    consistent with the interval: p < 0.05 when the interval excludes 0. With one seed, it is the exact
+    McNemar p of the discordant pairs instead: the exact test of that design, at any sample size.
+    Deterministic for a given `rng_seed`.
+    """
+    if not seeds:
+        raise ValueError("paired_difference needs at least one seed")
+    ids: dict[Hashable, int] = {}
+    entries = []  # (seed, problem index, outcome of B - outcome of A)
+    for seed, (problems, a, b) in enumerate(seeds):
+        if not len(problems) == len(a) == len(b) > 0:
+            raise ValueError(f"seed {seed}: need one id and two outcomes per problem, at least one problem; got "
+                             f"{len(problems)}, {len(a)}, {len(b)}")
+        entries += [(seed, ids.setdefault(q, len(ids)), int(bool(y)) - int(bool(x))) for q, x, y in zip(problems, a, b)]
+    diff = np.zeros((len(seeds), len(ids)))  # (S, U): summed B - A of seed s on problem u
+    count = np.zeros((len(seeds), len(ids)))  # (S, U): how often seed s met problem u
+    for seed, problem, d in entries:
+        diff[seed, problem] += d
+        count[seed, problem] += 1
+    estimates = _bootstrap(diff, count, replicates, np.random.default_rng(rng_seed))
+    low, high = np.quantile(estimates, [0.025, 0.975])
+    only_a = sum(d < 0 for _, _, d in entries)
+    only_b = sum(d > 0 for _, _, d in entries)
+    if len(seeds) == 1:
+        p, test = mcnemar_exact(only_a, only_b), "exact McNemar"
+    else:
+        tail = min(np.count_nonzero(estimates <= 0), np.count_nonzero(estimates >= 0)) + 1
+        p, test = min(1.0, 2 * tail / (replicates + 1)), "hierarchical bootstrap"
+    return PairedDifference(float(diff.sum() / count.sum()), float(low), float(high), p, test, len(seeds),
+                            len(entries), len(ids), only_a, only_b)
+
+
+def _bootstrap(diff: np.ndarray, count: np.ndarray, replicates: int, rng: np.random.Generator,
+               chunk: int = 1000) -> np.ndarray:
+    """`replicates` resampled pooled differences (see `paired_difference`), `chunk` at a time to bound memory."""
+    n_seeds, n_problems = diff.shape
+    kept: list[np.ndarray] = []
+    while (done := sum(len(k) for k in kept)) < replicates:
+        size = min(chunk, replicates - done)
+        drawn = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=size)  # (R, S): seeds drawn
+        weights = rng.poisson(1.0, size=(size, n_problems))  # (R, U): each problem's multiplicity
+        num = ((drawn @ diff) * weights).sum(axis=1)
+        den = ((drawn @ count) * weights).sum(axis=1)
+        kept.append(num[den > 0] / den[den > 0])
+    return np.concatenate(kept)[:replicates]
 
 
 def constant_answer(references: Mapping[Hashable, Sequence[str]]) -> tuple[str, dict[Hashable, list[int]]]:
