@@ -143,3 +143,21 @@ def test_filler_slots_carry_no_chain_loss():
     assert pieces[2] == (INPUT_ONLY - 6,) and INPUT_ONLY - pieces[2][0] == 6
     assert sum(1 for piece in pieces for token in piece if token >= 0) == 2  # each chain token counts once
     assert torch.tensor(pieces[2]).lt(-1).all()  # never mistaken for the -1 padding
+
+
+def test_the_random_compression_factor_is_the_problems_own(tiny_tokenizer):
+    from rlatent.config import LatentConfig
+    from rlatent.data.splits import compression_factor, sft_examples
+    from rlatent.data.synthetic import generate_problems
+
+    problems = generate_problems(40, 0, 2, 2)
+    factors = [compression_factor(p, 4) for p in problems]
+    assert set(factors) == {1, 2, 3, 4} and factors == [compression_factor(p, 4) for p in problems]
+    latent = LatentConfig(mode="latent", placement="replace", proj="soft", k=16, max_latents_per_block=16)
+    drawn = sft_examples(problems, tiny_tokenizer, latent, None, tokens_per_latent=4, random_factor=True)[0]
+    for problem, factor, example in zip(problems, factors, drawn):
+        expected = block_sizes(problem.answer, tiny_tokenizer, factor, 16, 1)
+        assert sum(example.latent_mask) == sum(expected)
+    with pytest.raises(ValueError, match="random_factor draws each problem's factor"):
+        RunConfig.model_validate({"latent": {"mode": "latent", "placement": "replace", "proj": "soft"},
+                                  "sft": {"compress": {"weight": 1, "random_factor": True}}})

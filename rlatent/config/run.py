@@ -70,6 +70,9 @@ class RunConfig(Section):
         if compress.tokens_per_latent is not None and compress.weight == 0:
             raise ValueError("sft.compress.tokens_per_latent sizes blocks by their chains: it needs "
                              "sft.compress.weight > 0")
+        if compress.random_factor and compress.tokens_per_latent is None:
+            raise ValueError("sft.compress.random_factor draws each problem's factor up to "
+                             "sft.compress.tokens_per_latent: set it (e.g. 4)")
         if compress.weight > 0 and self.sft.distill.weight > 0:
             raise ValueError("sft.compress and sft.distill are alternatives (teacher-forced slot inputs or matched "
                              "states): set one weight to 0")

@@ -319,6 +319,11 @@ class CompressConfig(Section):
     """The compression factor c: a converted mark's block gets ceil(chain tokens / c) slots (at most `latent.k`),
     each standing for c consecutive tokens of its chain, so blocks follow their marks' lengths (CoLaR's factor).
     null: every block has `latent.k` slots and its chain is cut into `k` near-equal pieces."""
+    random_factor: bool = False
+    """CoLaR's random compression factor: each training problem draws its own c, uniform in 1 ..
+    `tokens_per_latent` (seeded by the problem, the same at every stage and on resume), so the slots learn to
+    carry more or fewer tokens and the stop head to close a block when its chain is done; held-out examples
+    keep c = `tokens_per_latent`."""
 
 
 class SFTConfig(Section):

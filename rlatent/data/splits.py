@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 from rlatent.config import DataConfig, LatentConfig
@@ -80,6 +81,13 @@ def _gsm8k_split(data: DataConfig, split: str, limit: int | None) -> tuple[list[
     return chosen[:limit], skipped
 
 
+def compression_factor(problem: Problem, most: int) -> int:
+    """A factor in 1 .. `most` drawn for `problem` from its question (not from a global stream), so that every
+    curriculum stage, every resumed run and every process gives a problem the same factor."""
+    digest = hashlib.blake2b(problem.question.encode(), digest_size=8).digest()
+    return 1 + int.from_bytes(digest, "little") % most
+
+
 def equation_chain(answer: str) -> str:
     """`answer` as GSM8K-Aug writes it: each calculator step on its own line as `expr=<<expr=r>>r`, then the
     final `#### n`. The words go, so each step writes its mark's own expression in full (the natural answer
@@ -90,20 +98,24 @@ def equation_chain(answer: str) -> str:
 
 
 def sft_examples(problems: list[Problem], tokenizer, latent: LatentConfig, max_length: int | None,
-                 latent_marks: int | None = None, tokens_per_latent: int | None = None, split_up_to: int = 1
-                 ) -> tuple[list[SFTExample], int]:
+                 latent_marks: int | None = None, tokens_per_latent: int | None = None, split_up_to: int = 1,
+                 random_factor: bool = False) -> tuple[list[SFTExample], int]:
     """Examples for the latent mode (`none`: no latents, marks stripped with `insert` or removed with their
     expressions with `replace`), with the first `latent_marks` marks converted (all when None; the
     curriculum's stages); drops and counts those longer than `max_length` (None: keeps all). With
     `tokens_per_latent` (c), a block has ceil(its chain's tokens / c) slots, at most `latent.k`
-    (`block_sizes`; chains stepwise for marks of up to `split_up_to` operations)."""
+    (`block_sizes`; chains stepwise for marks of up to `split_up_to` operations); with `random_factor`, each
+    problem its own c in 1 .. `tokens_per_latent` (`compression_factor`)."""
     has_slots = latent_mode(latent.mode).has_slots
+
     def slots(problem: Problem) -> int | list[int]:
         if not has_slots:
             return 0
         if tokens_per_latent is None:
             return latent.k
-        return block_sizes(problem.answer, tokenizer, tokens_per_latent, latent.k, split_up_to, latent_marks)
+        factor = compression_factor(problem, tokens_per_latent) if random_factor else tokens_per_latent
+        return block_sizes(problem.answer, tokenizer, factor, latent.k, split_up_to, latent_marks)
+
     examples = [build_example(p, tokenizer, slots(p), latent.placement, latent_marks) for p in problems]
     kept = [e for e in examples if max_length is None or len(e.input_ids) <= max_length]
     return kept, len(examples) - len(kept)

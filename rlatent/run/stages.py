@@ -166,7 +166,8 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
                                          teachers=cfg.sft.distill.weight > 0,
                                          split_steps=cfg.sft.distill.split_steps or cfg.sft.compress.split_steps,
                                          chains=cfg.sft.compress.weight > 0,
-                                         tokens_per_latent=cfg.sft.compress.tokens_per_latent)
+                                         tokens_per_latent=cfg.sft.compress.tokens_per_latent,
+                                         random_factor=cfg.sft.compress.random_factor)
                 train, dropped = staged.stages, staged.dropped
                 evaluation = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum,
                                              split_steps=cfg.sft.compress.split_steps,

@@ -60,14 +60,15 @@ class StagedExamples:
 
 def staged_examples(problems, tokenizer, latent: LatentConfig, max_length: int, curriculum: Curriculum,
                     teachers: bool = False, split_steps: bool = False, chains: bool = False,
-                    tokens_per_latent: int | None = None) -> StagedExamples:
+                    tokens_per_latent: int | None = None, random_factor: bool = False) -> StagedExamples:
     """The examples of `problems` at every stage, and with `teachers` their teachers (`rlatent.sft.distill`);
     with `chains` each slot's piece of the written chain (`rlatent.sft.compress`). Stepwise teachers or
     chains with `split_steps` (a mark of up to `latent.k` operations written one step per operation). With
-    `tokens_per_latent` (c) each block has a slot per c tokens of its chain (`sft.compress.tokens_per_latent`)."""
+    `tokens_per_latent` (c) each block has a slot per c tokens of its chain (`sft.compress.tokens_per_latent`),
+    with `random_factor` a c of each problem's own (`sft.compress.random_factor`)."""
     split_up_to = latent.k if split_steps else 1
     stages = [sft_examples(problems, tokenizer, latent, None, curriculum.latent_marks(s), tokens_per_latent,
-                           split_up_to)[0]
+                           split_up_to, random_factor)[0]
               for s in range(curriculum.stages + 1)]
     if chains:
         stages = [[compress_example(problem, student, tokenizer, curriculum.latent_marks(s), split_up_to)
