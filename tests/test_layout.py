@@ -103,3 +103,12 @@ def test_rewards_never_import_model_internals():
 def test_modules_stay_small():
     too_long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > 450}
     assert not too_long, too_long
+
+
+def test_architecture_page_lists_these_layers():
+    """docs/architecture.md shows the layering rule; it must be the one this file checks."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    block = page.split("<!-- layers -->")[1].split("<!-- /layers -->")[0]
+    assert [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("```")] == ORDER
+    for module in FOUNDATION:
+        assert f"`{module}`" in page, module
