@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlatent.run.cli import main, parse_args
 
@@ -152,6 +153,10 @@ def _corrupt_run_record(tmp, model):
     return ["train", "--resume", str(run)]
 
 
+ALIAS_BOMB = (b"model: {name_or_path: MODEL}\ngrpo:\n  rewards:\n  - function: gsm8k_correct\n    kwargs:\n"
+              b"      l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+              + b"".join(b"      l%d: &l%d [%s]\n" % (i, i, b", ".join([b"*l%d" % (i - 1)] * 10)) for i in range(1, 6)))
+"""Six levels of ten aliases in a reward's kwargs, 456 bytes: a million values once copied out (issue 43)."""
 DEEP_MARK = json.dumps({"question": "q", "answer": "<<" + "(" * 3000 + "1" + ")" * 3000 + "=1>>1\n#### 1"})
 BAD_INPUTS = {
     "config not UTF-8": (_config_file(b"seed: 0\nmodel: {name_or_path: MODEL}\nsft: {lr: 0.1\xff}\n"),
@@ -159,8 +164,12 @@ BAD_INPUTS = {
     "config duplicate key": (_config_file(b"model: {name_or_path: MODEL}\nsft:\n  lr: 0.1\n  lr: 0.2\n"),
                              ["bad.yaml:4", "duplicate key 'lr'", "line 3"]),
     "config nested deep": (_config_file(b"seed: " + b"[" * 5000 + b"]" * 5000 + b"\n"), ["bad.yaml:1", "nested"]),
+    "config YAML aliases": (_config_file(ALIAS_BOMB), ["bad.yaml:7", "YAML alias *l0 refused"]),
+    "override YAML alias": (_overrides("grpo.rewards=[{function: gsm8k_correct, kwargs: {a: &a [1, 1], b: [*a, *a]}}]"),
+                            ["override 'grpo.rewards=", "YAML alias *a refused"]),
     "seed -1": (_overrides("seed=-1"), ["seed"]),
     "lr inf": (_overrides("sft.lr=.inf"), ["sft.lr", "finite"]),
+    "lr 1e6": (_overrides("sft.lr=1e6"), ["sft.lr: 1e+06 is above 1", "minus sign"]),
     "steps true": (_overrides("sft.steps=true"), ["sft.steps", "integer"]),
     "device foo": (_overrides("model.device=foo"), ["model.device", "foo"]),
     "jsonl not UTF-8": (_gsm8k((GOOD_ROW + "\n").encode() * 8 + b'{"question": "\xff"}\n'),
@@ -195,11 +204,15 @@ def test_bad_input_is_one_line_and_leaves_no_run(case, tiny_model_dir, tmp_path,
     assert not (tmp_path / "out" / "nope").exists()
 
 
-def test_skipped_bad_lines_are_counted(tiny_model_dir, tmp_path):
+def test_skipped_bad_lines_are_counted_and_told(tiny_model_dir, tmp_path, capsys):
     argv = _gsm8k((GOOD_ROW + "\n").encode() * 8 + b'{"question": "\xff"}\n' + b"[" * 5000 + b"]" * 5000 + b"\n",
                   None, "data.on_bad_line=skip")(tmp_path, tiny_model_dir)
     assert main(argv) == 0
     assert records(tmp_path / "out" / "r")[0]["skipped_rows"] == 2
+    told = [line for line in capsys.readouterr().out.split("\n") if line.startswith("data.on_bad_line")]
+    data = tmp_path / "gsm8k" / "train.jsonl"
+    assert told == [f"data.on_bad_line=skip: skipped 2 malformed rows: {data}:9: not UTF-8 text (byte 0xff at "
+                    f"column 15); {data}:10: JSON nested deeper than 64 levels"], told
 
 
 def test_machine_faults_are_one_line_and_bugs_keep_their_traceback(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -251,8 +264,18 @@ def test_read_only_run_directory(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["sft", "grpo"])
-def test_nonfinite_weights_stop_at_the_step(command, tiny_model_dir, tmp_path, capsys, rewards_module):
-    extra = ["sft.lr=1e30"] if command == "sft" else ["grpo.lr=1e30", ALTERNATE]
+def test_nonfinite_weights_stop_at_the_step(command, tiny_model_dir, tmp_path, capsys, rewards_module, monkeypatch):
+    extra = ["grpo.lr=1e30", ALTERNATE] if command == "grpo" else []
+    if command == "sft":  # sft.lr above 1 is refused by the config: an update that leaves a NaN weight instead
+        step = torch.optim.AdamW.step
+
+        def poisoned(self, *args, **kwargs):
+            loss = step(self, *args, **kwargs)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+            return loss
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
     assert main(cli(command, tiny_model_dir, tmp_path, "nan", *extra)) == 2
     line = error_line(capsys)  # on its own line, after the progress bar's
     assert re.search(r"step \d+: trainable weights are NaN/inf", line) and "learning rate" in line, line

@@ -17,17 +17,31 @@ MAX_YAML_DEPTH = 32
 """Deepest nesting a config may have (the deepest real key, `grpo.rewards[i].kwargs.x`, is 5)."""
 
 
+class Refused(yaml.MarkedYAMLError):
+    """YAML that parses but that a config may not hold (or, for a duplicate key, that YAML forbids and PyYAML
+    would take): the message is the refusal, not "not valid YAML"."""
+
+
 class ConfigLoader(yaml.SafeLoader):
-    """YAML's safe loader with two refusals: a key given twice in one mapping (YAML forbids it; PyYAML
-    would keep the last silently), and nesting deeper than `MAX_YAML_DEPTH` (the composer recurses once
-    per level: hostile nesting is refused by depth, not by Python's recursion limit)."""
+    """YAML's safe loader with three refusals: a key given twice in one mapping (YAML forbids it; PyYAML
+    would keep the last silently); nesting deeper than `MAX_YAML_DEPTH` (the composer recurses once per
+    level: hostile nesting is refused by depth, not by Python's recursion limit); and any alias (`*name`).
+    An alias costs nothing to parse, but the config is validated and written out (config.yaml, run.json)
+    in full, where each alias is a copy: six levels of `&b [*a, *a, ...]` in 383 bytes became a 22 MB
+    config.yaml after 191 s, nine would be tens of GB. No config needs one, so they are refused outright
+    rather than capped by an expanded size."""
 
     depth = 0
 
     def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise Refused(problem=f"YAML alias *{event.anchor} refused (a config takes no aliases: each is "
+                          "copied in full, and aliases of aliases grow exponentially); write the value out",
+                          problem_mark=event.start_mark)
         if self.depth >= MAX_YAML_DEPTH:
-            raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
-                                       problem_mark=self.peek_event().start_mark)
+            raise Refused(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
+                          problem_mark=self.peek_event().start_mark)
         self.depth += 1
         try:
             return super().compose_node(parent, index)
@@ -42,10 +56,16 @@ class ConfigLoader(yaml.SafeLoader):
                     continue
                 key = self.construct_object(key_node)
                 if key in first_line:
-                    raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r} (first given at line "
-                                               f"{first_line[key]})", problem_mark=key_node.start_mark)
+                    raise Refused(problem=f"duplicate key {key!r} (first given at line {first_line[key]})",
+                                  problem_mark=key_node.start_mark)
                 first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong, in words: a refusal as it stands, a parser error as "not valid YAML (...)"."""
+    problem = getattr(exc, "problem", None) or exc
+    return str(problem) if isinstance(exc, Refused) else f"not valid YAML ({problem})"
 
 
 def _format_validation_error(error: ValidationError, where: str) -> str:
@@ -70,7 +90,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     try:
         value = yaml.load(raw, Loader=ConfigLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {override!r}: value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(f"override {override!r}: {yaml_problem(exc)}") from None
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -101,7 +121,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            raise ConfigError(f"{path}{line}: {yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for override in overrides:

@@ -21,6 +21,8 @@ from rlatent.data.marks import extract_final_answer, parse_marks
 ON_BAD_LINE = ("raise", "skip")
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays/objects a JSONL row may have (a GSM8K row has 1)."""
+SHOWN_SKIPS = 3
+"""Skipped rows whose reasons the console line shows (the rest are counted)."""
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKET = re.compile(r"[\[\]{}]")
 
@@ -136,10 +138,12 @@ def load_gsm8k(
 
 def _collect(rows: Iterable[tuple[object, str]], on_bad_line: str, limit: int | None) -> tuple[list[Problem], int]:
     """Validate rows (a decoding error arrives as a `DataError` in place of
-    the row) into problems, raising or skipping bad ones."""
+    the row) into problems, raising or skipping bad ones. Skipped rows are
+    also told on the console, the first `SHOWN_SKIPS` with their reason: a
+    count in metrics.jsonl alone would go unseen."""
     if on_bad_line not in ON_BAD_LINE:
         raise ValueError(f"on_bad_line must be one of {ON_BAD_LINE}, got {on_bad_line!r}")
-    problems, skipped = [], 0
+    problems, skipped, reasons = [], 0, []
     for row, source in rows:
         if limit is not None and len(problems) >= limit:
             break
@@ -147,8 +151,14 @@ def _collect(rows: Iterable[tuple[object, str]], on_bad_line: str, limit: int | 
             if isinstance(row, DataError):
                 raise row
             problems.append(problem_from_row(row, source))
-        except DataError:
+        except DataError as error:
             if on_bad_line == "raise":
                 raise
             skipped += 1
+            if len(reasons) < SHOWN_SKIPS:
+                reasons.append(str(error))
+    if skipped:
+        more = f"; and {skipped - len(reasons)} more" if skipped > len(reasons) else ""
+        print(f"data.on_bad_line=skip: skipped {skipped} malformed row{'s' if skipped > 1 else ''}: "
+              f"{'; '.join(reasons)}{more}")
     return problems, skipped
