@@ -12,7 +12,7 @@ The package's folders are its architecture, each importing only the ones below i
     data/         GSM8K, calculator marks and grading, examples, synthetic problems
     optim/        torch and DeepSpeed optimizers and their shared state
     io/           run directory, metrics, plots, checkpoints, atomic writes
-    config.py, modes.py, errors.py: the foundation; rewards live in the top-level `rewards` package.
+    config/, modes.py, errors.py: the foundation; rewards live in the top-level `rewards` package.
 
 The Python API (`load`, `build_model`, `LatentPolicy`, `Answer`) is imported on first use, so
 `import rlatent.config` stays light.

