@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from rlatent.config import RewardSpec
+from rlatent.config.phase2 import reward_names
 from rlatent.errors import ConfigError, RlatentError
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,8 @@ class RewardSet:
         self.errors = errors
         self.fns: list[RewardFn] = []
         self.required: list[tuple[str, ...]] = []
-        self.names: list[str] = []
-        """Metric names, one per spec: the built-in / entry-point name or the function's last path
-        segment; a name used twice gets the spec's index (`gsm8k_correct_2`)."""
+        self.names = reward_names(self.specs)
+        """Metric names, one per spec (`rlatent.config.phase2.reward_names`)."""
         self._warned: set[str] = set()
         for i, spec in enumerate(self.specs):
             where = f"grpo.rewards[{i}]"
@@ -156,9 +156,7 @@ class RewardSet:
             if shadowed:
                 raise ConfigError(f"{where}.kwargs: {shadowed[0]!r} is a trajectory fact passed to every reward")
             self.required.append(_check_signature(fn, spec, where, strict=BUILTIN_REWARDS.get(spec.function) is fn))
-            name = spec.function.replace(":", ".").rsplit(".", 1)[-1]
             self.fns.append(fn)
-            self.names.append(name if name not in self.names else f"{name}_{i}")
 
     def score(
         self, prompts: Sequence[str], completions: Sequence[str], facts: dict[str, Sequence[Any]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlatent.config.sections import Section
 
@@ -16,6 +16,16 @@ class RewardSpec(Section):
     """Weight of this reward in the total (the advantage is computed on the weighted sum)."""
     kwargs: dict[str, Any] = {}
     """Keyword arguments passed to the reward on every call."""
+
+
+def reward_names(specs: list[RewardSpec]) -> list[str]:
+    """Each reward's metric name: the built-in / entry-point name or the function's last path segment; a
+    name used twice gets the spec's index (`gsm8k_correct_2`)."""
+    names: list[str] = []
+    for i, spec in enumerate(specs):
+        name = spec.function.replace(":", ".").rsplit(".", 1)[-1]
+        names.append(name if name not in names else f"{name}_{i}")
+    return names
 
 
 class GRPOConfig(Section):
@@ -33,10 +43,17 @@ class GRPOConfig(Section):
     dynamic_sampling_rounds: int = Field(1, ge=1)
     """Dynamic sampling (DAPO, arXiv 2503.14476): a group whose rewards are all equal has zero advantage and
     teaches nothing, and a policy that solves one rollout in ten leaves most groups of 8 all wrong. With R > 1,
-    while fewer than `prompts_per_step` of the step's groups have unequal rewards, up to R - 1 further rounds of
-    `prompts_per_step` prompts are sampled (from a second seeded stream, so the first round draws what a run
-    without it draws); the update takes the first `prompts_per_step` groups with unequal rewards, topped up with
-    equal ones in draw order when the rounds run out, so its size never changes. 1 = off."""
+    while fewer than `prompts_per_step` of the step's groups are informative (`dynamic_sampling_reward` differs
+    within the group), up to R - 1 further rounds of `prompts_per_step` prompts are sampled (from a second
+    seeded stream, never a prompt the step already drew, so the first round draws what a run without it
+    draws); the update takes the first `prompts_per_step` informative groups, topped up with the others in draw
+    order when the rounds run out, so its size never changes (DAPO keeps drawing until the batch is full
+    instead: here the policy-gradient part of a step shrinks with `groups_informative`). 1 = off."""
+    dynamic_sampling_reward: str = "gsm8k_correct"
+    """The reward (its metric name, as in `reward/<name>_mean`) whose values decide whether a group is
+    informative: the correctness reward, as DAPO filters on accuracy. The weighted total would pass a group of
+    eight wrong answers one of which lacks `####` (a format reward differs), with advantages as large as a
+    group with one right answer. Must name one of `rewards` when `dynamic_sampling_rounds` > 1."""
     temperature: float = Field(1.0, gt=0)
     """Rollout token temperature; token log-probs are taken at it."""
     top_p: float = Field(1.0, gt=0, le=1)
@@ -75,10 +92,14 @@ class GRPOConfig(Section):
     reference: Literal["initial", "base"] = "initial"
     """The KL's reference. `initial`: the policy phase 2 starts from, frozen (adapter, heads, projection), as
     TRL and verl: tokens (k3), start/stop decisions (exact Bernoulli KL) and explored latents (exact Gaussian
-    KL) all get a KL; costs one copy of the trainable weights (a whole model with `model.lora_r: 0`).
-    `base`: the base model with adapters off (before phase 1; tokens only, needs LoRA)."""
+    KL) all get a KL; costs one copy of the trainable weights (a whole model with `model.lora_r: 0`). With
+    `latent_noise_std: 0` it computes its own latents (one recurrent no-grad forward), so a drift in how states
+    become latents is charged too. `base`: the base model with adapters off (before phase 1; tokens only,
+    needs LoRA; scored on the policy's latents)."""
     kl_bias_correction: bool = False
-    """Multiply each action's k3 by its importance ratio (TRL 1.16's `use_bias_correction_kl`, on there)."""
+    """Multiply each action's KL by its importance ratio (TRL 1.16's `use_bias_correction_kl`, on there). It
+    also sets the KL's direction: the k3 loss's gradient estimates grad KL(ref||pi) without it and grad
+    KL(pi||ref) with it, and the exact decision KL follows (docs/grpo.md)."""
     num_iterations: int = Field(1, ge=1)
     """Updates per batch of rollouts; ratios are taken against the old log-probs (`old_logprobs`)."""
     old_logprobs: Literal["sampler", "recompute"] = "sampler"
@@ -97,8 +118,12 @@ class GRPOConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     reward_errors: Literal["raise", "zero"] = "raise"
     """A reward that raises or returns NaN/inf/wrong length: stop naming it and the sample, or score 0 and count."""
+    reward_errors_max_steps: int = Field(3, ge=0)
+    """With `reward_errors: zero`: stop the run (one error line, exit 2) once one reward has failed on every
+    sample of this many steps in a row, since such a run trains on nothing that reward measures; checkpoints
+    written so far are kept. 0 = never stop (failures are still printed per step and summed at the end)."""
     rewards: list[RewardSpec] = [RewardSpec(function="gsm8k_correct"), RewardSpec(function="gsm8k_format", weight=0.1)]
-    """Reward functions and weights (see README, Rewards); the advantage uses their weighted sum."""
+    """Reward functions and weights (docs/guide.md, Rewards); the advantage uses their weighted sum."""
     log_every: int = Field(1, ge=1)
     save_every: int = Field(0, ge=0)
     """0 = checkpoint only at the end."""
@@ -114,6 +139,14 @@ class GRPOConfig(Section):
     """The step's prompts are split into this many chunks, each sampled with its own seed (seed, step,
     chunk): the unit a Ray rollout worker takes, and redoes if it dies. Equal chunks give equal rollouts on
     either backend. null = 1 locally, `distributed.rollout_workers` with Ray."""
+
+    @model_validator(mode="after")
+    def _dynamic_sampling_reward_is_configured(self) -> "GRPOConfig":
+        names = reward_names(self.rewards)
+        if self.dynamic_sampling_rounds > 1 and self.dynamic_sampling_reward not in names:
+            raise ValueError(f"dynamic_sampling_reward {self.dynamic_sampling_reward!r} is not one of the "
+                             f"configured rewards ({', '.join(names)})")
+        return self
 
 
 class DistributedConfig(Section):

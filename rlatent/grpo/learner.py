@@ -134,7 +134,8 @@ class GRPOLearner:
         for iteration in range(g.num_iterations):
             for mb in micro_batches:
                 new = self.recompute(mb)
-                kl = None if mb.reference is None else self.reference.kl(new, mb.reference, g.latent_noise_std)
+                kl = None if mb.reference is None else self.reference.kl(new, mb.reference, g.latent_noise_std,
+                                                                         g.kl_bias_correction)
                 loss, stats = self.loss(mb, new, kl, advantages[mb.rows], totals)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"grpo step {step}: loss is {loss.item()}; lower grpo.lr")

@@ -111,6 +111,12 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
     With d = ref − logp: exp(d) − d − 1. Unbiased (E_π[exp(d)] = 1), and 0
     exactly where the two log-probs agree. Clamped to `KL_CLAMP`.
+
+    Its value estimates KL(π‖π_ref), but used as a loss its gradient,
+    (1 − π_ref/π)·∇logπ, is in expectation over π the gradient of the other
+    direction, KL(π_ref‖π) (Tang & Munos, arXiv 2506.09477); times the
+    importance ratio (`grpo_loss`'s `kl_bias_correction`) it is that of
+    KL(π‖π_ref). The two agree to second order near the reference.
     """
     d = ref_logprobs - logprobs
     return torch.clamp(torch.exp(d) - d - 1, -KL_CLAMP, KL_CLAMP)
@@ -231,7 +237,10 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, kl: Tensor | None, advanta
     added per action before aggregation (as TRL does), only when β > 0 and kl
     is given; `kl_bias_correction` multiplies it by the importance ratio
     (TRL 1.16's `use_bias_correction_kl`, default there; it makes k3 unbiased
-    when the samples come from the old policy). `normaliser`: the full batch's
+    when the samples come from the old policy). Without it the k3 term's
+    gradient estimates ∇KL(π_ref‖π), with it ∇KL(π‖π_ref) (`kl_k3`); the exact
+    decision terms the reference passes in take the same direction
+    (`rlatent.grpo.reference`), so β pulls every kind the same way. `normaliser`: the full batch's
     (`normaliser(full_mask, ...)`) when this is a micro-batch; None = this
     batch's own. Returns the scalar loss and stats: `clip_low`, `clip_high`,
     `clip_fraction`, `ratio_mean`, `kl` (mean over real actions, when

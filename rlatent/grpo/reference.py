@@ -12,6 +12,15 @@ gets its own KL:
 - explored latents: the exact KL between the two isotropic Gaussians,
   |mean - ref mean|^2 / (2 std^2) (`policy.gaussian_kl`).
 
+Directions. k3's *value* estimates KL(pi||ref), but the gradient of k3 used as a
+loss, (1 - ref/pi) grad log pi, is in expectation over pi the gradient of
+KL(ref||pi) (Tang & Munos, arXiv 2506.09477); multiplied by the importance ratio
+(`grpo.kl_bias_correction`) its gradient is that of KL(pi||ref). What beta
+anchors is the gradient, so the exact decision term takes the same direction:
+KL(ref||pi) by default, KL(pi||ref) with the bias correction (`kl`). The two
+agree to second order near the reference (both are half the Fisher form), so
+the logged values of the kinds stay comparable. The Gaussian term is symmetric.
+
 The reference forward swaps the frozen tensors into the trainable parameters
 for one no-grad pass and swaps them back, so it costs one copy of the
 trainable weights: a few MB with LoRA, a whole second copy of the model with
@@ -23,8 +32,11 @@ get a KL. Kept for those who want it; it needs LoRA (with full fine-tuning the
 "base" would be the policy itself and the KL silently 0, which the config
 refuses).
 
-The reference is evaluated on the sampled sequence, with the stored latents as
-inputs, so it scores exactly the actions the policy took.
+The reference scores the sampled sequence: its tokens, and its decisions at the
+places they were taken. Its latents depend on whether they are actions (`outputs`):
+with exploration noise they are, and the reference reads the sampled ones like
+any other action; without it (`grpo.latent_noise_std: 0`, the published recipe)
+the `initial` reference computes its own, from its own hidden states.
 """
 
 from __future__ import annotations
@@ -88,21 +100,40 @@ class ReferencePolicy:
     @torch.no_grad()
     def outputs(self, model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor, mask: torch.Tensor,
                 temperature: float, latent_noise_std: float, pass_cost: float | None) -> PolicyOutput:
-        """The reference's log-probs and distribution parameters on the sampled sequence (stored latents)."""
-        with self.active(model):
-            return recompute_actions(model, batch, slot_inputs, kinds_mask(mask, self.kinds), temperature, latent_noise_std,
-                                     "detached", pass_cost)
+        """The reference's log-probs and distribution parameters on the sampled sequence.
 
-    def kl(self, new: PolicyOutput, ref: PolicyOutput, latent_noise_std: float) -> torch.Tensor:
+        Without exploration noise a latent is no action: it is a deterministic function of the hidden
+        states (trunk, then projection, or LM head and soft mixture). Fed the policy's stored latents, the
+        reference would score the policy's latents, and any drift in how states become latents (a LoRA
+        on the trunk, the projection's weights) would cost no KL; the logged KL would be conditional on the
+        policy's own latents. So the `initial` reference runs its own recurrent forward (no gradient): its
+        latents from its own states, at the trajectory's slots, blocks and decisions, and beta anchors the
+        whole policy. With noise the sampled latents are actions, drawn around the policy's mean: the
+        reference reads them as it reads sampled tokens, and the Gaussian KL of the means charges the
+        drift. `base` keeps the stored latents: it has no projection of its own, so "its" latents would
+        pass through the policy's current one.
+        """
+        own_latents = self.kind == "initial" and latent_noise_std == 0
+        with self.active(model):
+            return recompute_actions(model, batch, slot_inputs, kinds_mask(mask, self.kinds), temperature,
+                                     latent_noise_std, "recurrent" if own_latents else "detached", pass_cost)
+
+    def kl(self, new: PolicyOutput, ref: PolicyOutput, latent_noise_std: float,
+           bias_correction: bool) -> torch.Tensor:
         """(B, T, K) KL of each action to the reference, with gradient through `new`; 0 where an action has
-        no reference."""
+        no reference. `bias_correction`: whether the loss multiplies these by the importance ratio
+        (`grpo.kl_bias_correction`), which sets the decision term's direction (module docstring)."""
         mask = ref.actions.mask
         logprobs = new.actions.logprobs
         token = masked_kl_k3(logprobs[..., 0], ref.actions.logprobs[..., 0], mask[..., 0])
         start = stop = latent = torch.zeros_like(token)
         if ref.start_logits is not None:
-            start = torch.where(mask[..., 1], bernoulli_kl(new.start_logits, ref.start_logits).to(token.dtype), 0.0)
-            stop = torch.where(mask[..., 2], bernoulli_kl(new.stop_logits, ref.stop_logits).to(token.dtype), 0.0)
+            def decision_kl(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+                pair = (policy, reference) if bias_correction else (reference, policy)
+                return bernoulli_kl(*pair).to(token.dtype)
+
+            start = torch.where(mask[..., 1], decision_kl(new.start_logits, ref.start_logits), 0.0)
+            stop = torch.where(mask[..., 2], decision_kl(new.stop_logits, ref.stop_logits), 0.0)
         if ref.latent_means is not None:
             gaussian = gaussian_kl(new.latent_means, ref.latent_means, latent_noise_std).to(token.dtype)
             latent = torch.where(mask[..., 3], gaussian, 0.0)
