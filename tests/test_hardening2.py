@@ -70,7 +70,8 @@ def test_eval_applies_sampling_and_data_overrides(run):
 
 def test_eval_names_each_edit_of_config_yaml_it_ignores(run, capsys):
     text = (run / "config.yaml").read_text()
-    edited = text.replace("lora_r: 4", "lora_r: 8").replace("  k: 2", "  k: 5").replace("max_new_tokens: 8", "max_new_tokens: 3", 1)
+    edited = (text.replace("lora_r: 4", "lora_r: 8").replace("  k: 2", "  k: 5")
+              .replace("max_new_tokens: 8", "max_new_tokens: 3", 1))  # eval's, the first
     assert edited.count("\n") == text.count("\n") and edited != text
     (run / "config.yaml").write_text(edited)
     assert main(["eval", str(run), "--limit", "2"]) == 0
