@@ -1,5 +1,5 @@
 """Reading a config: YAML file + `key.sub=value` overrides, validated, errors as one line with the key path;
-and the flat reference of every key (`rlatent config`, the README table)."""
+and the flat reference of every key (`rlatent config`, docs/config.md)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 def config_reference(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key path, default, description) for every field, sections flattened: the README's reference."""
+    """(key path, default, description) for every field, sections flattened: docs/config.md's rows."""
     rows = []
     for name, field in model.model_fields.items():
         annotation = field.annotation

@@ -1,7 +1,7 @@
 """The config sections of phase 1 and what it builds: model, latent, data, sft, eval.
 
-Every field is declared once, with its default and the reason for it (the README's config reference is
-generated from these docstrings by `rlatent config`).
+Every field is declared once, with its default and the reason for it (docs/config.md, the config reference, is
+generated from these docstrings by docs/make_config_md.py).
 """
 
 from __future__ import annotations
