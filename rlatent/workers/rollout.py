@@ -41,9 +41,9 @@ def make_chunks(prompts: list[list[int]], group_size: int, chunks: int, seed: in
 
 
 STREAM_OFFSET = 2**31 + 11
-"""Seed distance between streams (dynamic sampling's rounds, its second prompt sequence). torch seeds its CPU
+"""Seed distance between the sampling seeds of dynamic sampling's rounds. torch seeds its CPU
 generator with the seed's low 32 bits, so a multiple of 2**32 would give the same numbers again; this is
-half-way round, so no step or epoch a run reaches lands on another stream's seed."""
+half-way round, so no step a run reaches lands on another round's seed."""
 
 
 def chunk_seed(seed: int, step: int, index: int, round_index: int = 0) -> int:
