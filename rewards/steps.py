@@ -4,7 +4,7 @@ A reward for the final answer alone pays a policy that says its training prompts
 without reading them; on the arithmetic ladder every phase 2 from a near-base-rate start drifted that way
 (docs/results.md). The intermediate results are as verifiable as the answer, and only a policy that reads
 the problem gets them right, so paying them gives the update something other than the base rate to
-reinforce. `scripts/step_accuracy.py` measures the same per-step outcomes on evaluation samples.
+reinforce. `rlatent diagnose --only steps` measures the same per-step outcomes on evaluation samples.
 """
 
 from __future__ import annotations

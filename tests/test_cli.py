@@ -233,8 +233,8 @@ def test_eval_with_an_invalid_limit(runs, capsys):
     assert "eval.limit" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("command", [[], ["sft"], ["grpo"], ["train"], ["eval"], ["ablate"], ["config"],
-                                     ["tiny-model"]])
+@pytest.mark.parametrize("command", [[], ["sft"], ["grpo"], ["train"], ["eval"], ["ablate"], ["diagnose"],
+                                     ["config"], ["tiny-model"]])
 def test_every_help_prints(command, capsys):
     """argparse %-formats help strings: a bare `%` in one (a "95% interval") turned `rlatent --help`
     into a TypeError traceback."""

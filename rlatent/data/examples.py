@@ -133,7 +133,7 @@ def _expression_start(text: str, end: int) -> int:
 def written_expression(line: str) -> str | None:
     """The expression a line writes before its last `=` ("(9 - 7) x 10" in "It has (9 - 7) x 10 = 20
     pens."), the span `replace` removes from a step; None without an `=` or with nothing before it.
-    `scripts/step_accuracy.py --expressions` evaluates it to tell wrong operations from a wrong result."""
+    `rlatent diagnose --only steps` evaluates it to tell wrong operations from a wrong result."""
     head = line[: line.rfind("=") + 1]
     expression = head[_expression_start(head, len(head)) : -1].strip() if head else ""
     return expression or None

@@ -109,15 +109,12 @@ class LatentPolicy:
         )
 
 
-def locate(path: str | Path) -> tuple[Path, Path | None]:
-    """(checkpoint, its run's config.yaml or None) of a run directory (its latest checkpoint) or of a
-    checkpoint directory (`RUN/checkpoints/step_N`: the config two levels up, where there is one)."""
+def locate(path: str | Path) -> tuple[Path | None, Path | None]:
+    """(checkpoint, its run's config.yaml) of a run directory (its latest checkpoint, None before the first)
+    or of a checkpoint directory (`RUN/checkpoints/step_N`: the config two levels up, None without one)."""
     path = Path(path)
     if (path / "config.yaml").is_file():
-        checkpoint = RunDir(path, create=False).latest_checkpoint()
-        if checkpoint is None:
-            raise CheckpointError(f"{path}: run directory has no checkpoint")
-        return checkpoint, path / "config.yaml"
+        return RunDir(path, create=False).latest_checkpoint(), path / "config.yaml"
     if not (path / SETTINGS_FILE).is_file():
         raise CheckpointError(f"{path}: neither a run directory (config.yaml) nor a checkpoint ({SETTINGS_FILE})")
     config = path.parent.parent / "config.yaml"
@@ -130,6 +127,8 @@ def load(path: str | Path, device: str | None = None, dtype: str | None = None, 
     evaluates. `device`, `dtype` and `cache_dir` default to the run's `model.*` (`auto` without a config);
     `overrides` (`key.sub=value`) apply to the run's config, e.g. for one that a newer check refuses."""
     checkpoint, config = locate(path)
+    if checkpoint is None:
+        raise CheckpointError(f"{path}: run directory has no checkpoint")
     check_checkpoint_files(checkpoint)  # a LoRA checkpoint without its adapter would load as the base model
     cfg = None if config is None else load_config(config, list(overrides))
     run_model = cfg.model if cfg is not None else ModelConfig()  # without a config: `auto` device and dtype

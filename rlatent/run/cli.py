@@ -1,4 +1,5 @@
-"""`rlatent` command line: `sft`, `grpo`, `train`, `eval`, `ablate`, `compare`, `config`, `tiny-model`.
+"""`rlatent` command line: `sft`, `grpo`, `train`, `eval`, `ablate`, `compare`, `diagnose`, `config`,
+`tiny-model`.
 
 Every user error ends as one line on stderr, `rlatent: error: <what> (<where>)`, and
 exit status 2 (`user_error` is the one place that decides what counts as one);
@@ -27,6 +28,7 @@ EPILOG = """examples:
   rlatent eval runs/quickstart-20261122-120000 latent.start_threshold=0.8   # fewer latents
   rlatent ablate configs/quickstart.yaml --grid latent.mode=latent,pause --seeds 3 --command sft
   rlatent compare --a runs/pause-seed0 runs/pause-seed1 --b runs/latent-seed0 runs/latent-seed1
+  rlatent diagnose runs/quickstart-20261122-120000 --only gains,steps   # how the latents are used
 overrides are key.sub=value (value parsed as YAML); unknown keys are errors."""
 
 
@@ -69,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a run's final evaluation, or its phase-1 one (sft) of `rlatent train`")
     cp.add_argument("--ood", action="store_true", help="a run's out-of-distribution evaluation")
     cp.add_argument("--json", metavar="PATH", help="also write every number here")
+    dg = commands.add_parser("diagnose", help="how a trained run uses its latents: gains, nearest tokens, what "
+                             "blocks write, accuracy per step, slot readout (tables and a JSON)")
+    dg.add_argument("runs", nargs="+", metavar="RUN", help="run directories or checkpoints (several: steps paired)")
+    dg.add_argument("overrides", nargs="*", help="key.sub=value overrides of the runs' configs")
+    dg.add_argument("--only", metavar="SECTIONS", help="comma-separated: gains,tokens,text,steps,slots (default all)")
+    dg.add_argument("--split", choices=("dev", "test", "ood"),
+                    help="the samples of this split only (default: each the run evaluated, eval.split and ood)")
+    dg.add_argument("--samples", metavar="PATH", help="read this samples file (of --split) instead of the run's")
+    dg.add_argument("--batches", type=int, help="gains: batches to measure (default eval.gain_batches)")
+    dg.add_argument("--batch-size", type=int, help="gains: examples a batch (default sft.batch_size); one size "
+                    "for runs compared, the shuffle gain's donors are a batch's other rows")
+    dg.add_argument("--json", metavar="PATH", help="every run and the pairs between them here, instead of each "
+                    "run's own diagnose.json")
     commands.add_parser("config", help="print every config key with its default and meaning (markdown)")
     tiny = commands.add_parser("tiny-model", help="write a tiny random model + tokenizer directory (tests, demos)")
     tiny.add_argument("path")
@@ -162,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             from rlatent.run.compare import compare_command
 
             return compare_command(args.sources, args.a, args.b, args.phase, args.ood, args.json)
+        elif args.command == "diagnose":
+            from rlatent.run.diagnose import diagnose_command
+
+            return diagnose_command(args.runs, args.overrides, args.only, args.samples, args.split, args.batches,
+                                    args.batch_size, args.json)
         elif args.command == "config":
             from rlatent.config import config_reference
 

@@ -32,10 +32,10 @@ from rlatent.io.checkpoint import check_checkpoint_files, checkpoint_phase
 from rlatent.distributed import make_backend
 from rlatent.grpo.loop import GRPOTrainer
 from rlatent.sft.curriculum import Curriculum, staged_examples
-from rlatent.sft.diagnostics import latent_diagnostics
+from rlatent.sft.diagnostics import held_out_examples, latent_diagnostics
 from rlatent.sft.trainer import SFTTrainer
 from rlatent.data.examples import encode_stop_sequences
-from rlatent.data.splits import has_ood_split, load_split, sft_examples
+from rlatent.data.splits import has_ood_split, load_split
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -169,9 +169,7 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
                                          tokens_per_latent=cfg.sft.compress.tokens_per_latent,
                                          random_factor=cfg.sft.compress.random_factor)
                 train, dropped = staged.stages, staged.dropped
-                evaluation = staged_examples(eval_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum,
-                                             split_steps=cfg.sft.compress.split_steps,
-                                             tokens_per_latent=cfg.sft.compress.tokens_per_latent).stages
+                evaluation = held_out_examples(eval_problems, tokenizer, cfg)
                 for split, examples, problems in (("train", train, train_problems), ("eval", evaluation, eval_problems)):
                     if not all(examples):
                         raise DataError(f"{split} split: all {len(problems)} problems are longer than data.max_length "
@@ -255,11 +253,11 @@ def diagnose_and_test_after_grpo(cfg: RunConfig, model, tokenizer, held_out: dic
     """Phase 1's latent diagnostics on phase 2's final model (logged as `eval_grpo`), so the run says whether
     the latents still carry each problem's computation, then the held-out tests. `examples`: phase 1's
     all-latent eval examples in a `train` run (the same ones its diagnostics used); a phase-2-only run
-    builds them from the eval split. The batches are the run's `sft.batch_size` (the shuffle gain draws its
-    donors within a batch): a phase-2-only run compares with its start's phase 1 when it keeps that run's
-    `sft.batch_size` (`scripts/latent_use.py --batch-size`)."""
+    builds them from the eval split as phase 1 does (`held_out_examples`). The batches are the run's
+    `sft.batch_size` (the shuffle gain draws its donors within a batch): a phase-2-only run compares with its
+    start's phase 1 when it keeps that run's `sft.batch_size` (`rlatent diagnose --batch-size`)."""
     if examples is None:
-        examples = sft_examples(held_out["test"], tokenizer, cfg.latent, cfg.data.max_length)[0]
+        examples = held_out_examples(held_out["test"], tokenizer, cfg)[-1]
     if examples:
         logger.log(step, latent_diagnostics(model, examples, tokenizer.pad_token_id, cfg, "after phase 2"),
                    phase="eval_grpo")

@@ -30,9 +30,19 @@ from rlatent.latent.batch import LatentBatch, collate
 from rlatent.latent.forward import ForwardOutput, forward, parallel_forward
 from rlatent.model.latent_model import LatentModel
 from rlatent.model.projections import PausePlusState, SoftTokens
+from rlatent.sft.curriculum import Curriculum, staged_examples
 from rlatent.sft.losses import sft_loss, token_losses
 
 GAIN_REPLACEMENTS = ("zeros", "noise", "shuffle")
+
+
+def held_out_examples(problems: list, tokenizer, cfg: RunConfig) -> list[list[SFTExample]]:
+    """The held-out problems' examples at every curriculum stage, as phase 1 evaluates them; the last, all
+    latent, is what the diagnostics of a finished phase read (phase 1's last, phase 2's, `rlatent diagnose`),
+    so that all of them measure the same examples."""
+    return staged_examples(problems, tokenizer, cfg.latent, cfg.data.max_length, Curriculum.from_config(cfg.sft),
+                           split_steps=cfg.sft.compress.split_steps,
+                           tokens_per_latent=cfg.sft.compress.tokens_per_latent).stages
 
 
 @torch.no_grad()
