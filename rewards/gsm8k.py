@@ -3,8 +3,7 @@ two GSM8K grades (`strict_match`, `flexible_extract`) for logging beside them.""
 
 from __future__ import annotations
 
-from rlatent.data.grading import flexible_extract, numeric_match, strict_match
-from rlatent.data.marks import YES_NO, parse_number
+from rlatent.data.grading import flexible_extract, has_final_answer_line, numeric_match, strict_match
 
 
 def gsm8k_correct(prompts: list[str], completions: list[str], answer: list[str],
@@ -23,12 +22,10 @@ def gsm8k_correct(prompts: list[str], completions: list[str], answer: list[str],
 
 
 def gsm8k_format(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-    """1.0 when a completion ends its reasoning with a `#### <number>` line, else 0.0.
-
-    The rest of the line after the last `####` must be exactly one number ("#### $1,000."
-    counts, "#### about 7", "#### 18/5" and a bare "####" do not).
-    """
-    return [float(_has_final_answer_line(text)) for text in completions]
+    """1.0 when a completion ends its reasoning with a `#### <number>` line, else 0.0
+    (`rlatent.data.grading.has_final_answer_line`: "#### $1,000." counts, "#### about 7", "#### 18/5" and a
+    bare "####" do not)."""
+    return [float(has_final_answer_line(text)) for text in completions]
 
 
 def gsm8k_strict_match(prompts: list[str], completions: list[str], answer: list[str], **kwargs) -> list[float]:
@@ -42,8 +39,3 @@ def gsm8k_flexible_extract(prompts: list[str], completions: list[str], answer: l
     number-like run, compared as a string after lm-eval's normalisation; `rlatent.data.grading`), else 0.0."""
     return [float(flexible_extract(text, ref)) for text, ref in zip(completions, answer)]
 
-
-def _has_final_answer_line(text: str) -> bool:
-    _, sep, tail = text.rpartition("####")
-    line = tail.split("\n", 1)[0]
-    return bool(sep) and (parse_number(line) is not None or YES_NO.fullmatch(line.strip()) is not None)

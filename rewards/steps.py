@@ -9,25 +9,8 @@ reinforce. `rlatent diagnose --only steps` measures the same per-step outcomes o
 
 from __future__ import annotations
 
-from rlatent.data.marks import answers_match, first_number, parse_marks
-
-
-def line_result(line: str) -> str | None:
-    """The step result a completion line states: the first number after its last `=` (a written
-    expression or a mark), else its first number (a line whose expression a latent block replaced)."""
-    return first_number(line.rsplit("=", 1)[-1])
-
-
-def step_lines(completion: str) -> list[str]:
-    """A completion's step lines: its non-empty lines before `####` (one step per line, as the reference
-    solutions and the ladder's answers are written)."""
-    return [line for line in completion.split("####")[0].splitlines() if line.strip()]
-
-
-def step_outcomes(completion: str, results: list[str]) -> list[bool]:
-    """Per reference step j, whether the completion's j-th step line states its result."""
-    lines = step_lines(completion)
-    return [j < len(lines) and answers_match(line_result(lines[j]), result) for j, result in enumerate(results)]
+from rlatent.data.grading import step_outcomes
+from rlatent.data.marks import parse_marks
 
 
 def gsm8k_steps(prompts: list[str], completions: list[str], solution: list[str], **kwargs) -> list[float]:

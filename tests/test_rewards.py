@@ -12,7 +12,7 @@ import pytest
 
 from rewards import (BUILTIN_REWARDS, gsm8k_correct, gsm8k_flexible_extract, gsm8k_format, gsm8k_steps,
                      gsm8k_strict_match, latent_cost, length_penalty)
-from rewards.steps import line_result, step_outcomes
+from rlatent.data.grading import line_result, step_outcomes
 from rlatent.config import GRPOConfig, RewardSpec, load_config
 from rlatent.errors import ConfigError, RlatentError
 from rewards.registry import RewardSet, resolve_reward, reward_stats

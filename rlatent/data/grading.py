@@ -20,13 +20,18 @@ lm-eval's reference is the whole GSM8K answer; the regexes reduce it to the text
 after its `#### `, which is what a `Problem.final_answer` holds for every GSM8K
 problem (all are integers), so either may be passed as `reference`. lm-eval also
 cuts generations at `Question:`; these functions grade the text they are given.
+
+Every grade of a completion lives here, whoever asks for it (evaluation, the
+rewards, `rlatent diagnose`): the final answer's three grades, whether a
+completion ends in a `#### <answer>` line (the format), and each step's result
+(`step_outcomes`, line j against the reference's mark j).
 """
 
 from __future__ import annotations
 
 import re
 
-from rlatent.data.marks import answers_match, extract_final_answer
+from rlatent.data.marks import YES_NO, answers_match, extract_final_answer, first_number, parse_number
 
 STRICT_PATTERN = r"#### (\-?[0-9\.\,]+)"
 FLEXIBLE_PATTERN = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
@@ -73,6 +78,34 @@ def grade(completion: str, reference: str, finished: bool = True) -> dict[str, b
     return {"correct": numeric_match(completion, reference, finished),
             "strict_match": strict_match(completion, reference),
             "flexible_extract": flexible_extract(completion, reference)}
+
+
+def has_final_answer_line(text: str) -> bool:
+    """Whether `text` ends its reasoning with a `#### <answer>` line: the rest of the line after the last
+    `####` is exactly one number ("#### $1,000." counts; "#### about 7", "#### 18/5" and a bare "####" do
+    not) or Yes/No."""
+    _, sep, tail = text.rpartition("####")
+    line = tail.split("\n", 1)[0]
+    return bool(sep) and (parse_number(line) is not None or YES_NO.fullmatch(line.strip()) is not None)
+
+
+def line_result(line: str) -> str | None:
+    """The step result a completion line states: the first number after its last `=` (a written
+    expression or a mark), else its first number (a line whose expression a latent block replaced)."""
+    return first_number(line.rsplit("=", 1)[-1])
+
+
+def step_lines(completion: str) -> list[str]:
+    """A completion's step lines: its non-empty lines before `####` (one step per line, as the reference
+    solutions and the ladder's answers are written)."""
+    return [line for line in completion.split("####")[0].splitlines() if line.strip()]
+
+
+def step_outcomes(completion: str, results: list[str]) -> list[bool]:
+    """Per reference step j, whether the completion's j-th step line states its result (compared as
+    numbers, `answers_match`)."""
+    lines = step_lines(completion)
+    return [j < len(lines) and answers_match(line_result(lines[j]), result) for j, result in enumerate(results)]
 
 
 def answer_concentration(predicted: list[str | None], references: list[str]) -> dict[str, float]:

@@ -5,8 +5,9 @@ first step right and loses the chain later. Every answer line of the seeded arit
 calculator mark, and every row of the ladder still writes each step's result after it (`replace` removes the
 expression, not the result), so the completion's line j can be held against the reference's mark j. Per
 step: the problems that have it, how many wrote its result right, and how many did given that the step
-before was right. A step's outcome is the `gsm8k_steps` reward's (`rewards.steps.step_outcomes`): the first
-number after the line's last `=` (a written expression), else its first number, equals the step's result.
+before was right. A step's outcome is the `gsm8k_steps` reward's (`rlatent.data.grading.step_outcomes`):
+the first number after the line's last `=` (a written expression), else its first number, equals the
+step's result.
 
 Two runs are also tested against each other step by step on the same problems (exact McNemar on the
 problems only one of them got right at that step): counts of right steps from two rows are not comparable
@@ -25,10 +26,10 @@ from itertools import combinations
 from pathlib import Path
 
 from rlatent.data.examples import written_expression
+from rlatent.data.grading import step_lines, step_outcomes
 from rlatent.data.marks import Mark, evaluate_expression
 from rlatent.errors import DataError
 from rlatent.run.stats import discordant_pairs, mcnemar_exact
-from rewards.steps import step_lines, step_outcomes
 
 WRITTEN_SIGNS = str.maketrans({"x": "*", "X": "*", "\u00d7": "*", "\u00f7": "/", "\u2013": "-", "$": None,
                                "\u20ac": None, "\u00a3": None, "\u00a2": None})  # as written -> as evaluated
