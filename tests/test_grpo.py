@@ -10,6 +10,7 @@ from rlatent.run.cli import main
 from rlatent.data.examples import format_prompt
 from rlatent.distributed import make_backend
 from rlatent.grpo.loop import GRPOTrainer
+from rlatent.grpo.metrics import reward_metrics
 from rlatent.io.run_dir import read_metrics
 from rlatent.latent.sampler import SamplingSettings, sample
 from test_invariant import build_model
@@ -209,7 +210,7 @@ def test_rewards_get_the_reference_solution_and_its_final_answer(tiny_model_dir,
     with MetricsLogger(run) as logger:
         trainer = GRPOTrainer(cfg, model, tokenizer, problems, run, logger, make_backend(cfg, model, tokenizer))
         traj = trainer.backend.engine.sample([format_prompt(p.question, tokenizer) for p in chosen], seed=0)
-        metrics = trainer.reward_metrics([trainer.score(chosen, traj)])
+        metrics = reward_metrics([trainer.score(chosen, traj)], cfg.grpo.group_size)
     import seen_reward
 
     assert seen_reward.SEEN["solution"] == [p.answer for p in chosen]
