@@ -1,5 +1,6 @@
-"""`rlatent ablate`: the statistics on hand-computed cases, the grid, and a 2x2 grid end to end on the tiny model
-(every cell on the same problems, reruns skip finished cells, a failing cell never loses the others)."""
+"""`rlatent ablate`: the statistics on hand-computed cases, the grid and its named points, and a 2x2 grid end to
+end on the tiny model (every cell on the same problems, reruns skip finished cells, a failing cell never loses
+the others); cells as processes (--jobs, --timeout) with some points going on into phase 2."""
 
 import json
 from pathlib import Path
@@ -9,8 +10,10 @@ import pytest
 from rlatent.errors import ConfigError
 from rlatent.run import ablate, ablation_grid
 from rlatent.run.cli import main
+from rlatent.run.overlap import seen_arithmetic
+from rlatent.run.pool import Outcome
 from rlatent.run.stats import (constant_answer, constant_answer_split, discordant_pairs, mcnemar_exact,
-                               mean_t_interval, t_quantile_975, wilson_interval)
+                               mean_t_interval, paired_difference, t_quantile_975, wilson_interval)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -108,10 +111,36 @@ def test_parse_grid():
             ablation_grid.parse_grid(bad)
 
 
+def test_parse_points():
+    grid = [("latent.k", ["1", "2"])]
+    assert ablation_grid.parse_points([["cot", "latent.mode=none", "latent.placement=insert"], ["base"]], grid) == [
+        ("cot", ["latent.mode=none", "latent.placement=insert"]), ("base", [])]
+    for bad in ([["latent.mode=none"]], [["a", "x"]], [["a", "seed=1"]], [["a", "output.dir=x"]], [["a"], ["a"]],
+                [["a", "latent.k=3"]]):
+        with pytest.raises(ConfigError):
+            ablation_grid.parse_points(bad, grid)
+
+
+def test_points_cross_the_grid_and_seeds(tmp_path):
+    points = [("cot", ["latent.mode=none", "latent.placement=insert"]), ("latent", ["latent.mode=latent"])]
+    cells = ablation_grid.plan_cells([("latent.k", ["1", "2"])], [0, 1], tmp_path, points)
+    assert [c.id for c in cells[:3]] == ["cot,latent.k=1,seed=0", "cot,latent.k=1,seed=1", "cot,latent.k=2,seed=0"]
+    assert len(cells) == 8 and cells[-1].id == "latent,latent.k=2,seed=1"
+    assert cells[0].overrides == ["latent.mode=none", "latent.placement=insert", "latent.k=1"]
+    assert cells[0].parts == ["cot", "latent.k=1"] and cells[0].label == "cot latent.k=1 seed=0"
+    commands = ablate.cell_commands(cells, "sft", ["latent"])
+    assert [commands[c.id] for c in cells] == ["sft"] * 4 + ["train"] * 4
+    assert set(ablate.cell_commands(cells, "sft", ["latent.k=2"]).values()) == {"sft", "train"}
+    with pytest.raises(ConfigError, match="no --point or --grid value of that name"):
+        ablate.cell_commands(cells, "sft", ["pause"])
+    with pytest.raises(ConfigError, match="every cell runs both phases"):
+        ablate.cell_commands(cells, "train", ["latent"])
+
+
 def test_cell_ids_are_readable_safe_and_unique(tmp_path):
-    assert ablation_grid.cell_id([("latent.mode", "pause")], 1) == "latent.mode=pause,seed=1"
-    assert "/" not in ablation_grid.cell_id([("model.name_or_path", "/a/b c")], 0)
-    assert len(ablation_grid.cell_id([("x", "v" * 500)], 0)) <= 120
+    assert ablation_grid.cell_id(["latent.mode=pause"], 1) == "latent.mode=pause,seed=1"
+    assert "/" not in ablation_grid.cell_id(["model.name_or_path=/a/b c"], 0)
+    assert len(ablation_grid.cell_id(["x=" + "v" * 500], 0)) <= 120
     cells = ablation_grid.plan_cells([("a", ["x/y", "x:y"]), ("b", ["1", "2"])], [0, 1], tmp_path)
     assert len(cells) == 8 and len({c.id for c in cells}) == 8
     assert [c.seed for c in cells[:2]] == [0, 1] and cells[0].label == "a=x/y b=1 seed=0"
@@ -131,7 +160,8 @@ def fake_cell(point, seed, test, ood=None, questions="q", references=None):
 
 
 def test_rows_pool_seeds_and_pairs_match_seeds():
-    from rlatent.run.ablation_report import aggregate, paired_tests, render_markdown
+    from rlatent.run.ablation_report import render_markdown
+    from rlatent.run.ablation_stats import aggregate, paired_tests
 
     cells = [fake_cell("m=a", 0, [1, 1, 1, 0], ood=[1, 0]), fake_cell("m=a", 1, [1, 1, 0, 0], ood=[1, 1]),
              fake_cell("m=b", 0, [0, 1, 0, 0], ood=[0, 0]), fake_cell("m=b", 1, [0, 0, 0, 0], ood=[0, 1]),
@@ -146,17 +176,45 @@ def test_rows_pool_seeds_and_pairs_match_seeds():
     assert a["latent_gain_shuffle"] == pytest.approx(0.015) and a["wall_seconds"] == 10.5
     assert rows["m=c"]["seeds_done"] == 0 and rows["m=c"]["errors"] == ["boom"] and "test" not in rows["m=c"]
     tests = {(t["a"], t["b"], t["split"]): t for t in paired_tests(cells)}
-    ab = tests[("m=a", "m=b", "test")]  # a only right: 2 problems of seed 0 + 2 of seed 1; p = 2 / 2^4
-    assert ab["problems"] == 8 and (ab["only_a"], ab["only_b"]) == (4, 0) and ab["p"] == pytest.approx(0.125)
+    ab = tests[("m=a", "m=b", "test")]  # a only right: 2 problems of seed 0 + 2 of seed 1
+    assert ab["problems"] == 8 and (ab["only_a"], ab["only_b"]) == (4, 0) and ab["difference"] == -0.5
+    # both seeds were graded on the same 4 problems ("q"): they count once, and no replicate can favour b
+    assert ab["distinct"] == 4 and ab["test"] == "hierarchical bootstrap" and ab["high"] <= 0
+    expected = paired_difference([([("q", i) for i in range(4)], x, y) for x, y in
+                                  (([1, 1, 1, 0], [0, 1, 0, 0]), ([1, 1, 0, 0], [0, 0, 0, 0]))])
+    assert (ab["low"], ab["high"], ab["p"]) == (expected.low, expected.high, expected.p)
     assert tests[("m=a", "m=b", "ood")]["problems"] == 4
     assert tests[("m=a", "m=d", "test")]["seeds"] == [1] and tests[("m=a", "m=d", "test")]["p"] is None
     assert not any("m=c" in key for key in tests)  # nothing finished: nothing to pair
     md = render_markdown({"name": "x", "cells": cells})
     assert "| m=a | 2/2 | 0.625 [" in md and "different problems" in md and "| m=c | 0/1 |" in md
+    assert "## Against the baseline\n\nEach row minus the first grid point, *m=a*" in md
+    assert f"| m=b | test | 0,1 | 0.625 -> 0.125 | -0.500 [{ab['low']:+.3f}, {ab['high']:+.3f}] |" in md
+
+
+def test_each_number_names_its_split_and_seen_arithmetic_is_apart():
+    from rlatent.run.ablation_report import render_markdown
+    from rlatent.run.ablation_stats import aggregate, paired_tests
+
+    cells = [fake_cell("m=a", 0, [1, 1, 0, 0]), fake_cell("m=b", 0, [1, 0, 1, 1])]
+    for cell in cells:
+        cell["splits"]["test"].update(split="dev", seen=[1, 0, 0, 1])
+    [a, b] = aggregate(cells)
+    assert a["test"]["arithmetic"] == {"seen": [2, 1], "unseen": [2, 1]}
+    assert b["test"]["arithmetic"] == {"seen": [2, 2], "unseen": [2, 1]}
+    [test] = paired_tests(cells)
+    assert test["test"] == "exact McNemar" and test["p"] == mcnemar_exact(1, 2)
+    assert test["arithmetic"] == {"seen": [2, 1, 2], "unseen": [2, 1, 1]}
+    md = render_markdown({"name": "x", "cells": cells})
+    assert "| dev accuracy [Wilson 95 %] | dev seeds [t 95 %] | dev seen / unseen arithmetic |" in md
+    assert "| 0.500 (n=2) / 0.500 (n=2) |" in md and "| m=b | dev | 0 | 0.500 -> 0.750 |" in md
+    assert "| 0.500 -> 1.000 (n=2) | 0.500 -> 0.500 (n=2) |" in md  # seen, unseen: baseline -> row
+    assert "## Paired comparisons, in distribution (dev)" in md
 
 
 def test_the_constant_answer_row_pairs_with_every_grid_point():
-    from rlatent.run.ablation_report import CONSTANT, aggregate, paired_tests, render_markdown, with_constant_answer
+    from rlatent.run.ablation_report import render_markdown
+    from rlatent.run.ablation_stats import CONSTANT, aggregate, paired_tests, with_constant_answer
 
     cells = [fake_cell("m=a", 0, [1, 0, 1, 0], references=["No", "Yes", "Yes", "Yes"]),
              fake_cell("m=a", 1, [1, 1, 1, 1], references=["No", "No", "No", "Yes"]),
@@ -179,7 +237,8 @@ def test_phase_two_is_set_against_each_cells_own_start():
     """Two seeds of one grid point, phase 1 -> 2 on the same problems: pooled discordant counts; the constant
     answer ("7", the commonest reference) said less and right answers that are not it rising; and phase 2's
     own commonest answer ("0", not the constant answer) taking over."""
-    from rlatent.run.ablation_report import phase_two_tests, render_markdown, with_constant_answer
+    from rlatent.run.ablation_report import render_markdown
+    from rlatent.run.ablation_stats import phase_two_tests, with_constant_answer
 
     refs = ["7", "7", "0", "12"]
 
@@ -196,8 +255,8 @@ def test_phase_two_is_set_against_each_cells_own_start():
              fake_cell("m=b", 0, [1, 1, 1, 1], references=refs)]  # phase 1 only: no phase-2 row
     [test] = phase_two_tests(with_constant_answer(cells))
     assert (test["point"], test["split"], test["seeds"], test["problems"]) == ("m=a", "test", 2, 8)
-    assert (test["accuracy_phase1"], test["accuracy_phase2"]) == (3 / 8, 4 / 8)
-    assert (test["only_phase1"], test["only_phase2"], test["p"]) == (1, 2, mcnemar_exact(1, 2))
+    assert (test["accuracy_a"], test["accuracy_b"], test["difference"]) == (3 / 8, 4 / 8, 1 / 8)
+    assert (test["only_a"], test["only_b"], test["test"]) == (1, 2, "hierarchical bootstrap")
     assert test["constant_answer"] == "7" and test["says_constant"] == [2, 1] and test["right_other"] == [1, 3]
     assert test["top_answer"] == "0" and test["says_top"] == [0, 5]
     assert test["shuffle_gain"] == pytest.approx([0.015, -0.015])  # seeds 0 and 1: +0.01, +0.02 -> -0.01, -0.02
@@ -245,10 +304,12 @@ def test_grid_runs_every_cell_and_writes_the_table(grid_run):
         assert {"latent_gain_zeros", "latent_gain_noise", "latent_gain_shuffle"} <= set(cell["diagnostics"])
         assert cell["wall_seconds"] > 0
     assert [r["point"] for r in data["rows"]][4:] == ["constant answer"]
-    assert len(data["mcnemar"]) == 10 * 2  # every pair of the 5 rows, in and out of distribution
-    assert all(t["problems"] == 4 and 0 <= t["p"] <= 1 for t in data["mcnemar"])
+    assert len(data["paired"]) == 10 * 2  # every pair of the 5 rows, in and out of distribution
+    assert all(t["problems"] == 4 and t["test"] == "exact McNemar" and t["p"] == mcnemar_exact(t["only_a"], t["only_b"])
+               and t["low"] <= t["difference"] <= t["high"] for t in data["paired"])
     md = (root / "ablation.md").read_text()
     assert "| latent.mode=pause, latent.k=2 | 1/1 |" in md and "exact McNemar" in md and "out of distribution" in md
+    assert "| test accuracy [Wilson 95 %] |" in md and "## Paired comparisons, out of distribution (ood)" in md
     assert (root / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -266,6 +327,10 @@ def test_every_cell_is_evaluated_on_the_same_problems(grid_run):
         assert all(c["splits"][split]["questions"] == expected for c in cells.values())
         references = [p.final_answer for p in load_split(cfg.data, split, 4)[0]]
         assert all(c["splits"][split]["references"] == references for c in cells.values())
+        # which split, and which problems' arithmetic the cell's training problems did
+        seen = seen_arithmetic(load_split(cfg.data, "train")[0], load_split(cfg.data, split, 4)[0])
+        assert all(c["splits"][split]["split"] == split and c["splits"][split]["seen"] == list(map(int, seen))
+                   for c in cells.values())
     assert cells["latent.mode=latent,latent.k=1,seed=0"]["splits"]["test"]["questions"] != \
         cells["latent.mode=latent,latent.k=1,seed=0"]["splits"]["ood"]["questions"]
 
@@ -433,3 +498,53 @@ def test_ray_backend_runs_cells_on_a_real_local_ray(tiny_model_dir, tmp_path, mo
     data = json.loads((tmp_path / "ray" / "ablation.json").read_text())
     assert [c["status"] for c in data["cells"]] == ["done", "done"]
     assert data["cells"][0]["splits"]["test"]["questions_sha1"] == data["cells"][1]["splits"]["test"]["questions_sha1"]
+
+
+def test_cells_stopped_at_the_timeout_or_crashed_are_recorded_with_their_log(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The process pool's verdicts as `rlatent ablate` records them: no cell trains here (`run_jobs` stands in)."""
+    jobs = {}
+
+    def fake_run_jobs(given, parallel, timeout, done):
+        jobs.update(parallel=parallel, timeout=timeout, logs=[job.log for job in given])
+        done(given[0], Outcome(None, None, 7.5))  # stopped at the limit
+        done(given[1], Outcome(None, 1, 2.0))     # died without a record (killed for memory, say)
+
+    monkeypatch.setattr(ablate, "run_jobs", fake_run_jobs)
+    assert main(ablate_args(tiny_model_dir, tmp_path, "t", "--grid", "latent.k=1,2", "--jobs", "2",
+                            "--timeout", "7")) == 1
+    root = tmp_path / "t"
+    assert (jobs["parallel"], jobs["timeout"]) == (2, 7.0)
+    assert jobs["logs"] == [root / "cells" / "latent.k=1,seed=0.log", root / "cells" / "latent.k=2,seed=0.log"]
+    stopped, crashed = json.loads((root / "ablation.json").read_text())["cells"]
+    assert stopped["error"] == (f"stopped after --timeout 7 s; run the ablation again to resume it from its last "
+                                f"checkpoint (log: {jobs['logs'][0]})")
+    assert stopped["wall_seconds"] == 7.5 and stopped["command"] == "sft"
+    assert crashed["error"] == f"its process exited with code 1 (log: {jobs['logs'][1]})"
+    assert json.loads((root / "cells" / "latent.k=2,seed=0" / ablate.CELL_FILE).read_text())["status"] == "failed"
+    assert "2 of 2 cells failed" in capsys.readouterr().err
+    assert main(ablate_args(tiny_model_dir, tmp_path, "r", "distributed.backend=ray", "--jobs", "2")) == 2
+    assert "--jobs and --timeout run cells as local processes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_named_points_in_processes_with_one_going_on_into_phase_two(tiny_model_dir, tmp_path, one_torch_thread):
+    """Two named points, two cells at once in their own processes, on the dev split; only `long` runs phase 2."""
+    status = main(ablate_args(tiny_model_dir, tmp_path, "points", "eval.split=dev", "grpo.steps=1",
+                              "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=8",
+                              "--point", "short", "latent.k=1", "--point", "long", "latent.k=2", "--phase2", "long",
+                              "--jobs", "2"))
+    assert status == 0
+    root = tmp_path / "points"
+    data = json.loads((root / "ablation.json").read_text())
+    short, long = data["cells"]
+    assert (short["id"], short["point"], short["command"]) == ("short,seed=0", "short", "sft")
+    assert (long["id"], long["point"], long["command"]) == ("long,seed=0", "long", "train")
+    assert "phase1_splits" in long and "phase1_splits" not in short
+    assert short["splits"]["test"]["split"] == long["phase1_splits"]["test"]["split"] == "dev"
+    assert all((root / "cells" / f"{c['id']}.log").stat().st_size > 0 for c in data["cells"])  # each run's output
+    assert data["points"] == [{"name": "short", "overrides": ["latent.k=1"]},
+                              {"name": "long", "overrides": ["latent.k=2"]}] and data["phase2"] == ["long"]
+    md = (root / "ablation.md").read_text()
+    assert "--point short latent.k=1 --point long latent.k=2 --seeds 1 --command sft --phase2 long" in md
+    assert "| dev accuracy [Wilson 95 %] |" in md and "| long | dev | 1 |" in md  # phase 2 of `long` only

@@ -55,11 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "accuracy with 95%% intervals and paired McNemar tests")  # %% : argparse formats help
     ab.add_argument("config", nargs="?", help="YAML config (see configs/)")
     ab.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every cell")
+    ab.add_argument("--point", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
+                    help="a named row setting several keys at once (repeat for more; overrides for every cell go "
+                         "before the options)")
     ab.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                    help="one grid dimension (repeat for more); cells are the product of all of them x seeds")
+                    help="one grid dimension (repeat for more); cells are the product of the points, all of them "
+                         "and the seeds")
     ab.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds per grid point: seed, seed+1, ...")
     ab.add_argument("--command", dest="ablate_command", choices=("sft", "train"), default="train",
                     help="what each cell runs (default train: both phases)")
+    ab.add_argument("--phase2", action="append", default=[], metavar="NAME",
+                    help="with --command sft: the cells of this point (or grid KEY=VALUE) go on into phase 2")
+    ab.add_argument("--jobs", type=int, default=1, metavar="N", help="cells at once, each in its own process")
+    ab.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="stop a cell after this long (its own process); the next run resumes it")
     ab.add_argument("--name", help="ablation directory under output.dir (default: CONFIG stem + -ablation)")
     ab.add_argument("--report", metavar="DIR", help="only rebuild DIR/ablation.md and .png from ablation.json")
     cp = commands.add_parser("compare", help="paired accuracy difference of evaluations on the same problems "
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             from rlatent.run.ablate import ablate_command
 
             return ablate_command(args.config, args.overrides, args.grid, args.seeds, args.ablate_command,
-                                  args.name, args.report)
+                                  args.name, args.report, args.point, args.phase2, args.jobs, args.timeout)
         elif args.command == "compare":
             from rlatent.run.compare import compare_command
 

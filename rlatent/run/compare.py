@@ -108,7 +108,8 @@ def load_graded(argument: str, phase: str = "final", ood: bool = False) -> Grade
         run = target
         path, metrics_phase = _run_samples(run, phase, ood)
         config = _read(run / "config.yaml", yaml.safe_load)
-        split, seed, graded = "ood" if ood else held_out_split(config), config.get("seed"), _logged_problems(run, metrics_phase)
+        split, seed = "ood" if ood else held_out_split(config), config.get("seed")
+        graded = _logged_problems(run, metrics_phase)
     elif target.is_file():
         path, seed = target, None
         metrics = _read(path.parent / "metrics.json", json.loads)  # beside the samples of `rlatent eval`
@@ -222,8 +223,8 @@ def render(result: dict) -> str:
             for s in result["seeds"]]
     columns = ["seed", "problems", f"accuracy {a}", f"accuracy {b}", f"{a} only", f"{b} only", "p (exact McNemar)"]
     lines = [f"## {a} against {b} ({', '.join(result['splits'])} split)", ""]
-    lines += [f"{a}: {', '.join(s['a'] for s in result['seeds'])}", f"{b}: {', '.join(s['b'] for s in result['seeds'])}",
-              "", metrics_table(rows, columns)]
+    lines += [f"{a}: {', '.join(s['a'] for s in result['seeds'])}",
+              f"{b}: {', '.join(s['b'] for s in result['seeds'])}", "", metrics_table(rows, columns)]
     lines.append(f"{b} - {a} = {_signed(pooled['difference'])} [95 % {_signed(pooled['low'])}, "
                  f"{_signed(pooled['high'])}], p = {pooled['p']:.4g} ({pooled['test']}; {pooled['seeds']} seed"
                  f"{'s' if pooled['seeds'] > 1 else ''}, {pooled['pairs']} pairs of {pooled['problems']} distinct "
