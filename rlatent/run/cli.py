@@ -59,11 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a named row setting several keys at once (repeat for more; overrides for every cell go "
                          "before the options)")
     ab.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                    help="one grid dimension (repeat for more); cells are the product of the points, all of them "
-                         "and the seeds")
+                    help="one grid dimension (repeat for more); cells are the product of the points, the grid "
+                         "dimensions and the seeds")
     ab.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds per grid point: seed, seed+1, ...")
     ab.add_argument("--command", dest="ablate_command", choices=("sft", "train"), default="train",
                     help="what each cell runs (default train: both phases)")
+    ab.add_argument("--phase2", action="append", default=[], metavar="NAME",
+                    help="with --command sft: the cells of this point (or grid KEY=VALUE) go on into phase 2")
+    ab.add_argument("--jobs", type=int, default=1, metavar="N", help="cells at once, each in its own process")
+    ab.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="stop a cell after this long (its own process); the next run resumes it")
     ab.add_argument("--phase2", action="append", default=[], metavar="NAME",
                     help="with --command sft: the cells of this point (or grid KEY=VALUE) go on into phase 2")
     ab.add_argument("--jobs", type=int, default=1, metavar="N", help="cells at once, each in its own process")
