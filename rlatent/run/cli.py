@@ -69,11 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--jobs", type=int, default=1, metavar="N", help="cells at once, each in its own process")
     ab.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                     help="stop a cell after this long (its own process); the next run resumes it")
-    ab.add_argument("--phase2", action="append", default=[], metavar="NAME",
-                    help="with --command sft: the cells of this point (or grid KEY=VALUE) go on into phase 2")
-    ab.add_argument("--jobs", type=int, default=1, metavar="N", help="cells at once, each in its own process")
-    ab.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                    help="stop a cell after this long (its own process); the next run resumes it")
     ab.add_argument("--name", help="ablation directory under output.dir (default: CONFIG stem + -ablation)")
     ab.add_argument("--report", metavar="DIR", help="only rebuild DIR/ablation.md and .png from ablation.json")
     cp = commands.add_parser("compare", help="paired accuracy difference of evaluations on the same problems "
