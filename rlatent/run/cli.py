@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("target", help="a run directory (evaluates its latest checkpoint) or a YAML config")
     ev.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. latent.start_threshold=0.8)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of the eval split")
-    ev.add_argument("--split", choices=("test", "ood"), default="test",
-                    help="the held-out split (test) or, for the seeded tasks, the out-of-distribution one (ood)")
+    ev.add_argument("--split", choices=("dev", "test", "ood"), default="test",
+                    help="dev (for choosing a recipe), test (once per final recipe) or, for the seeded tasks, "
+                         "the out-of-distribution split (ood)")
     ab = commands.add_parser("ablate", help="run a grid of overrides x seeds (one run per cell) and tabulate "
                              "accuracy with 95%% intervals and paired McNemar tests")  # %% : argparse formats help
     ab.add_argument("config", nargs="?", help="YAML config (see configs/)")
