@@ -128,9 +128,7 @@ def test_one_token_pieces_read_as_the_written_chain(tiny_latent_model):
     (["latent.mode=none"], "sft.compress needs slots standing for the removed expressions"),
     (["latent.placement=insert"], "sft.compress needs slots standing for the removed expressions"),
     (["latent.proj=mlp"], "sft.compress needs slots standing for the removed expressions"),
-    (["sft.compress.weight=0", "sft.compress.tokens_per_latent=2"], "tokens_per_latent sizes blocks"),
     (["sft.distill.weight=1"], "sft.compress and sft.distill are alternatives"),
-    (["sft.compress.weight=0", "sft.compress.split_steps=true"], "sft.compress.split_steps needs"),
     (["sft.compress.split_steps=true", "latent.k=1"], "sft.compress.split_steps needs"),
 ])
 def test_config_errors(repo_root, overrides, message):

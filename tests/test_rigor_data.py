@@ -161,3 +161,21 @@ def test_the_random_compression_factor_is_the_problems_own(tiny_tokenizer):
     with pytest.raises(ValueError, match="random_factor draws each problem's factor"):
         RunConfig.model_validate({"latent": {"mode": "latent", "placement": "replace", "proj": "soft"},
                                   "sft": {"compress": {"weight": 1, "random_factor": True}}})
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("configs/multiop_compress.yaml", ["latent.mode=pause"]),  # pause + chain loss: only what is fed back differs
+    ("configs/multiop_compress.yaml", ["sft.compress.weight=0"]),  # latent without the chain loss
+    ("configs/quickstart.yaml", ["latent.mode=pause"]),
+    ("configs/gsm8k_compress.yaml", ["latent.mode=pause"]),
+    ("configs/gsm8k_compress.yaml", ["sft.compress.weight=0"]),  # blocks keep their chain-sized slots
+    ("configs/gsm8k_compress.yaml", ["sft.compress.tokens_per_latent=4", "sft.compress.random_factor=true"]),
+    ("configs/gsm8k_compress.yaml", ["latent.mode=none", "latent.placement=insert", "sft.compress.weight=0",
+                                     "sft.compress.tokens_per_latent=null", "sft.curriculum.stages=0"]),
+    ("configs/gsm8k_compress.yaml", ["latent.trunk=two", "model.lora_r=16"]),
+])
+def test_every_control_is_the_overrides_its_header_names(repo_root, config, overrides):
+    cfg = load_config(config, overrides)
+    header = open(config).read().split("\nseed:")[0]
+    assert all(override.split("=")[0] in header for override in overrides)
+    assert cfg.sft.compress.split_steps or config != "configs/multiop_compress.yaml"

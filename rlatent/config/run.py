@@ -67,18 +67,15 @@ class RunConfig(Section):
                              f"'replace') fed back token mixtures (latent.mode 'latent' with proj 'soft') or pause "
                              f"inputs (latent.mode 'pause': the chain-supervised pause control), got mode "
                              f"{self.latent.mode!r}, placement {self.latent.placement!r}, proj {self.latent.proj!r}")
-        if compress.tokens_per_latent is not None and compress.weight == 0:
-            raise ValueError("sft.compress.tokens_per_latent sizes blocks by their chains: it needs "
-                             "sft.compress.weight > 0")
         if compress.random_factor and compress.tokens_per_latent is None:
             raise ValueError("sft.compress.random_factor draws each problem's factor up to "
                              "sft.compress.tokens_per_latent: set it (e.g. 4)")
         if compress.weight > 0 and self.sft.distill.weight > 0:
             raise ValueError("sft.compress and sft.distill are alternatives (teacher-forced slot inputs or matched "
                              "states): set one weight to 0")
-        if compress.split_steps and (compress.weight == 0 or self.latent.k < 2):
-            raise ValueError(f"sft.compress.split_steps needs sft.compress.weight > 0 and latent.k >= 2 (a slot for "
-                             f"each partial result), got weight {compress.weight}, k {self.latent.k}")
+        if compress.split_steps and compress.weight > 0 and self.latent.k < 2:
+            raise ValueError(f"sft.compress.split_steps needs latent.k >= 2 (a slot for each partial result), "
+                             f"got k {self.latent.k}")
         if self.grpo.latent_noise_std > 0 and not mode.explorable:
             raise ValueError(f"grpo.latent_noise_std > 0 needs latent.mode 'latent': {self.latent.mode} slots hold no "
                              "state-dependent latent to explore, so the noise would have no policy density")

@@ -311,14 +311,16 @@ class CompressConfig(Section):
     split_steps: bool = False
     """A converted mark of 2 to `latent.k` operations stands for its chain written one step per operation
     (`12 * 7 = 84, 84 + 5 =`), so some slot's piece holds each partial result; otherwise for the expression
-    as the answer writes it (`12*7+5 =`)."""
+    as the answer writes it (`12*7+5 =`). With `weight: 0` it only sizes blocks (`tokens_per_latent`), so
+    `sft.compress.weight=0` alone is the recipe without the chain loss."""
     teacher_forcing: bool = True
     """Feed each slot its piece's mean embedding in phase 1 (one parallel pass); false: the exact recurrent
     forward, each slot fed the model's own mixture, as at evaluation (no exposure bias, one pass per slot)."""
     tokens_per_latent: int | None = Field(None, ge=1)
     """The compression factor c: a converted mark's block gets ceil(chain tokens / c) slots (at most `latent.k`),
     each standing for c consecutive tokens of its chain, so blocks follow their marks' lengths (CoLaR's factor).
-    null: every block has `latent.k` slots and its chain is cut into `k` near-equal pieces."""
+    null: every block has `latent.k` slots and its chain is cut into `k` near-equal pieces. Blocks keep these
+    sizes with `weight: 0` (the latent row without the chain loss, at the same slots)."""
     random_factor: bool = False
     """CoLaR's random compression factor: each training problem draws its own c, uniform in 1 ..
     `tokens_per_latent` (seeded by the problem, the same at every stage and on resume), so the slots learn to
