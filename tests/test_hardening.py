@@ -170,6 +170,7 @@ BAD_INPUTS = {
     "seed -1": (_overrides("seed=-1"), ["seed"]),
     "lr inf": (_overrides("sft.lr=.inf"), ["sft.lr", "finite"]),
     "lr 1e6": (_overrides("sft.lr=1e6"), ["sft.lr: 1e+06 is above 1", "minus sign"]),
+    "grpo lr 1e6": (_overrides("grpo.lr=1e6"), ["grpo.lr: 1e+06 is above 1", "minus sign"]),
     "steps true": (_overrides("sft.steps=true"), ["sft.steps", "integer"]),
     "device foo": (_overrides("model.device=foo"), ["model.device", "foo"]),
     "jsonl not UTF-8": (_gsm8k((GOOD_ROW + "\n").encode() * 8 + b'{"question": "\xff"}\n'),
@@ -265,17 +266,16 @@ def test_read_only_run_directory(tiny_model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["sft", "grpo"])
 def test_nonfinite_weights_stop_at_the_step(command, tiny_model_dir, tmp_path, capsys, rewards_module, monkeypatch):
-    extra = ["grpo.lr=1e30", ALTERNATE] if command == "grpo" else []
-    if command == "sft":  # sft.lr above 1 is refused by the config: an update that leaves a NaN weight instead
-        step = torch.optim.AdamW.step
+    extra = [ALTERNATE] if command == "grpo" else []
+    step = torch.optim.AdamW.step  # an lr above 1 is refused by the config: an update that leaves a NaN weight
 
-        def poisoned(self, *args, **kwargs):
-            loss = step(self, *args, **kwargs)
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
-            return loss
+    def poisoned(self, *args, **kwargs):
+        loss = step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return loss
 
-        monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
     assert main(cli(command, tiny_model_dir, tmp_path, "nan", *extra)) == 2
     line = error_line(capsys)  # on its own line, after the progress bar's
     assert re.search(r"step \d+: trainable weights are NaN/inf", line) and "learning rate" in line, line

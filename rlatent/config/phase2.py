@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from rlatent.config.sections import Section
+from rlatent.config.sections import Section, sane_lr
 
 class RewardSpec(Section):
     function: str
@@ -112,7 +112,13 @@ class GRPOConfig(Section):
     micro_batch_size: int = Field(8, ge=1)
     """Rollouts per forward/backward during the update (gradient accumulation over the batch)."""
     lr: float = Field(1e-5, gt=0)
-    """AdamW learning rate (constant after warm-up)."""
+    """AdamW learning rate (constant after warm-up); at most 1, as `sft.lr` (`MAX_LR`)."""
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_at_most_max(cls, value: float) -> float:
+        return sane_lr(value)
+
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
