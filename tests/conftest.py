@@ -65,3 +65,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def repo_root(monkeypatch, request):
+    """Run the test from the repository root, where configs/ and the README's relative paths resolve."""
+    monkeypatch.chdir(request.config.rootpath)

@@ -28,11 +28,6 @@ ANSWER = ("Raj then has (9 - 8) x 3 = <<(9-8)*3=3>>3 marbles.\n"
           "After that, she has 13 x 5 - 6 = $<<13*5-6=59>>59.\n#### 59")
 
 
-@pytest.fixture
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
-
-
 def test_block_chains_are_the_text_each_replace_block_stands_for():
     assert block_chains(ANSWER, 1) == [" (9 - 8) x 3 =", " 13 x 5 - 6 ="]
     assert block_chains(ANSWER, 2) == [" 9 - 8 = 1, 1 * 3 =", " 13 * 5 = 65, 65 - 6 ="]

@@ -15,9 +15,7 @@ from rlatent.sft.curriculum import Curriculum, staged_examples
 CONFIG = "configs/tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
+pytestmark = pytest.mark.usefixtures("repo_root")  # config paths are relative to the repository
 
 
 def test_stage_schedule():

@@ -38,13 +38,8 @@ STEPS = [[0, 1], [2, 3, 4], [5]]  # micro-batch indices of each optimizer step
 # (measured, all stages); 1e-5 is 20 times that and a thousandth of what one step moves a weight (~1e-2).
 WEIGHT_ATOL, RTOL = 1e-5, 1e-5
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "repo_root")  # config paths are relative to the repository
 RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-@pytest.fixture(autouse=True)
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
 
 
 @pytest.fixture(scope="module", autouse=True)

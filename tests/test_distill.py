@@ -13,7 +13,6 @@ from rlatent.data.splits import load_split
 from rlatent.data.synthetic import generate_problems
 from rlatent.errors import ConfigError
 from rlatent.io.run_dir import read_metrics
-from rlatent.latent.batch import collate
 from rlatent.latent.forward import forward, padded_recurrent_forward, parallel_forward, recurrent_forward
 from rlatent.run.cli import main
 from rlatent.sft.curriculum import Curriculum, staged_examples
@@ -25,11 +24,6 @@ from tests.test_sft_accumulation import build_model as build_accumulation_model
 
 CONFIG = "configs/tiny.yaml"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
 
 
 def closing_slots(batch):

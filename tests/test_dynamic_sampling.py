@@ -16,9 +16,7 @@ from test_grpo import phase_metric, run_cli, tiny_overrides
 from test_invariant import build_model
 
 
-@pytest.fixture(autouse=True)
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
+pytestmark = pytest.mark.usefixtures("repo_root")  # config paths are relative to the repository
 
 
 def scored(rewards, traj=None, **more_rewards):

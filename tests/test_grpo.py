@@ -18,9 +18,7 @@ from test_invariant import build_model
 CONFIG = "configs/tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
+pytestmark = pytest.mark.usefixtures("repo_root")  # config paths are relative to the repository
 
 
 @pytest.mark.parametrize("trunk", ["shared", "two"])

@@ -16,9 +16,7 @@ CONFIG = "configs/tiny.yaml"
 KINDS = ("token", "start", "stop", "latent")
 
 
-@pytest.fixture(autouse=True)
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
+pytestmark = pytest.mark.usefixtures("repo_root")  # config paths are relative to the repository
 
 
 def grpo_run(tmp_path, model_dir, name, *overrides, command="train"):

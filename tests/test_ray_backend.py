@@ -44,9 +44,7 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
+pytestmark = pytest.mark.usefixtures("repo_root")  # config paths are relative to the repository
 
 
 def run_grpo(tmp_path, tiny_model_dir, name, *extra, resume=False) -> int:

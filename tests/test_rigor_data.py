@@ -23,11 +23,6 @@ NATURAL = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
            "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
 
 
-@pytest.fixture
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
-
-
 def _questions(data, split):
     return [p.question for p in load_split(data, split)[0]]
 

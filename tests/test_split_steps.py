@@ -23,11 +23,6 @@ from tests.test_distill import closing_slots
 CONFIG = "configs/tiny.yaml"
 
 
-@pytest.fixture
-def repo_root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
-
-
 @pytest.mark.parametrize("expression, steps", [
     ("12*7+5", [(12, "*", 7, 84), (84, "+", 5, 89)]),
     ("(12+7)*5", [(12, "+", 7, 19), (19, "*", 5, 95)]),
