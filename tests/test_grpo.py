@@ -142,7 +142,8 @@ def test_resume_needs_a_run_directory(tmp_path, capsys):
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, loss_type):
-    """1 x 8 accumulation equals 8 x 1: micro-batches are trimmed and use the full batch's normaliser."""
+    """1 x 8 accumulation equals 8 x 1: micro-batches are trimmed and use the full batch's normaliser; the
+    reference's no-grad forward over 8 rows at once equals one per micro-batch."""
     from rlatent.config import load_config
     from rlatent.model.latent_model import LatentModel
     from rlatent.io.run_dir import MetricsLogger, RunDir
@@ -150,7 +151,7 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, l
 
     cfg = load_config(CONFIG, [f"model.name_or_path={tiny_model_dir}", "model.dtype=float64", "grpo.group_size=4",
                                "grpo.prompts_per_step=2", "grpo.max_new_tokens=12", f"grpo.loss_type={loss_type}",
-                               "grpo.rewards=[{function: latent_cost, kwargs: {cost: -0.1}}]"])
+                               "grpo.rewards=[{function: latent_cost, kwargs: {cost: -0.1}}]", "grpo.beta=0.1"])
     torch.manual_seed(0)
     model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, torch.float64, torch.device("cpu"))
     with torch.no_grad():
@@ -176,13 +177,16 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tmp_path, l
             return 0.0
 
         learner.optimizer.step = record_gradients
-        for micro in (8, 3, 1):
+        for micro, logprob_micro in ((8, 64), (3, 64), (1, 64), (3, 1)):
             trainer.cfg.grpo.micro_batch_size = micro
+            trainer.cfg.grpo.logprob_micro_batch_size = logprob_micro
             learner.update(traj, advantages, step=1)
-    for full, split in zip(grads[0], grads[1]):
-        assert torch.allclose(full, split, atol=1e-12)
-    for full, split in zip(grads[0], grads[2]):
-        assert torch.allclose(full, split, atol=1e-12)
+    # A micro-batch computes each prompt once for the rollouts of its group it holds (`shared_prompt_sources`):
+    # their gradients meet before the prompt's RMSNorms, which Llama computes in float32 even in a float64
+    # model, so the three splits agree to float32 rounding of the gradients, not to float64's.
+    for split in grads[1:]:
+        for full, part in zip(grads[0], split):
+            assert (full - part).abs().max() <= 1e-6 * full.abs().max() + 1e-15
 
 
 def test_rewards_get_the_reference_solution_and_its_final_answer(tiny_model_dir, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ of slots; the float64 invariant itself is `tests/test_invariant.py`.
 import pytest
 import torch
 
-from rlatent.latent.forward import forward, padded_recurrent_forward, recurrent_forward
+from rlatent.latent.forward import forward, padded_recurrent_forward, recurrent_forward, shared_prompt_sources
 from rlatent.latent.sampler import SamplingSettings, sample
 from test_invariant import build_model, sample_batch
 
@@ -54,6 +54,90 @@ def test_packed_forward_is_exact_for_split_plans(tiny_model_dir, pass_cost):
     batch = traj.batch
     computed = batch.attention_mask & (batch.positions() < batch.lengths[:, None] - 1)
     assert torch.allclose(out.hidden[computed], traj.hidden[computed], atol=1e-9, rtol=0)
+
+
+def group_batch(model, tokenizer, group_size=3, seed=1):
+    """GRPO's layout: each prompt's rollouts consecutive, the same prompt, their own completions."""
+    prompts = [tokenizer(text).input_ids for text in ["Tom has 3 apples", "12 + 7 ="] for _ in range(group_size)]
+    torch.manual_seed(seed)
+    return sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                  SamplingSettings(max_new_tokens=12, temperature=1.0, decisions="sample", max_latents_per_block=3,
+                                   max_blocks=4, max_total_latents=8, record_hidden=True))
+
+
+def test_rows_sharing_a_prompt_compute_it_once_with_the_same_values_and_gradients(tiny_model_dir):
+    model, tokenizer = build_model(tiny_model_dir, "shared", proj="mlp")
+    with torch.no_grad():  # a contracting recurrence: float64 rounding is not amplified through the latents
+        model.proj.down.weight.normal_(0, 0.01)
+    traj = group_batch(model, tokenizer)
+    batch = traj.batch
+    assert shared_prompt_sources(batch).tolist() == [0, 0, 0, 3, 3, 3]
+    assert batch.latent_mask.any() and len({tuple(r) for r in batch.input_ids.tolist()}) == 6  # own completions
+    embedded = []
+    handle = model.backbone.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: embedded.append(args[0].numel()))
+    try:
+        shared = recurrent_forward(model, batch)
+    finally:
+        handle.remove()
+    prompts = batch.prompt_lengths
+    assert sum(embedded) == int(batch.lengths.sum() - prompts[[1, 2, 4, 5]].sum())  # each prompt embedded once
+    padded = padded_recurrent_forward(model, batch)  # every row computes its own prompt
+    assert torch.allclose(shared.hidden, padded.hidden, atol=1e-10, rtol=0)
+    assert torch.allclose(shared.slot_inputs, padded.slot_inputs, atol=1e-10, rtol=0)
+    shared_loss, shared_grads = loss_and_grads(model, shared, batch)
+    padded_loss, padded_grads = loss_and_grads(model, padded, batch)
+    assert torch.allclose(shared_loss, padded_loss, rtol=1e-10)
+    # The group's gradients meet at the shared prompt's states, before its RMSNorms, which Llama computes in
+    # float32 even in a float64 model: agreement to float32 rounding (1e-6 of each tensor's largest entry);
+    # a missing or doubled path through the prompt would be off by its whole share.
+    for a, b in zip(shared_grads, padded_grads):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12
+    assert any(g.abs().sum() > 0 for g in shared_grads)
+
+
+@pytest.mark.parametrize("pass_cost", [0.0, 4.0])
+def test_shared_prompts_are_exact_when_the_plan_splits_the_prompt(tiny_model_dir, pass_cost):
+    """With a cheap pass the plan caps chunks, the prompt spans passes, and a row whose first latent comes
+    right after the prompt needs the shared prompt's last state from the right pass."""
+    model, tokenizer = build_model(tiny_model_dir, "shared")
+    traj = group_batch(model, tokenizer, group_size=4, seed=3)
+    batch = traj.batch
+    with torch.no_grad():
+        out = recurrent_forward(model, batch, pass_cost=pass_cost)
+    computed = batch.attention_mask & (batch.positions() < batch.lengths[:, None] - 1)
+    assert torch.allclose(out.hidden[computed], traj.hidden[computed], atol=1e-9, rtol=0)
+    assert torch.allclose(out.slot_inputs, padded_recurrent_forward(model, batch, pass_cost).slot_inputs,
+                          atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["pause", "latent"])
+def test_parallel_forward_packed_equals_hugging_face_padded(tiny_model_dir, mode):
+    """Known slot inputs (pause embeddings; stored latents, GRPO's `detached`): one packed pass with shared
+    prompts gives the values and gradients of one padded Hugging Face pass."""
+    model, tokenizer = build_model(tiny_model_dir, "shared", mode=mode)
+    batch = group_batch(model, tokenizer).batch
+    assert batch.latent_mask.any()
+    if mode == "pause":
+        inputs = lambda: model.pause_inputs(batch.block_index()) * batch.latent_mask[..., None]  # noqa: E731
+    else:
+        stored = recurrent_forward(model, batch).slot_inputs
+        inputs = lambda: stored  # noqa: E731
+    packed = forward(model, batch, "detached", slot_inputs=None if mode == "pause" else inputs())
+    assert model.kv_unsupported is None
+    model.kv_unsupported = "forced: Hugging Face's padded pass"
+    try:
+        padded = forward(model, batch, "detached", slot_inputs=None if mode == "pause" else inputs())
+    finally:
+        model.kv_unsupported = None
+    assert packed.num_passes == padded.num_passes == 1
+    assert torch.allclose(packed.hidden, padded.hidden, atol=1e-10, rtol=0)
+    packed_loss, packed_grads = loss_and_grads(model, packed, batch)
+    padded_loss, padded_grads = loss_and_grads(model, padded, batch)
+    assert torch.allclose(packed_loss, padded_loss, rtol=1e-10)
+    for a, b in zip(packed_grads, padded_grads):  # float32 RMSNorms at the shared prompts, as above
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12
+    assert any(g.abs().sum() > 0 for g in packed_grads)
 
 
 PROMPTS = ["Tom has 3 apples", "12 + 7 =", "She buys 4 pens and 5 more", "A box", "Tom has 3 apples", "12 + 7 ="]

@@ -111,6 +111,10 @@ class GRPOConfig(Section):
     the first ratio is not 1 and clipping acts on noise."""
     micro_batch_size: int = Field(8, ge=1)
     """Rollouts per forward/backward during the update (gradient accumulation over the batch)."""
+    logprob_micro_batch_size: int = Field(64, ge=1)
+    """Rollouts per no-grad forward of the reference (and of `old_logprobs: recompute`), rounded up to a
+    multiple of `micro_batch_size` (verl's `log_prob_micro_batch_size`). Without activations to keep it can
+    be large: a latent forward is one pass per latent wave whatever the rows, so fewer, wider passes."""
     lr: float = Field(1e-5, gt=0)
     """AdamW learning rate (constant after warm-up); at most 1, as `sft.lr` (`MAX_LR`)."""
 

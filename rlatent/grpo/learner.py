@@ -17,6 +17,7 @@ the training forward agree, which the tests check).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -128,8 +129,8 @@ class GRPOLearner:
         stored = traj.actions(g.latent_noise_std > 0)
         totals = totals or batch_totals(self.cfg, stored)
         advantages = advantages.to(self.model.device)
-        micro_batches = [self.micro_batch(traj, stored, rows)
-                         for rows in torch.arange(len(advantages), device=self.model.device).split(g.micro_batch_size)]
+        clock = _Clock(self.model.device)
+        micro_batches = self.micro_batches(traj, stored, clock)
         sums: dict[str, float] = {}
         for iteration in range(g.num_iterations):
             for mb in micro_batches:
@@ -139,10 +140,14 @@ class GRPOLearner:
                 loss, stats = self.loss(mb, new, kl, advantages[mb.rows], totals)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"grpo step {step}: loss is {loss.item()}; lower grpo.lr")
+                clock.lap("forward")
                 self.optimizer.backward(loss)
                 self.log_micro_batch(sums, mb, new, kl, loss, stats, totals, first=iteration == 0)
+                clock.lap("backward")
             _add(sums, "grad_norm", self.optimizer.step(f"grpo step {step}") / g.num_iterations)
+            clock.lap("optimizer")
         sums["lr"] = self.optimizer.lr
+        sums.update(clock.totals)
         return sums
 
     def loss(self, mb: "MicroBatch", new: PolicyOutput, kl: torch.Tensor | None, advantages: torch.Tensor,
@@ -175,9 +180,27 @@ class GRPOLearner:
         _add(sums, "entropy", float(new.entropy.sum()) / max(totals.kinds[0], 1.0) / iterations)
         _add(sums, "loss", loss.item() / iterations)
 
-    def micro_batch(self, traj: Trajectories, stored: Actions, rows: torch.Tensor) -> "MicroBatch":
-        """One micro-batch's rows, trimmed to their longest, with its old log-probs (`grpo.old_logprobs`)
-        and, with a KL term, its reference outputs: both fixed for every iteration on this batch."""
+    def micro_batches(self, traj: Trajectories, stored: Actions, clock: "_Clock") -> list["MicroBatch"]:
+        """The update's micro-batches (`grpo.micro_batch_size` rows, trimmed to their longest), each with its old
+        log-probs (`grpo.old_logprobs`) and, with a KL term, its reference outputs: both fixed for every
+        iteration on this batch, and computed without gradient over wider slices of rows
+        (`grpo.logprob_micro_batch_size`, a multiple of the micro-batch)."""
+        g = self.cfg.grpo
+        rows = torch.arange(traj.batch.input_ids.shape[0], device=self.model.device)
+        wide = -(-g.logprob_micro_batch_size // g.micro_batch_size) * g.micro_batch_size
+        micro_batches = []
+        for slice_rows in rows.split(wide):
+            whole = self.micro_batch(traj, stored, slice_rows, clock)
+            for part in slice_rows.split(g.micro_batch_size):
+                local = part - slice_rows[0]
+                width = int(whole.batch.lengths[local].max())
+                micro_batches.append(MicroBatch(
+                    part, whole.batch.select(local), whole.slot_inputs[local, :width], whole.old.select(local, width),
+                    None if whole.reference is None else whole.reference.select(local, width)))
+        return micro_batches
+
+    def micro_batch(self, traj: Trajectories, stored: Actions, rows: torch.Tensor, clock: "_Clock") -> "MicroBatch":
+        """`rows`, trimmed to their longest, with their old log-probs and reference outputs (no gradient)."""
         g = self.cfg.grpo
         batch = traj.batch.select(rows)
         width = batch.input_ids.shape[1]
@@ -185,9 +208,11 @@ class GRPOLearner:
         if g.old_logprobs == "recompute":
             with torch.no_grad():
                 mb.old = self.recompute(mb).actions
+            clock.lap("old_logprobs")
         if self.reference is not None:
             mb.reference = self.reference.outputs(self.model, batch, mb.slot_inputs, mb.old.mask, g.temperature,
                                                   g.latent_noise_std, self.cfg.latent.pass_cost)
+            clock.lap("reference")
         return mb
 
     def recompute(self, mb: "MicroBatch") -> PolicyOutput:
@@ -226,6 +251,25 @@ class MicroBatch:
     slot_inputs: torch.Tensor  # (b, T, H) stored latent inputs
     old: Actions  # (b, T, K) the ratio's denominators and which actions exist
     reference: PolicyOutput | None = None  # the reference's outputs, with a KL term
+
+
+class _Clock:
+    """Wall time of the update's parts (`time_update_<part>` in the step's metrics): where a step goes,
+    without a profiler. On a GPU each lap waits for the queued work first, so it is charged to the part
+    that queued it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        name = f"time_update_{part}"
+        self.totals[name] = self.totals.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def _add(sums: dict[str, float], name: str, value: float, reduce=lambda a, b: a + b) -> None:

@@ -81,7 +81,12 @@ def forward(model: LatentModel, batch: LatentBatch, gradient: str = "recurrent",
 
 def parallel_forward(model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor,
                      anchors: torch.Tensor | None = None) -> ForwardOutput:
-    """One pass with known inputs at the latent slots; `slot_inputs` is (B, T, H)."""
+    """One pass with known inputs at the latent slots; `slot_inputs` is (B, T, H). Packed, with shared
+    prompts computed once (`packed_forward`), where the model runs on rlatent's KV states."""
+    if model.kv_unsupported is None:
+        rows = batch.input_ids.shape[0]
+        return packed_forward(model, batch, torch.zeros(1, rows, dtype=torch.long), batch.lengths.cpu()[None],
+                              slot_inputs, anchors)
     embeds = torch.where(batch.latent_mask[..., None], slot_inputs.to(model.dtype), model.embed(batch.input_ids))
     states, _ = model.trunk(embeds, batch.attention_mask, batch.positions(), batch.latent_mask,
                             all_layers=anchors is not None)
@@ -144,11 +149,25 @@ def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float |
     """Exact forward with gradient through the latent recurrence (one pass per latent wave)."""
     if model.kv_unsupported:
         return padded_recurrent_forward(model, batch, pass_cost, anchors)
+    pass_cost = default_pass_cost(batch.input_ids.device) if pass_cost is None else pass_cost
+    starts, ends = plan_waves(batch.latent_mask.cpu(), batch.lengths.cpu(), pass_cost, packed=True)
+    return packed_forward(model, batch, starts, ends, None, anchors)
+
+
+def packed_forward(model: LatentModel, batch: LatentBatch, starts: torch.Tensor, ends: torch.Tensor,
+                   known_inputs: torch.Tensor | None, anchors: torch.Tensor | None = None) -> ForwardOutput:
+    """The passes of a plan (`starts`, `ends`: (P, B) CPU chunk bounds), each packed against a `PassCache`.
+    A latent slot's input is `known_inputs` (B, T, H) there, or, when None, the latent of the row's state at
+    the end of its previous chunk (then a slot must open its chunk). Rows that share a prompt
+    (`shared_prompt_sources`) compute it once."""
     rows, length = batch.input_ids.shape
     device = batch.input_ids.device
-    pass_cost = default_pass_cost(device) if pass_cost is None else pass_cost
-    latent_mask, lengths = batch.latent_mask.cpu(), batch.lengths.cpu()
-    starts, ends = plan_waves(latent_mask, lengths, pass_cost, packed=True)  # (P, B) each
+    latent_mask = batch.latent_mask.cpu()
+    sources = shared_prompt_sources(batch)
+    # A row whose prompt another row computes starts after it: its chunks inside the prompt become empty
+    # (start = end, at the same place, so the row still sees the prompt's keys computed so far).
+    floor = torch.where(sources != torch.arange(rows), batch.prompt_lengths.cpu(), 0)
+    starts = torch.maximum(starts, torch.minimum(floor, ends))
     sizes = ends - starts
     totals = sizes.sum(1)  # (P,) packed positions per pass
     bases = totals.cumsum(0) - totals
@@ -160,8 +179,11 @@ def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float |
         valid = column[None, :] < size[:, None]
         row_of, col_of = valid.nonzero(as_tuple=True)
         location[row_of, start[row_of] + col_of] = offsets[row_of] + col_of
+    in_prompt = torch.arange(length)[None, :] < floor[:, None]
+    location = torch.where(in_prompt, location[sources], location)  # the shared prompt's keys and states
     location_device = location.to(device)
-    slot_inputs = torch.zeros(rows, length, model.hidden_size, device=device, dtype=model.dtype)
+    slot_inputs = (torch.zeros(rows, length, model.hidden_size, device=device, dtype=model.dtype)
+                   if known_inputs is None else known_inputs.detach())
     cache = PassCache()
     pieces, last_hidden = [], torch.zeros(rows, model.hidden_size, device=device, dtype=model.dtype)
     wanted = None if anchors is None else location[anchors.cpu()]  # packed index of each anchor
@@ -174,14 +196,17 @@ def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float |
         packed_positions = start.repeat_interleave(size) + torch.arange(total) - (size.cumsum(0) - size).repeat_interleave(size)
         rows_d, positions_d = packed_rows.to(device), packed_positions.to(device)
         embeds = model.embed(batch.input_ids[rows_d, positions_d])  # (N, H)
-        slots = latent_mask[packed_rows, packed_positions]  # (N,) only ever a row's first position
+        slots = latent_mask[packed_rows, packed_positions]  # (N,)
         slots_d = slots.to(device)
         if slots.any():
             at = slots.nonzero().flatten()  # packed indices of this pass's latent slots
-            slot_rows = packed_rows[at].to(device)
-            latent = model.latent_inputs(last_hidden[slot_rows])  # (n, H)
+            slot_rows, slot_positions = packed_rows[at].to(device), packed_positions[at].to(device)
+            if known_inputs is None:  # a recurrence: a slot opens its chunk, fed the row's last state
+                latent = model.latent_inputs(last_hidden[slot_rows])  # (n, H)
+                slot_inputs[slot_rows, slot_positions] = latent.detach()
+            else:
+                latent = known_inputs[slot_rows, slot_positions].to(model.dtype)
             embeds = embeds.index_copy(0, at.to(device), latent)
-            slot_inputs[slot_rows, packed_positions[at].to(device)] = latent.detach()
         cache.next_pass(layout)
         states, _ = model.trunk(embeds[None], None, positions_d[None], slots_d[None], cache=cache,
                                 all_layers=anchors is not None)
@@ -193,15 +218,27 @@ def recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float |
             states = states[-1]
         hidden = states[0]  # (N, H)
         pieces.append(hidden)
-        has = size > 0
-        last = (size.cumsum(0) - 1).clamp_min(0)  # packed index of each row's last position in this pass
-        last_hidden = torch.where(has.to(device)[:, None], hidden[last.to(device)], last_hidden)
+        # Each row's state at the end of its chunk, when this pass computed it (for a row sharing a prompt,
+        # the pass that computed the prompt's end, in the row it shares).
+        last = location[row_index, (end - 1).clamp_min(0)] - base
+        has = (end > 0) & (last >= 0) & (last < total)
+        last_hidden = torch.where(has.to(device)[:, None], hidden[last.clamp(0, total - 1).to(device)], last_hidden)
     every = torch.cat(pieces)  # (sum of passes' positions, H)
     hidden = every[location_device] * batch.attention_mask[..., None]
     layers = None
     if anchors is not None:  # back in row-major anchor order
         layers = torch.cat(picked, 1)[:, torch.cat(picked_order).argsort().to(device)]
     return ForwardOutput(hidden, slot_inputs, num_passes=len(pieces), layers=layers)
+
+
+def shared_prompt_sources(batch: LatentBatch) -> torch.Tensor:
+    """(B,) for each row, the first row with the same prompt (itself if none before it). GRPO's G rollouts
+    of a prompt share it: the recurrent forward computes it once, in that first row, and the others attend
+    to its keys and take its states, so the gradient through the prompt is summed over the group (exact)."""
+    ids, lengths = batch.input_ids.cpu(), batch.prompt_lengths.cpu().tolist()
+    first: dict[tuple[int, ...], int] = {}
+    return torch.tensor([first.setdefault(tuple(ids[b, :n].tolist()), b) for b, n in enumerate(lengths)],
+                        dtype=torch.long)
 
 
 def padded_recurrent_forward(model: LatentModel, batch: LatentBatch, pass_cost: float | None = None,

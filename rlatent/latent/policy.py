@@ -131,6 +131,15 @@ class PolicyOutput:
     stop_logits: torch.Tensor | None  # (B, T)
     latent_means: torch.Tensor | None  # (B, T, H) mean of each slot's latent, when latents are actions
 
+    def select(self, rows: torch.Tensor, width: int) -> "PolicyOutput":
+        """`rows` at their first `width` positions, for the KL (token entropies, flat over all rows' tokens,
+        are not carried). As `recompute_actions` on those rows: no parameters of a kind they do not hold."""
+        actions = self.actions.select(rows, width)
+        decisions, latents = actions.mask[..., 1:3].any(), actions.mask[..., 3].any()
+        pick = lambda t, kept: None if t is None or not kept else t[rows, :width]  # noqa: E731
+        return PolicyOutput(actions, self.entropy.new_zeros(0), pick(self.start_logits, decisions),
+                            pick(self.stop_logits, decisions), pick(self.latent_means, latents))
+
 
 def recompute_actions(model: LatentModel, batch: LatentBatch, slot_inputs: torch.Tensor, mask: torch.Tensor,
                       temperature: float, latent_noise_std: float, gradient: str,
