@@ -11,7 +11,8 @@ position, a row decides on its hidden state `h`:
 
 Decisions are thresholded (`greedy`) or drawn from a Bernoulli (`sample`). At a
 cap (latents per block, blocks per answer, total latents) the decision is
-forced and carries no log-probability. The trajectories come back as the same
+forced and carries no log-probability (the rules: `rlatent.latent.decisions`).
+The trajectories come back as the same
 right-padded `LatentBatch` the training forward takes, with every
 log-probability aligned to the position where it was taken, so that recomputing
 them is a comparison of two tensors (the invariant).
@@ -40,21 +41,30 @@ run is reproducible and, with the default settings (every prompt in a slot,
 
 Models whose attention rlatent's cache does not cover (`LatentModel.kv_unsupported`)
 run against Hugging Face's cache: every prompt in one left-padded prefill, no
-refills, finished rows dropped from the cache.
+refills, finished rows dropped from the cache (the two decoders:
+`rlatent.latent.decoders`).
+
+**The code.** `sample` runs an `_Engine`, whose `run` loop reads top to bottom:
+`admit_prompts` (refill free slots from the queue), `move_rows_forward` (once
+the queue is empty), then `step`: the start/stop rules (`BlockRules.decide`),
+`emit_token`, the counters advanced (`Counters`, one named (S,) tensor each),
+`retire_finished`, `host_looks` (every `sync_every` steps) and `feed_next` (the
+next position of every slot). `_Outputs` holds what is written and assembles
+the `Trajectories`.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from rlatent.latent.batch import LatentBatch
-from rlatent.latent.policy import decision_logprobs, gaussian_logprob, precise_dtype, scaled_logits, token_logprobs
+from rlatent.latent.decisions import BlockRules, Counters, Decisions, sample_tokens, stop_reached
+from rlatent.latent.decoders import HFDecoder, SlotDecoder
+from rlatent.latent.policy import gaussian_logprob, precise_dtype, scaled_logits, token_logprobs
 from rlatent.latent.trajectory import Trajectories
-from rlatent.model.kv_cache import RowLayout, SlotCache
 from rlatent.model.latent_model import LatentModel
 
 
@@ -99,351 +109,303 @@ class SamplingSettings:
         return self.temperature if self.temperature > 0 else 1.0
 
 
-def sample_tokens(scaled: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """(N, V) logits at the sampling temperature (`policy.scaled_logits`) -> (N,) tokens: argmax at
-    temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return scaled.argmax(-1)
-    probs = torch.softmax(scaled, -1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
-    return torch.multinomial(probs, 1).squeeze(-1)
+# ---- the outputs ----------------------------------------------------------------------------------------
 
 
-def _decide(logits: torch.Tensor, threshold: float, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Binary decisions from logits; returns (decision bool, its log-prob)."""
-    if sample:
-        decision = torch.bernoulli(torch.sigmoid(logits.double())).bool()
-    else:
-        decision = torch.sigmoid(logits) > threshold
-    return decision, decision_logprobs(logits, decision)
+@dataclass
+class _Outputs:
+    """The trajectories being written, (rows + 1, capacity) each: one row per prompt plus the spare row that
+    finished rows and idle slots write to (dropped by `trajectories`)."""
 
+    ids: torch.Tensor
+    prompt_lengths: torch.Tensor  # (rows + 1,)
+    latent: torch.Tensor
+    token_lp: torch.Tensor
+    start_lp: torch.Tensor
+    stop_lp: torch.Tensor
+    latent_lp: torch.Tensor
+    start_decided: torch.Tensor
+    stop_decided: torch.Tensor
+    slot_inputs: torch.Tensor  # (rows + 1, capacity, H)
+    hidden: torch.Tensor | None  # like slot_inputs, with `record_hidden`
+    lengths: torch.Tensor  # (rows + 1,)
+    finished: torch.Tensor  # (rows + 1,)
 
-def stop_reached(ids: torch.Tensor, active: torch.Tensor, position: torch.Tensor, prompt_lengths: torch.Tensor,
-                 stops: list[torch.Tensor]) -> torch.Tensor:
-    """(A,) True where the completion of row `active[i]` ends at `position[i]` with one of `stops` (token-id
-    sequences; a latent slot in between breaks the match, since its id is the pad id)."""
-    hit = torch.zeros_like(active, dtype=torch.bool)
-    for stop in stops:
-        back = torch.arange(len(stop) - 1, -1, -1, device=ids.device)
-        index = position[:, None] - back[None, :]  # (A, L): the last L positions
-        inside = (index >= prompt_lengths[active][:, None]).all(-1)
-        hit |= inside & (ids[active[:, None], index.clamp_min(0)] == stop).all(-1)
-    return hit
-
-
-# ---- decoders: the model against a cache ---------------------------------------------------------------
-
-
-class _SlotDecoder:
-    """The model against rlatent's `SlotCache`: packed prefills into any free slots, in-place decode steps."""
-
-    refills = True
-
-    def __init__(self, model: LatentModel, slots: int, capacity: int, compile: bool):
-        self.model, self.capacity = model, capacity
-        self.cache = SlotCache(slots, capacity)
-        self._step = self._eager_step
-        if compile:
-            try:
-                self._step = torch.compile(self._eager_step, dynamic=False)
-            except Exception as exc:  # noqa: BLE001 - eager is the documented fallback
-                warnings.warn(f"sampler: torch.compile unavailable ({exc}); decoding eagerly")
-        self._compiled = compile and self._step is not self._eager_step
-
-    def prefill(self, slots: list[int], prompts: list[list[int]]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute `prompts` into `slots`; identical prompts are computed once. Returns the hidden state of each
-        prompt's last position (k, H), the packed hidden states (N, H) and, for the k prompts one after
-        another, the packed index of each of their positions (sum of lengths,)."""
-        device = self.model.device
-        unique: dict[tuple[int, ...], int] = {}
-        which = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-        computed = [list(p) for p in unique]
-        sizes = torch.tensor([len(p) for p in computed])
-        offsets = sizes.cumsum(0) - sizes
-        width = int(sizes.max())
-        location = offsets[:, None] + torch.arange(width)[None, :]
-        layout = RowLayout.build(torch.zeros_like(sizes), sizes, location, device)
-        source = torch.cat([offsets[u] + torch.arange(int(sizes[u])) for u in which])
-        slot = torch.cat([torch.full((int(sizes[u]),), s) for s, u in zip(slots, which)])
-        position = torch.cat([torch.arange(int(sizes[u])) for u in which])
-        ids = torch.tensor([t for p in computed for t in p], device=device)
-        positions = torch.cat([torch.arange(int(n)) for n in sizes]).to(device)
-        self.cache.prefill(layout, source.to(device), slot.to(device), position.to(device))
-        hidden, _ = self.model.trunk(self.model.embed(ids)[None], None, positions[None],
-                                     torch.zeros(1, ids.shape[0], dtype=torch.bool, device=device), cache=self.cache)
-        hidden = hidden[0]
-        last = (offsets + sizes - 1)[torch.tensor(which)].to(device)
-        return hidden[last], hidden, source.to(device)
-
-    def _eager_step(self, embeds: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, length: int
-                    ) -> torch.Tensor:
-        self.cache.decode(embeds.shape[0], positions, length)
-        hidden, _ = self.model.trunk(embeds[:, None], None, positions[:, None], latent[:, None], cache=self.cache)
-        return hidden[:, 0]
-
-    def step(self, embeds: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, length: int) -> torch.Tensor:
-        """One position for each of the first `len(positions)` slots; keys at columns < `length` are visible."""
-        if self._compiled:
-            try:
-                return self._step(embeds, positions, latent, length)
-            except Exception as exc:  # noqa: BLE001 - eager is the documented fallback
-                warnings.warn(f"sampler: the compiled decode step failed ({type(exc).__name__}: {exc}); "
-                              "decoding eagerly")
-                self._compiled, self._step = False, self._eager_step
-        return self._eager_step(embeds, positions, latent, length)
-
-    def copy_prefix(self, destination: torch.Tensor, source: torch.Tensor, length: int) -> None:
-        """Slots `destination` take the first `length` columns of slots `source` (a shared prompt, a moved row)."""
-        self.cache.move(destination, source, length)
-
-    def compact(self, destination: torch.Tensor, source: torch.Tensor, count: int, length: int) -> None:
-        self.copy_prefix(destination, source, length)  # the first `count` slots stay in use; the rest idle
-
-
-class _HFDecoder:
-    """The model against Hugging Face's own cache, for models rlatent's attention does not cover: every prompt
-    in one left-padded prefill, then one column per step; no refills; finished rows leave the cache."""
-
-    refills = False
-
-    def __init__(self, model: LatentModel, slots: int):
-        self.model, self.slots = model, slots
-        self.cache, self.attention = None, None
-
-    def prefill(self, slots: list[int], prompts: list[list[int]]):
-        device = self.model.device
-        assert slots == list(range(self.slots)) and self.cache is None, "Hugging Face caches are filled once"
-        width = max(len(p) for p in prompts)
-        left = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    @classmethod
+    def allocate(cls, prompts: list[list[int]], pad_id: int, capacity: int, model: LatentModel,
+                 record_hidden: bool) -> "_Outputs":
+        device, dtype, rows = model.device, model.dtype, len(prompts)
+        ids = torch.full((rows + 1, capacity), pad_id, dtype=torch.long)
         for b, prompt in enumerate(prompts):
-            left[b, width - len(prompt):] = torch.tensor(prompt)
-            mask[b, width - len(prompt):] = True
-        left, mask = left.to(device), mask.to(device)
-        positions = (mask.long().cumsum(1) - 1).clamp_min(0)
-        hidden, self.cache = self.model.trunk(self.model.embed(left), mask, positions, torch.zeros_like(mask),
-                                              use_cache=True)
-        self.attention = mask
-        source = torch.cat([b * width + torch.arange(width - len(p), width) for b, p in enumerate(prompts)])
-        return hidden[:, -1], hidden.reshape(-1, hidden.shape[-1]), source.to(device)
+            ids[b, : len(prompt)] = torch.tensor(prompt)
+        prompt_lengths = torch.tensor([len(p) for p in prompts] + [1], device=device)
 
-    def compact(self, destination: torch.Tensor, source: torch.Tensor, count: int, length: int) -> None:
-        keep = torch.arange(self.attention.shape[0], device=self.attention.device)
-        keep[destination] = source
-        keep = keep[:count]
-        self.cache.batch_select_indices(keep)
-        self.attention = self.attention[keep]
+        def zeros(dtype: torch.dtype, *size: int) -> torch.Tensor:
+            return torch.zeros(rows + 1, *size, dtype=dtype, device=device)
 
-    def step(self, embeds, positions, latent, length):
-        self.attention = torch.cat([self.attention, self.attention.new_ones(embeds.shape[0], 1)], 1)
-        hidden, self.cache = self.model.trunk(embeds[:, None], self.attention, positions[:, None], latent[:, None],
-                                              self.cache, use_cache=True)
-        return hidden[:, 0]
+        precise = precise_dtype(dtype)
+        slot_inputs = zeros(dtype, capacity, model.hidden_size)
+        return cls(ids=ids.to(device), prompt_lengths=prompt_lengths, latent=zeros(torch.bool, capacity),
+                   token_lp=zeros(precise, capacity), start_lp=zeros(precise, capacity),
+                   stop_lp=zeros(precise, capacity), latent_lp=zeros(precise, capacity),
+                   start_decided=zeros(torch.bool, capacity), stop_decided=zeros(torch.bool, capacity),
+                   slot_inputs=slot_inputs, hidden=torch.zeros_like(slot_inputs) if record_hidden else None,
+                   lengths=prompt_lengths.clone(), finished=zeros(torch.bool))
+
+    def record_decisions(self, row: torch.Tensor, pos: torch.Tensor, decisions: Decisions) -> None:
+        """The start and stop decisions taken at positions `pos` (A,) of rows `row` (A,)."""
+        if decisions.start_logprob is not None:
+            self.start_lp[row, pos] = decisions.start_logprob.to(self.start_lp.dtype)
+            self.start_decided[row, pos] = decisions.start_decided
+            self.stop_lp[row, pos] = decisions.stop_logprob.to(self.stop_lp.dtype)
+            self.stop_decided[row, pos] = decisions.stop_decided
+
+    def trajectories(self, forward_passes: int) -> Trajectories:
+        """The prompts' rows, cut to the longest: the `LatentBatch` the training forward takes and its log-probs."""
+        rows = self.ids.shape[0] - 1
+        used = int(self.lengths[:rows].max())
+        attention_mask = torch.arange(used, device=self.ids.device)[None, :] < self.lengths[:rows, None]
+        batch = LatentBatch(self.ids[:rows, :used], self.latent[:rows, :used], attention_mask,
+                            self.prompt_lengths[:rows])
+        return Trajectories(
+            batch=batch, token_logprobs=self.token_lp[:rows, :used], start_logprobs=self.start_lp[:rows, :used],
+            start_decided=self.start_decided[:rows, :used], stop_logprobs=self.stop_lp[:rows, :used],
+            stop_decided=self.stop_decided[:rows, :used], latent_logprobs=self.latent_lp[:rows, :used],
+            slot_inputs=self.slot_inputs[:rows, :used], finished=self.finished[:rows],
+            hidden=None if self.hidden is None else self.hidden[:rows, :used], forward_passes=forward_passes,
+        )
 
 
-# ---- the sampler ----------------------------------------------------------------------------------------
+# ---- the scheduler --------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def sample(model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: int,
            settings: SamplingSettings) -> Trajectories:
     """Complete each prompt; see the module docstring for the decision rules and the engine."""
-    device, dtype, mode = model.device, model.dtype, model.latent_mode
-    rows = len(prompts)
-    own_cache = model.kv_unsupported is None
-    slots = rows if settings.slots is None or not own_cache else max(1, min(settings.slots, rows))
-    static = settings.compile and own_cache  # every step computes every slot at full capacity
-    sync_every = settings.sync_every or (1 if device.type == "cpu" else 8)
-    width = max(len(p) for p in prompts)
-    capacity = width + settings.max_new_tokens + settings.max_total_latents + 1
-    spare = rows  # the output row that finished and idle slots write to (dropped at the end)
-    decoder = _SlotDecoder(model, slots, capacity, settings.compile) if own_cache else _HFDecoder(model, slots)
+    return _Engine(model, prompts, eos_id, pad_id, settings).run()
 
-    # Outputs, one row per prompt plus the spare.
-    precise = precise_dtype(dtype)
-    prompt_lengths_host = [len(p) for p in prompts] + [1]
-    ids_host = torch.full((rows + 1, capacity), pad_id, dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        ids_host[b, : len(prompt)] = torch.tensor(prompt)
-    ids = ids_host.to(device)
-    prompt_lengths = torch.tensor(prompt_lengths_host, device=device)
-    latent = torch.zeros(rows + 1, capacity, dtype=torch.bool, device=device)
-    token_lp, start_lp, stop_lp, latent_lp = (torch.zeros(rows + 1, capacity, device=device, dtype=precise)
-                                              for _ in range(4))
-    start_dec, stop_dec = (torch.zeros(rows + 1, capacity, dtype=torch.bool, device=device) for _ in range(2))
-    slot_inputs = torch.zeros(rows + 1, capacity, model.hidden_size, device=device, dtype=dtype)
-    hidden_out = torch.zeros_like(slot_inputs) if settings.record_hidden else None
-    lengths = prompt_lengths.clone()
-    finished = torch.zeros(rows + 1, dtype=torch.bool, device=device)
 
-    # Per-slot state, on the device.
-    slot_row = torch.full((slots,), spare, dtype=torch.long, device=device)
-    position = torch.zeros(slots, dtype=torch.long, device=device)  # index of the slot's last computed position
-    counters = torch.zeros(5, slots, dtype=torch.long, device=device)  # in block, block length, blocks, latents, tokens
-    h = torch.zeros(slots, model.hidden_size, device=device, dtype=dtype)
-    # What the host knows: the row each slot holds (None = free) and each slot's position (for the key length).
-    queue = deque(range(rows))
-    keys = [tuple(p) for p in prompts]
-    prompt_state: dict[tuple[int, ...], torch.Tensor] = {}  # each prefilled prompt's last hidden state
-    held: list[int | None] = [None] * slots
-    at: list[int] = [0] * slots
-    computed = 0  # slots 0..computed-1 run each step
-    forward_passes, steps = 0, 0
-    sample_decisions = settings.decisions == "sample"
-    stops = [torch.tensor(s, device=device) for s in settings.stop_sequences if s]
-    cap = model.settings.k if mode.fixed_block_length else settings.max_latents_per_block
+class _Engine:
+    """One call of `sample`: the slots and their device state, the queue, what the host knows, the outputs.
 
-    order, stale = None, True  # (A,) the slots of the live rows in row order: the order of every step's draws
-    while True:
-        # Refill free slots from the queue (on the HF cache: all rows once, at the start).
-        free = [s for s in range(slots) if held[s] is None]
-        if queue and free and (decoder.refills or forward_passes == 0):
-            take = free[: len(queue)]
-            new = [queue.popleft() for _ in take]
-            # A prompt some live slot already holds (the rest of a GRPO group) is copied from that slot, not computed.
-            donors = {keys[r]: s for s, r in reversed(list(enumerate(held))) if r is not None}  # lowest slot wins
-            copied = [(s, r, donors[keys[r]]) for s, r in zip(take, new) if keys[r] in donors]
-            fresh = [(s, r) for s, r in zip(take, new) if keys[r] not in donors]
-            if fresh:
-                last, hidden, source = decoder.prefill([s for s, _ in fresh], [prompts[r] for _, r in fresh])
-                forward_passes += 1
-                for (_, r), state in zip(fresh, last.to(dtype)):
-                    prompt_state[keys[r]] = state
-                if hidden_out is not None:
-                    rows_of = torch.cat([torch.full((len(prompts[r]),), r) for _, r in fresh]).to(device)
-                    positions_of = torch.cat([torch.arange(len(prompts[r])) for _, r in fresh]).to(device)
-                    hidden_out[rows_of, positions_of] = hidden[source].to(dtype)
-            if copied:
-                width_copied = max(len(prompts[r]) for _, r, _ in copied)
-                decoder.copy_prefix(torch.tensor([s for s, _, _ in copied], device=device),
-                                    torch.tensor([d for _, _, d in copied], device=device), width_copied)
-                if hidden_out is not None:
-                    for _, r, donor in copied:
-                        hidden_out[r, : len(prompts[r])] = hidden_out[held[donor], : len(prompts[r])]
-            take_d, new_d = torch.tensor(take, device=device), torch.tensor(new, device=device)
-            slot_row[take_d] = new_d
-            position[take_d] = prompt_lengths[new_d] - 1
-            counters[:, take_d] = 0
-            h[take_d] = torch.stack([prompt_state[keys[r]] for r in new])
-            for s, r in zip(take, new):
-                held[s], at[s] = r, len(prompts[r]) - 1
-            computed = max(computed, max(take) + 1)
-            stale = True
-        live = [s for s in range(slots) if held[s] is not None]
-        if not live:
-            break
-        if not static and not queue and len(live) < computed:  # the queue is empty: move the last rows forward
-            holes = [s for s in range(len(live)) if held[s] is None]
-            movers = [s for s in live if s >= len(live)]
-            destination = torch.tensor(holes, dtype=torch.long, device=device)
-            source_slots = torch.tensor(movers, dtype=torch.long, device=device)
-            decoder.compact(destination, source_slots, len(live), max([at[s] for s in movers], default=0) + 1)
-            if movers:
-                for tensor in (slot_row, position, h):
-                    tensor[destination] = tensor[source_slots]
-                counters[:, destination] = counters[:, source_slots]
-                for d, s in zip(holes, movers):
-                    held[d], at[d], held[s] = held[s], at[s], None
-            computed = len(live)
-            live = list(range(computed))
-            stale = True
-        if stale:
-            stale = False
-            order = torch.tensor(sorted(live, key=lambda s: held[s]), device=device)
-        count = slots if static else computed
+    `run` reads top to bottom: admit queued prompts into free slots, move the last rows forward once the
+    queue is empty, then one step for every live row (decide, emit, retire, feed the next position)."""
 
-        # 1. Decisions on the state of each live row's last position, in row order.
-        row, pos, state = slot_row[order], position[order], h[order]
-        in_block, block_len, blocks, total, tokens = counters[:, order]
-        in_latent = in_block.bool()
-        go_latent = torch.zeros_like(in_latent)
-        if mode.has_slots:
-            can_open = ~in_latent & (blocks < settings.max_blocks) & (total < settings.max_total_latents)
-            opened, lp = _decide(model.start_logits(state), settings.start_threshold, sample_decisions)
-            start_lp[row, pos] = torch.where(can_open, lp, 0.0).to(precise)
-            start_dec[row, pos] = can_open
-            must_stop = in_latent & ((block_len >= cap) | (total >= settings.max_total_latents))
-            free_stop = in_latent & ~must_stop & mode.has_stop_decisions
-            stopped, lp = _decide(model.stop_logits(state), settings.stop_threshold, sample_decisions)
-            stop_lp[row, pos] = torch.where(free_stop, lp, 0.0).to(precise)
-            stop_dec[row, pos] = free_stop
-            keeps_going = ~stopped if mode.has_stop_decisions else torch.ones_like(stopped)
-            go_latent = (can_open & opened) | (in_latent & ~must_stop & keeps_going)
+    def __init__(self, model: LatentModel, prompts: list[list[int]], eos_id: int, pad_id: int,
+                 settings: SamplingSettings):
+        device = model.device
+        self.model, self.prompts, self.eos_id, self.pad_id, self.settings = model, prompts, eos_id, pad_id, settings
+        rows = len(prompts)
+        own_cache = model.kv_unsupported is None
+        self.slots = rows if settings.slots is None or not own_cache else max(1, min(settings.slots, rows))
+        self.static = settings.compile and own_cache  # every step computes every slot at full capacity
+        self.sync_every = settings.sync_every or (1 if device.type == "cpu" else 8)
+        self.capacity = max(len(p) for p in prompts) + settings.max_new_tokens + settings.max_total_latents + 1
+        self.spare = rows  # the output row that finished and idle slots write to (dropped at the end)
+        self.decoder = (SlotDecoder(model, self.slots, self.capacity, settings.compile) if own_cache
+                        else HFDecoder(model, self.slots))
+        self.out = _Outputs.allocate(prompts, pad_id, self.capacity, model, settings.record_hidden)
+        self.stops = [torch.tensor(s, device=device) for s in settings.stop_sequences if s]
+        self.rules = BlockRules(
+            cap=model.settings.k if model.latent_mode.fixed_block_length else settings.max_latents_per_block,
+            max_blocks=settings.max_blocks, max_total_latents=settings.max_total_latents,
+            start_threshold=settings.start_threshold, stop_threshold=settings.stop_threshold,
+            sampled=settings.decisions == "sample")
 
-        # 2. A token for rows that continue in language.
-        logits = model.token_logits(state)  # (A, V)
-        token = sample_tokens(scaled_logits(logits, settings.logprob_temperature), settings.temperature, settings.top_p)
+        # Per-slot state, on the device.
+        self.slot_row = torch.full((self.slots,), self.spare, dtype=torch.long, device=device)
+        self.position = torch.zeros(self.slots, dtype=torch.long, device=device)  # the last computed position
+        self.counters = Counters.zeros(self.slots, device)
+        self.h = torch.zeros(self.slots, model.hidden_size, device=device, dtype=model.dtype)
+        # What the host knows: the row each slot holds (None = free) and each slot's position (for the key length).
+        self.queue = deque(range(rows))
+        self.keys = [tuple(p) for p in prompts]
+        self.prompt_state: dict[tuple[int, ...], torch.Tensor] = {}  # each prefilled prompt's last hidden state
+        self.held: list[int | None] = [None] * self.slots
+        self.at: list[int] = [0] * self.slots
+        self.computed = 0  # slots 0..computed-1 run each step
+        self.forward_passes, self.steps = 0, 0
+        self.order, self.stale = None, True  # (A,) the slots of the live rows in row order: the draws' order
+
+    def run(self) -> Trajectories:
+        while True:
+            self.admit_prompts()
+            live = self.live_slots()
+            if not live:
+                break
+            if not self.static and not self.queue and len(live) < self.computed:
+                self.move_rows_forward(live)
+            if self.stale:
+                self.stale = False
+                self.order = torch.tensor(sorted(self.live_slots(), key=lambda s: self.held[s]),
+                                          device=self.model.device)
+            if not self.step():
+                break
+        return self.out.trajectories(self.forward_passes)
+
+    # -- the host's scheduling
+
+    def live_slots(self) -> list[int]:
+        return [s for s in range(self.slots) if self.held[s] is not None]
+
+    def admit_prompts(self) -> None:
+        """Refill free slots from the queue (on the HF cache: all rows once, at the start). A prompt some live
+        slot already holds (the rest of a GRPO group) is copied from that slot, not computed."""
+        free = [s for s in range(self.slots) if self.held[s] is None]
+        if not (self.queue and free and (self.decoder.refills or self.forward_passes == 0)):
+            return
+        take = free[: len(self.queue)]
+        new = [self.queue.popleft() for _ in take]
+        donors = {self.keys[r]: s for s, r in reversed(list(enumerate(self.held))) if r is not None}  # lowest wins
+        fresh = [(s, r) for s, r in zip(take, new) if self.keys[r] not in donors]
+        copied = [(s, r, donors[self.keys[r]]) for s, r in zip(take, new) if self.keys[r] in donors]
+        if fresh:
+            self._prefill(fresh)
+        if copied:
+            self._copy_from_donors(copied)
+        device = self.model.device
+        take_d, new_d = torch.tensor(take, device=device), torch.tensor(new, device=device)
+        self.slot_row[take_d] = new_d
+        self.position[take_d] = self.out.prompt_lengths[new_d] - 1
+        self.counters[take_d] = 0
+        self.h[take_d] = torch.stack([self.prompt_state[self.keys[r]] for r in new])
+        for s, r in zip(take, new):
+            self.held[s], self.at[s] = r, len(self.prompts[r]) - 1
+        self.computed = max(self.computed, max(take) + 1)
+        self.stale = True
+
+    def _prefill(self, fresh: list[tuple[int, int]]) -> None:
+        """Compute the prompts of rows `r` into slots `s`, for each (s, r) of `fresh`."""
+        device, prompts = self.model.device, self.prompts
+        last, hidden, source = self.decoder.prefill([s for s, _ in fresh], [prompts[r] for _, r in fresh])
+        self.forward_passes += 1
+        for (_, r), state in zip(fresh, last.to(self.model.dtype)):
+            self.prompt_state[self.keys[r]] = state
+        if self.out.hidden is not None:
+            rows_of = torch.cat([torch.full((len(prompts[r]),), r) for _, r in fresh]).to(device)
+            positions_of = torch.cat([torch.arange(len(prompts[r])) for _, r in fresh]).to(device)
+            self.out.hidden[rows_of, positions_of] = hidden[source].to(self.model.dtype)
+
+    def _copy_from_donors(self, copied: list[tuple[int, int, int]]) -> None:
+        """Slot `s` takes row `r`'s prompt from the slot `d` that holds it, for each (s, r, d) of `copied`."""
+        device, prompts = self.model.device, self.prompts
+        width = max(len(prompts[r]) for _, r, _ in copied)
+        self.decoder.copy_prefix(torch.tensor([s for s, _, _ in copied], device=device),
+                                 torch.tensor([d for _, _, d in copied], device=device), width)
+        if self.out.hidden is not None:
+            for _, r, donor in copied:
+                self.out.hidden[r, : len(prompts[r])] = self.out.hidden[self.held[donor], : len(prompts[r])]
+
+    def move_rows_forward(self, live: list[int]) -> None:
+        """The queue is empty: move the rows of the last slots into the holes before them, so that the first
+        `len(live)` slots hold every live row and the computed width shrinks."""
+        device, held, at = self.model.device, self.held, self.at
+        holes = [s for s in range(len(live)) if held[s] is None]
+        movers = [s for s in live if s >= len(live)]
+        destination = torch.tensor(holes, dtype=torch.long, device=device)
+        source = torch.tensor(movers, dtype=torch.long, device=device)
+        self.decoder.compact(destination, source, len(live), max([at[s] for s in movers], default=0) + 1)
+        if movers:
+            for tensor in (self.slot_row, self.position, self.h):
+                tensor[destination] = tensor[source]
+            self.counters[destination] = self.counters[source]
+            for d, s in zip(holes, movers):
+                held[d], at[d], held[s] = held[s], at[s], None
+        self.computed = len(live)
+        self.stale = True
+
+    def host_looks(self) -> bool:
+        """Every `sync_every` steps the host reads which slots their rows left; False once nothing is left."""
+        self.steps += 1
+        if self.steps % self.sync_every:
+            return True
+        count = self.slots if self.static else self.computed
+        holding = self.slot_row[:count].tolist()
+        for s in range(count):
+            if self.held[s] is not None and holding[s] == self.spare:
+                self.held[s], self.stale = None, True
+        return bool(self.queue) or any(r is not None for r in self.held)
+
+    # -- one step, on the device
+
+    def step(self) -> bool:
+        """One position for every live row, in row order; False when the host finds nothing left to compute."""
+        out, order = self.out, self.order
+        row, pos, state = self.slot_row[order], self.position[order], self.h[order]
+        counters = self.counters[order]
+        decisions = self.rules.decide(self.model, state, counters)
+        out.record_decisions(row, pos, decisions)
+        go_latent = decisions.go_latent
+        token, following = self.emit_token(row, pos, state, go_latent)
+        after = counters.after(go_latent)
+        self.counters[order] = after
+        ended = self.retire_finished(row, following, token, ~go_latent, after.tokens)
+        row = torch.where(ended, self.spare, row)
+        self.slot_row[order] = row
+        if not self.host_looks():
+            return False
+        self.feed_next(row, following, state, token, go_latent, counters.block_length, ended)
+        return True
+
+    def emit_token(self, row, pos, state, go_latent) -> tuple[torch.Tensor, torch.Tensor]:
+        """A token from each row's state, written at the next position of the rows that continue in language
+        (a latent slot for the others); returns the tokens (A,) and the next positions (A,)."""
+        out, settings = self.out, self.settings
+        logits = self.model.token_logits(state)  # (A, V)
+        token = sample_tokens(scaled_logits(logits, settings.logprob_temperature), settings.temperature,
+                              settings.top_p)
         logprob = token_logprobs(logits, token, settings.logprob_temperature)
-        following = (pos + 1).clamp(max=capacity - 1)  # (only a finished row's slot would run past the end)
+        following = (pos + 1).clamp(max=self.capacity - 1)  # (only a finished row's slot would run past the end)
         speaks = ~go_latent
-        ids[row, following] = torch.where(speaks, token, pad_id)
-        token_lp[row, following] = torch.where(speaks, logprob.to(precise), 0.0)
-        latent[row, following] = go_latent
-        lengths[row] = following + 1
-        tokens = tokens + speaks.long()
-        counters[:, order] = torch.stack([go_latent.long(), torch.where(go_latent, block_len + 1, 0),
-                                          blocks + (go_latent & ~in_latent).long(), total + go_latent.long(), tokens])
+        out.ids[row, following] = torch.where(speaks, token, self.pad_id)
+        out.token_lp[row, following] = torch.where(speaks, logprob.to(out.token_lp.dtype), 0.0)
+        out.latent[row, following] = go_latent
+        out.lengths[row] = following + 1
+        return token, following
 
-        # 3. Rows that emitted EOS or a stop sequence, or ran out of tokens, leave their slots.
-        done = (token == eos_id) | stop_reached(ids, row, following, prompt_lengths, stops)
-        ended = speaks & (done | (tokens >= settings.max_new_tokens))
-        finished[row] = finished[row] | (ended & done)
-        row = torch.where(ended, spare, row)
-        slot_row[order] = row
-        steps += 1
-        if steps % sync_every == 0:  # the host looks at which slots are free
-            holding = slot_row[:count].tolist()
-            for s in range(count):
-                if held[s] is not None and holding[s] == spare:
-                    held[s], stale = None, True
-            if not queue and all(r is None for r in held):
-                break  # nothing left to compute
+    def retire_finished(self, row, following, token, speaks, tokens) -> torch.Tensor:
+        """(A,) the rows that end here: they emitted EOS or a stop sequence (finished), or ran out of tokens."""
+        out = self.out
+        done = (token == self.eos_id) | stop_reached(out.ids, row, following, out.prompt_lengths, self.stops)
+        ended = speaks & (done | (tokens >= self.settings.max_new_tokens))
+        out.finished[row] = out.finished[row] | (ended & done)
+        return ended
 
-        # 4. One new position per slot: a token embedding or a latent input.
-        if mode.slot_input == "pause":
-            latent_input = model.pause_inputs(torch.where(go_latent, block_len, 0))
+    def feed_next(self, row, following, state, token, go_latent, index_in_block, ended) -> None:
+        """Compute the next position of every slot: a token's embedding, or a latent input (a pause slot's by
+        its `index_in_block`; else `proj(h)`, with exploration noise and its log-density). `row` is the spare
+        row where a row ended."""
+        model, settings, out, device = self.model, self.settings, self.out, self.model.device
+        if model.latent_mode.slot_input == "pause":
+            latent_input = model.pause_inputs(torch.where(go_latent, index_in_block, 0))
         else:
             latent_input = model.latent_inputs(state)
             if settings.latent_noise_std > 0:
                 mean = latent_input
-                if sync_every == 1:  # draws for the rows that go on only (the host looks at them every step anyway)
+                if self.sync_every == 1:  # draws for the rows that go on only (the host looks at them every step)
                     going = (~ended).nonzero().flatten()
                     noise = torch.zeros_like(mean).index_copy_(0, going, torch.randn(
                         going.shape[0], mean.shape[1], device=device, dtype=mean.dtype))
                 else:
                     noise = torch.randn_like(mean)
                 latent_input = mean + settings.latent_noise_std * noise
-                density = gaussian_logprob(latent_input, mean, settings.latent_noise_std).to(precise)
-                latent_lp[row, following] = torch.where(go_latent, density, 0.0)
+                density = gaussian_logprob(latent_input, mean, settings.latent_noise_std).to(out.latent_lp.dtype)
+                out.latent_lp[row, following] = torch.where(go_latent, density, 0.0)
         embeds = torch.where(go_latent[:, None], latent_input, model.embed(token))  # (A, H)
-        slot_inputs[row, following] = torch.where(go_latent[:, None], embeds, 0.0)
+        out.slot_inputs[row, following] = torch.where(go_latent[:, None], embeds, 0.0)
         # Per slot (a free slot among the first `count` computes garbage nobody reads).
+        count = self.slots if self.static else self.computed
+        order = self.order
         slot_embeds = embeds.new_zeros(count, embeds.shape[1]).index_copy_(0, order, embeds)
         slot_latent = torch.zeros(count, dtype=torch.bool, device=device).index_copy_(0, order, go_latent)
-        slot_following = (position[:count] + 1).clamp(max=capacity - 1)
+        slot_following = (self.position[:count] + 1).clamp(max=self.capacity - 1)
         for s in range(count):
-            at[s] = min(at[s] + 1, capacity - 1)
-        length = capacity if static else max(at[:count]) + 1
-        stepped = decoder.step(slot_embeds, slot_following, slot_latent, length)
-        forward_passes += 1
-        h[:count] = stepped
-        position[:count] = slot_following
-        if hidden_out is not None:
-            hidden_out[row, following] = stepped[order]
-
-
-    used = int(lengths[:rows].max())
-    attention_mask = torch.arange(used, device=device)[None, :] < lengths[:rows, None]
-    batch = LatentBatch(ids[:rows, :used], latent[:rows, :used], attention_mask, prompt_lengths[:rows])
-    return Trajectories(
-        batch=batch, token_logprobs=token_lp[:rows, :used], start_logprobs=start_lp[:rows, :used],
-        start_decided=start_dec[:rows, :used], stop_logprobs=stop_lp[:rows, :used],
-        stop_decided=stop_dec[:rows, :used], latent_logprobs=latent_lp[:rows, :used],
-        slot_inputs=slot_inputs[:rows, :used], finished=finished[:rows],
-        hidden=None if hidden_out is None else hidden_out[:rows, :used], forward_passes=forward_passes,
-    )
+            self.at[s] = min(self.at[s] + 1, self.capacity - 1)
+        length = self.capacity if self.static else max(self.at[:count]) + 1
+        stepped = self.decoder.step(slot_embeds, slot_following, slot_latent, length)
+        self.forward_passes += 1
+        self.h[:count] = stepped
+        self.position[:count] = slot_following
+        if out.hidden is not None:
+            out.hidden[row, following] = stepped[order]
