@@ -27,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import peak_rss  # noqa: E402
 
 PARTS = ("step_seconds", "time_rollout", "time_resample", "time_update", "time_update_old_logprobs",
          "time_update_reference", "time_update_forward", "time_update_backward", "time_update_optimizer")
@@ -56,13 +59,15 @@ def run_row(args, name: str, start: str, overrides: list[str], workdir: Path) ->
     argv = ["grpo", args.config, *args.overrides, f"grpo.init_checkpoint={start}", f"grpo.steps={args.steps}",
             "grpo.save_every=0", "eval.limit=1", "eval.gain_batches=1", f"output.dir={workdir}",
             f"output.name={name}", *overrides]
-    started = time.perf_counter()
+    started, _ = time.perf_counter(), peak_rss.start()
     if main(argv) != 0:
         raise SystemExit(f"bench_phase2: row {name} failed: rlatent {' '.join(argv)}")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if s.get("phase") == "grpo"]
+    peak = peak_rss.status_kib("VmHWM")
     return {"name": name, "start": start, "overrides": overrides, "wall_seconds": time.perf_counter() - started,
-            "steps": steps, "mean": {key: sum(s.get(key, 0.0) for s in steps) / len(steps) for key in PARTS + COUNTS}}
+            "peak_rss_mib": None if peak is None else peak / 1024, "steps": steps,
+            "mean": {key: sum(s.get(key, 0.0) for s in steps) / len(steps) for key in PARTS + COUNTS}}
 
 
 def table(rows: list[dict]) -> str:
@@ -74,6 +79,9 @@ def table(rows: list[dict]) -> str:
         values = [r["mean"][key] for r in rows]
         ratios = [f"{v / base[key]:.2f}x" if base[key] else "-" for v in values[1:]]
         lines.append(f"| {key} | " + " | ".join(f"{v:.2f}" for v in values) + " | " + " | ".join(ratios) + " |")
+    peaks = [r["peak_rss_mib"] for r in rows]
+    lines.append("| peak RSS (MiB) | " + " | ".join("-" if p is None else f"{p:.0f}" for p in peaks) + " |" +
+                 " |" * (len(rows) - 1))
     return "\n".join(lines)
 
 
