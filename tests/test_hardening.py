@@ -30,7 +30,8 @@ SMALL = ["sft.steps=2", "sft.eval_every=1", "sft.batch_size=2", "data.synthetic.
          "eval.num_samples=2", "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=2"]
 GOOD_ROW = json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"})
 TIMING = ("time", "step_seconds", "wall_seconds", "time_rollout", "time_reward", "time_resample", "time_update",
-          "sync_seconds")
+          "time_update_old_logprobs", "time_update_reference", "time_update_forward", "time_update_backward",
+          "time_update_optimizer", "sync_seconds")
 REWARDS = '''
 import os
 
