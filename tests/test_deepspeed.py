@@ -77,7 +77,7 @@ def schedule(optimizer):
 
 
 def zero_optimizer(cfg, model) -> DeepSpeedOptimizer:
-    optimizer = build_optimizer(cfg, model, LR, WEIGHT_DECAY, MAX_GRAD_NORM, schedule)
+    optimizer = build_optimizer(cfg.deepspeed, model, LR, WEIGHT_DECAY, MAX_GRAD_NORM, schedule)
     assert isinstance(optimizer, DeepSpeedOptimizer)
     return optimizer
 

@@ -225,7 +225,7 @@ def test_config_options_reach_the_sampler():
     from rlatent.config import load_config
 
     cfg = load_config(None, ["grpo.slots=3", "grpo.compile=true", "eval.compile=true"])
-    rollouts = SamplingSettings.for_rollouts(cfg)
+    rollouts = SamplingSettings.for_rollouts(cfg.latent, cfg.grpo)
     assert rollouts.slots == 3 and rollouts.compile and rollouts.decisions == "sample"
     assert SamplingSettings.from_config(cfg.latent, cfg.eval).compile
     assert not SamplingSettings.from_config(cfg.latent, load_config(None, []).eval).compile

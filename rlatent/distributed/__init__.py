@@ -17,7 +17,8 @@ from rlatent.latent.sampler import SamplingSettings
 def rollout_settings(cfg: RunConfig, tokenizer) -> SamplingSettings:
     """How phase 2's rollouts sample (`SamplingSettings.for_rollouts`), with `grpo.stop` encoded for
     `tokenizer`: one definition for the backends and for tools that replay rollouts."""
-    return replace(SamplingSettings.for_rollouts(cfg), stop_sequences=encode_stop_sequences(cfg.grpo.stop, tokenizer))
+    return replace(SamplingSettings.for_rollouts(cfg.latent, cfg.grpo),
+                   stop_sequences=encode_stop_sequences(cfg.grpo.stop, tokenizer))
 
 
 def make_backend(cfg: RunConfig, model, tokenizer):

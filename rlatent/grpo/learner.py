@@ -111,7 +111,7 @@ class GRPOLearner:
         g = cfg.grpo
         self.cfg, self.model = cfg, model
         self.optimizer = build_optimizer(
-            cfg, model, g.lr, g.weight_decay, g.max_grad_norm,
+            cfg.deepspeed, model, g.lr, g.weight_decay, g.max_grad_norm,
             lambda opt: get_scheduler("constant_with_warmup", opt, num_warmup_steps=g.warmup_steps))
         if trainable is not None:
             self.load_trainable(trainable)

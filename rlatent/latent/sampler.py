@@ -60,6 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlatent.config import EvalConfig, GRPOConfig, LatentConfig
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.decisions import BlockRules, Counters, Decisions, sample_tokens, stop_reached
 from rlatent.latent.decoders import HFDecoder, SlotDecoder
@@ -87,7 +88,7 @@ class SamplingSettings:
     sync_every: int | None = None  # steps between the host's looks at finished rows; None = 1 on CPU, 8 on GPU
 
     @classmethod
-    def from_config(cls, latent_cfg, eval_cfg, **overrides) -> "SamplingSettings":
+    def from_config(cls, latent_cfg: LatentConfig, eval_cfg: EvalConfig, **overrides) -> "SamplingSettings":
         return cls(**{**dict(
             max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
             decisions=eval_cfg.decisions, start_threshold=latent_cfg.start_threshold,
@@ -96,12 +97,13 @@ class SamplingSettings:
             compile=eval_cfg.compile), **overrides})
 
     @classmethod
-    def for_rollouts(cls, cfg) -> "SamplingSettings":
-        """GRPO's rollouts: sampled decisions, the `grpo` section's temperature, top-p, caps and noise."""
-        g = cfg.grpo
+    def for_rollouts(cls, latent_cfg: LatentConfig, grpo_cfg: GRPOConfig) -> "SamplingSettings":
+        """GRPO's rollouts: sampled decisions, the `grpo` section's temperature, top-p and noise, the `latent`
+        section's caps."""
+        g = grpo_cfg
         return cls(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, decisions="sample",
-                   max_latents_per_block=cfg.latent.max_latents_per_block, max_blocks=cfg.latent.max_blocks,
-                   max_total_latents=cfg.latent.max_total_latents, latent_noise_std=g.latent_noise_std,
+                   max_latents_per_block=latent_cfg.max_latents_per_block, max_blocks=latent_cfg.max_blocks,
+                   max_total_latents=latent_cfg.max_total_latents, latent_noise_std=g.latent_noise_std,
                    slots=g.slots, compile=g.compile)
 
     @property

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from rlatent.config import DeepSpeedConfig
 from rlatent.errors import ConfigError, TrainingError, first_line
 from rlatent.optim.state import (MOMENTS, SchedulerFactory, check_finite_weights, check_moments, load_schedule,
                                  trainable_named_parameters, uninterrupted)
@@ -52,17 +53,17 @@ class DeepSpeedOptimizer:
     heads the model keeps in float32 included.
     """
 
-    def __init__(self, cfg, model: nn.Module, lr: float, weight_decay: float, max_grad_norm: float,
-                 make_scheduler: SchedulerFactory):
+    def __init__(self, settings: DeepSpeedConfig, model: nn.Module, lr: float, weight_decay: float,
+                 max_grad_norm: float, make_scheduler: SchedulerFactory):
         if deepspeed is None:
             raise ConfigError("deepspeed.enabled: deepspeed is not installed "
                               "(pip install -e '.[deepspeed]' with DS_BUILD_OPS=0)")
-        check_settings(cfg, model)
-        self.stage, self.model = cfg.zero_stage, model
+        check_settings(settings, model)
+        self.stage, self.model = settings.zero_stage, model
         self.named = trainable_named_parameters(model)
         params = [p for _, p in self.named]
         init_distributed(params[0].device)
-        config = engine_config(cfg, lr, weight_decay, max_grad_norm if self.stage else 0.0)
+        config = engine_config(settings, lr, weight_decay, max_grad_norm if self.stage else 0.0)
         try:
             self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config,
                                                    lr_scheduler=make_scheduler)
@@ -174,11 +175,11 @@ class DeepSpeedOptimizer:
             safe_set_full_optimizer_state(p, value.to(torch.float32), key)
 
 
-def check_settings(cfg, model: nn.Module) -> None:
+def check_settings(settings: DeepSpeedConfig, model: nn.Module) -> None:
     """Refuse combinations DeepSpeed would reject late or run wrongly."""
-    if cfg.offload_optimizer and cfg.zero_stage == 0:
+    if settings.offload_optimizer and settings.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3")
-    if cfg.zero_stage != 3:
+    if settings.zero_stage != 3:
         return
     own = [name for name, _ in model.named_parameters(recurse=False)]
     if own:  # ZeRO-3 gathers a module's weights when its forward runs; the model's own forward never runs
@@ -201,13 +202,13 @@ def shape_only(p: nn.Parameter) -> torch.Tensor:
     return torch.empty(getattr(p, "ds_shape", p.shape), device="meta")
 
 
-def engine_config(cfg, lr: float, weight_decay: float, gradient_clipping: float) -> dict:
+def engine_config(settings: DeepSpeedConfig, lr: float, weight_decay: float, gradient_clipping: float) -> dict:
     """rlatent batches and accumulates itself: one micro-batch per rank for DeepSpeed's bookkeeping, and
     unmanaged accumulation (any number of `backward`s, every `step` a boundary)."""
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer:
+    zero: dict = {"stage": settings.zero_stage}
+    if settings.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    if cfg.offload_params:
+    if settings.offload_params:
         zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": 1,

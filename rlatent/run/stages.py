@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -100,116 +101,196 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
     record: dict = {}
     latest, done = None, (None, 0)
     if resume is not None:
-        run, cfg, record = open_run(resume)
-        command = record.get("command", command)
-        if command not in PHASES:
-            raise CheckpointError(f"{run.path / RUN_FILE}: unknown command {command!r}")
+        run, cfg, record, command = open_resumed(resume, command)
     phases = PHASES[command]
     if "grpo" in phases:  # a misspelt reward fails now, not after phase 1
         RewardSet(cfg.grpo.rewards, cfg.grpo.reward_errors)
     if resume is not None:
-        tidied = run.clean_interrupted_writes()
-        if tidied:
-            print(f"tidied what a kill left in {run.checkpoints_dir}: {'; '.join(tidied)}")
-        latest = run.latest_checkpoint()
-        if latest is not None:
-            check_checkpoint_files(latest, training=True)
-            done = checkpoint_phase(latest)
-        if is_finished(record, phases, done, cfg):
-            print(f"{run.path} is finished ({done[0]} step {done[1]}, {latest.name}); nothing to resume, "
-                  "nothing changed")
+        point = resume_point(run, cfg, record, phases)
+        if point is None:
             return run
-        problem = writable_problem(run.path)
-        if problem:
-            raise ConfigError(f"--resume {run.path}: cannot write to the run directory ({problem})")
-        changed = check_config_drift(run, cfg, record, latest,
-                                     built_from_config="sft" in phases or not cfg.grpo.init_checkpoint)
-        if changed:
-            print(f"resuming with changed settings: {', '.join(changed)}")
+        latest, done = point
     else:
         path = run_path(cfg, config_path)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.model.device)
-    dtype = model_dtype(cfg.model.dtype, device)
-    init = latest or (cfg.grpo.init_checkpoint if phases == ("grpo",) else None)
-    if init is not None:
-        check_checkpoint_files(init)
-        model, tokenizer = LatentModel.load(init, dtype, device, trainable=True, cache_dir=cfg.model.cache_dir)
-    else:
-        model, tokenizer = LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
-    train_problems, skipped = load_split(cfg.data, "train", cfg.data.train_limit)
-    require_problems(cfg.data, "train", train_problems, skipped)
-    # The in-distribution held-out split (`eval.split`: dev while choosing a recipe, test once it is fixed)
-    # is logged under the phase names "test" and "test_sft" whichever it is; config.yaml says which.
-    eval_problems, eval_skipped = load_split(cfg.data, cfg.eval.split, cfg.eval.limit)
-    require_problems(cfg.data, cfg.eval.split, eval_problems, eval_skipped)
-    held_out = {"test": eval_problems}
-    if has_ood_split(cfg.data):  # longer chains than trained: the out-of-distribution test
-        held_out["ood"] = load_split(cfg.data, "ood", cfg.eval.limit)[0]
+    model, tokenizer = build_model(cfg, phases, latest)
+    data = load_data(cfg)
     fresh = resume is None and not path.exists()
     if resume is None:
         run, record = create_run_dir(path, command, cfg)
     print(f"run directory: {run.path}" + (f" (resuming from {latest})" if latest else ""))
-    results: dict[str, dict[str, float]] = {}
-    started = False
+    training = Training(command, cfg, phases, run, model, tokenizer, data, latest, done)
     try:
         with MetricsLogger(run, records_to_keep(done, cfg) if resume is not None else None) as logger:
-            if logger.dropped:
-                print(f"metrics.jsonl: dropped {logger.dropped} records logged after "
-                      f"{latest.name if latest else 'the start'}; the resumed run logs them again")
-            if done[0] == "grpo":
-                results.update(earlier_results(read_metrics(run.metrics_path)))
-            offset = 0
-            if "sft" in phases:
-                curriculum = Curriculum.from_config(cfg.sft)
-                staged = staged_examples(train_problems, tokenizer, cfg.latent, cfg.data.max_length, curriculum,
-                                         teachers=cfg.sft.distill.weight > 0,
-                                         split_steps=cfg.sft.distill.split_steps or cfg.sft.compress.split_steps,
-                                         chains=cfg.sft.compress.weight > 0,
-                                         tokens_per_latent=cfg.sft.compress.tokens_per_latent,
-                                         random_factor=cfg.sft.compress.random_factor)
-                train, dropped = staged.stages, staged.dropped
-                evaluation = held_out_examples(eval_problems, tokenizer, cfg)
-                for split, examples, problems in (("train", train, train_problems), ("eval", evaluation, eval_problems)):
-                    if not all(examples):
-                        raise DataError(f"{split} split: all {len(problems)} problems are longer than data.max_length "
-                                        f"{cfg.data.max_length} tokens (latents included)")
-                if latest is None:
-                    logger.log(0, {"train_examples": len(train[-1]), "dropped_too_long": dropped,
-                                   "skipped_rows": skipped, "eval_problems": len(eval_problems),
-                                   "trainable_parameters": sum(p.numel() for p in model.trainable_parameters())},
-                               phase="data")
-                trainer = SFTTrainer(cfg, model, tokenizer, train[-1], evaluation[-1], run, logger,
-                                     list(zip(train[:-1], evaluation[:-1])), staged.teachers)
-                if done[0] == "sft":
-                    trainer.resume(latest)
-                if done[0] != "grpo":
-                    started = True
-                    checkpoint = train_phase(trainer, "sft", cfg, logger, command)
-                    print(f"phase 1 checkpoint: {checkpoint}")
-                    two_phases = "grpo" in phases
-                    results.update(evaluate_trained(checkpoint, run, command, lambda: test_after(
-                        "sft", cfg, model, tokenizer, held_out, run, logger, trainer.step,
-                        "test_sft" if two_phases else "test", "eval_samples_sft" if two_phases else "eval_samples")))
-                offset = cfg.sft.steps
+            training.open(logger)
+            examples = training.phase1() if "sft" in phases else None
             if "grpo" in phases:
-                trainer = GRPOTrainer(cfg, model, tokenizer, train_problems, run, logger,
-                                      make_backend(cfg, model, tokenizer), checkpoint_offset=offset)
-                if done[0] == "grpo":
-                    trainer.resume(latest)
-                started = True
-                checkpoint = train_phase(trainer, "grpo", cfg, logger, command)
-                print(f"phase 2 checkpoint: {checkpoint}")
-                phase1_examples = evaluation[-1] if "sft" in phases else None
-                results.update(evaluate_trained(checkpoint, run, command, lambda: diagnose_and_test_after_grpo(
-                    cfg, model, tokenizer, held_out, run, logger, trainer.step, phase1_examples)))
+                training.phase2(examples)
     except BaseException:
-        if fresh and not started:  # failed before training: leave no half-made run directory
+        if fresh and not training.started:  # failed before training: leave no half-made run directory
             shutil.rmtree(run.path, ignore_errors=True)
         raise
-    finish_run(run, cfg, results)
+    finish_run(run, cfg, training.results)
     mark_finished(run, command, cfg, record)
     return run
+
+
+def open_resumed(resume: str, command: str) -> tuple[RunDir, RunConfig, dict, str]:
+    """The run directory `resume` names, its own config, its run record and the command it was started with."""
+    run, cfg, record = open_run(resume)
+    command = record.get("command", command)
+    if command not in PHASES:
+        raise CheckpointError(f"{run.path / RUN_FILE}: unknown command {command!r}")
+    return run, cfg, record, command
+
+
+def resume_point(run: RunDir, cfg: RunConfig, record: dict, phases: tuple[str, ...]
+                 ) -> tuple[Path | None, tuple[str | None, int]] | None:
+    """Where a resumed run goes on from: its latest checkpoint (tidied and checked) and the (phase, step) that
+    holds, or None for a finished run (said so). Refuses a run directory it cannot write to or whose config
+    drifted; says which resumable settings changed."""
+    done = (None, 0)
+    tidied = run.clean_interrupted_writes()
+    if tidied:
+        print(f"tidied what a kill left in {run.checkpoints_dir}: {'; '.join(tidied)}")
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        check_checkpoint_files(latest, training=True)
+        done = checkpoint_phase(latest)
+    if is_finished(record, phases, done, cfg):
+        print(f"{run.path} is finished ({done[0]} step {done[1]}, {latest.name}); nothing to resume, "
+              "nothing changed")
+        return None
+    problem = writable_problem(run.path)
+    if problem:
+        raise ConfigError(f"--resume {run.path}: cannot write to the run directory ({problem})")
+    changed = check_config_drift(run, cfg, record, latest,
+                                 built_from_config="sft" in phases or not cfg.grpo.init_checkpoint)
+    if changed:
+        print(f"resuming with changed settings: {', '.join(changed)}")
+    return latest, done
+
+
+def build_model(cfg: RunConfig, phases: tuple[str, ...], latest: Path | None):
+    """The model and tokenizer: from the run's latest checkpoint, from `grpo.init_checkpoint` (a phase-2-only
+    run), else from the config."""
+    device = resolve_device(cfg.model.device)
+    dtype = model_dtype(cfg.model.dtype, device)
+    init = latest or (cfg.grpo.init_checkpoint if phases == ("grpo",) else None)
+    if init is None:
+        return LatentModel.from_config(cfg.model, cfg.latent, dtype, device)
+    check_checkpoint_files(init)
+    return LatentModel.load(init, dtype, device, trainable=True, cache_dir=cfg.model.cache_dir)
+
+
+@dataclass
+class RunData:
+    """The problems a run trains and is tested on."""
+
+    train: list
+    skipped: int  # malformed lines of the train split
+    evaluation: list  # the in-distribution held-out split (`eval.split`)
+    held_out: dict[str, list]  # "test" (`evaluation`), and "ood" where the task has one
+
+
+def load_data(cfg: RunConfig) -> RunData:
+    """The train split and the held-out splits, each refused when empty. The in-distribution held-out split
+    (`eval.split`: dev while choosing a recipe, test once it is fixed) is logged under the phase names "test"
+    and "test_sft" whichever it is; config.yaml says which."""
+    train, skipped = load_split(cfg.data, "train", cfg.data.train_limit)
+    require_problems(cfg.data, "train", train, skipped)
+    evaluation, eval_skipped = load_split(cfg.data, cfg.eval.split, cfg.eval.limit)
+    require_problems(cfg.data, cfg.eval.split, evaluation, eval_skipped)
+    held_out = {"test": evaluation}
+    if has_ood_split(cfg.data):  # longer chains than trained: the out-of-distribution test
+        held_out["ood"] = load_split(cfg.data, "ood", cfg.eval.limit)[0]
+    return RunData(train, skipped, evaluation, held_out)
+
+
+def phase1_examples(cfg: RunConfig, tokenizer, data: RunData):
+    """Phase 1's examples: the curriculum's stages of the train split (with teachers or chains where
+    `sft.distill` or `sft.compress` is on) and the eval split's; refused when every problem is too long."""
+    compress = cfg.sft.compress
+    staged = staged_examples(data.train, tokenizer, cfg.latent, cfg.data.max_length, Curriculum.from_config(cfg.sft),
+                             teachers=cfg.sft.distill.weight > 0,
+                             split_steps=cfg.sft.distill.split_steps or compress.split_steps,
+                             chains=compress.weight > 0, tokens_per_latent=compress.tokens_per_latent,
+                             random_factor=compress.random_factor)
+    evaluation = held_out_examples(data.evaluation, tokenizer, cfg)
+    for split, examples, problems in (("train", staged.stages, data.train), ("eval", evaluation, data.evaluation)):
+        if not all(examples):
+            raise DataError(f"{split} split: all {len(problems)} problems are longer than data.max_length "
+                            f"{cfg.data.max_length} tokens (latents included)")
+    return staged, evaluation
+
+
+@dataclass
+class Training:
+    """The phases of one run, each trained then evaluated, once model, data and run directory are there.
+    `started`: whether training has begun (a new run that fails before is removed); `results`: the
+    evaluations for the report, keyed by phase."""
+
+    command: str
+    cfg: RunConfig
+    phases: tuple[str, ...]
+    run: RunDir
+    model: LatentModel
+    tokenizer: object
+    data: RunData
+    latest: Path | None  # the checkpoint a resumed run goes on from
+    done: tuple[str | None, int]  # its (phase, step)
+    logger: MetricsLogger | None = None
+    results: dict[str, dict[str, float]] = field(default_factory=dict)
+    started: bool = False
+
+    def open(self, logger: MetricsLogger) -> None:
+        """Log to `logger`; a run resumed in phase 2 takes up phase 1's results from metrics.jsonl."""
+        self.logger = logger
+        if logger.dropped:
+            print(f"metrics.jsonl: dropped {logger.dropped} records logged after "
+                  f"{self.latest.name if self.latest else 'the start'}; the resumed run logs them again")
+        if self.done[0] == "grpo":
+            self.results.update(earlier_results(read_metrics(self.run.metrics_path)))
+
+    def phase1(self) -> list:
+        """Phase 1 and the held-out tests after it; a run resumed in phase 2 only builds its trainer again.
+        Returns phase 1's eval examples (the latent diagnostics after phase 2 take the same)."""
+        cfg, logger, data = self.cfg, self.logger, self.data
+        staged, evaluation = phase1_examples(cfg, self.tokenizer, data)
+        train = staged.stages
+        if self.latest is None:
+            logger.log(0, {"train_examples": len(train[-1]), "dropped_too_long": staged.dropped,
+                           "skipped_rows": data.skipped, "eval_problems": len(data.evaluation),
+                           "trainable_parameters": sum(p.numel() for p in self.model.trainable_parameters())},
+                       phase="data")
+        trainer = SFTTrainer(cfg, self.model, self.tokenizer, train[-1], evaluation[-1], self.run, logger,
+                             list(zip(train[:-1], evaluation[:-1])), staged.teachers)
+        if self.done[0] == "sft":
+            trainer.resume(self.latest)
+        if self.done[0] != "grpo":
+            self.started = True
+            checkpoint = train_phase(trainer, "sft", cfg, logger, self.command)
+            print(f"phase 1 checkpoint: {checkpoint}")
+            two = "grpo" in self.phases
+            self.results.update(evaluate_trained(checkpoint, self.run, self.command, lambda: test_after(
+                "sft", cfg, self.model, self.tokenizer, data.held_out, self.run, logger, trainer.step,
+                "test_sft" if two else "test", "eval_samples_sft" if two else "eval_samples")))
+        return evaluation[-1]
+
+    def phase2(self, examples: list | None) -> None:
+        """Phase 2, then phase 1's latent diagnostics (on `examples`, phase 1's eval examples in a `train` run)
+        and the held-out tests on its final model."""
+        cfg, model, tokenizer, logger = self.cfg, self.model, self.tokenizer, self.logger
+        offset = cfg.sft.steps if "sft" in self.phases else 0  # phase 2's checkpoints go on from phase 1's
+        trainer = GRPOTrainer(cfg, model, tokenizer, self.data.train, self.run, logger,
+                              make_backend(cfg, model, tokenizer), checkpoint_offset=offset)
+        if self.done[0] == "grpo":
+            trainer.resume(self.latest)
+        self.started = True
+        checkpoint = train_phase(trainer, "grpo", cfg, logger, self.command)
+        print(f"phase 2 checkpoint: {checkpoint}")
+        self.results.update(evaluate_trained(checkpoint, self.run, self.command, lambda: diagnose_and_test_after_grpo(
+            cfg, model, tokenizer, self.data.held_out, self.run, logger, trainer.step, examples)))
 
 
 def train_phase(trainer, phase: str, cfg: RunConfig, logger: MetricsLogger, command: str) -> Path:

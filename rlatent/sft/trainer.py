@@ -75,7 +75,7 @@ class SFTTrainer:
         self.teachers = teachers
         sft = cfg.sft
         self.optimizer = build_optimizer(
-            cfg, model, sft.lr, sft.weight_decay, sft.max_grad_norm,
+            cfg.deepspeed, model, sft.lr, sft.weight_decay, sft.max_grad_norm,
             lambda opt: get_scheduler(sft.schedule, opt, num_warmup_steps=sft.warmup_steps,
                                       num_training_steps=max(sft.steps, 1)))
         self.step = 0
