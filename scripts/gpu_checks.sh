@@ -12,13 +12,15 @@
 #    batching and `compile`, and the recurrent training step against a plain one.
 # 3. benchmarks/bench_update_memory.py: peak GPU memory of a GRPO update of 8 rows with up to 60 latents each,
 #    against a plain forward+backward of the same tokens.
+# 4. benchmarks/bench_phase2.py: two phase-2 steps of configs/multiop_compress.yaml on the GPU, from a short
+#    phase 1 (PHASE1_STEPS, default 30) of the latent row and of its pause control, with the update's parts.
 # MODEL defaults to a random model with SmolLM2-135M's shapes (`python -m rlatent.model.tiny DIR --like
 # smollm2`): speed and memory depend on the shapes, not the weights, and it needs no download. Results: OUT_DIR/
-# {gpu_tests.log,bench_latent.json,bench_latent.txt,update_memory.json,update_memory.txt}. Each step runs even
+# {gpu_tests.log,bench_latent.json,bench_latent.txt,update_memory.json,update_memory.txt,phase2.json,phase2.txt}. Each step runs even
 # if an earlier one failed; the exit status is the number of failed steps.
 set -uo pipefail
 out="${1:?usage: gpu_checks.sh OUT_DIR [MODEL]}"; model="${2:-}"
-mkdir -p "$out"
+mkdir -p "$out" && out="$(cd "$out" && pwd)"  # absolute: later steps run from the repository root
 here="$(cd "$(dirname "$0")/.." && pwd)"
 failed=0
 python3 - <<'EOF' | tee "$out/environment.txt"
@@ -40,4 +42,18 @@ python3 "$here/benchmarks/bench_latent.py" --model "$model" --device cuda --dtyp
   | tee "$out/bench_latent.txt" | tail -40 || failed=$((failed + 1))
 python3 "$here/benchmarks/bench_update_memory.py" --device cuda --cases smollm2-shape --rows 8 --new-tokens 192 \
   --latents 60 --json "$out/update_memory.json" 2>&1 | tee "$out/update_memory.txt" | tail -6 || failed=$((failed + 1))
+starts="$out/phase1"
+recipe=(configs/multiop_compress.yaml "model.name_or_path=$model" model.device=cuda seed=10)
+for row in latent pause; do
+  mode=(); [ "$row" = pause ] && mode=(latent.mode=pause)
+  (cd "$here" && python3 -m rlatent.run.cli sft "${recipe[@]}" "${mode[@]}" "sft.steps=${PHASE1_STEPS:-30}" \
+    "sft.curriculum.steps_per_stage=$(( ${PHASE1_STEPS:-30} / 3 ))" \
+    sft.eval_every=100000 eval.limit=1 eval.gain_batches=1 "output.dir=$starts" "output.name=$row") \
+    >"$out/phase1_$row.log" 2>&1 || failed=$((failed + 1))
+done
+(cd "$here" && python3 benchmarks/bench_phase2.py "${recipe[@]}" --steps 2 \
+  --row latent "$starts/latent/checkpoints/step_$(printf %06d "${PHASE1_STEPS:-30}")" \
+  --row pause "$starts/pause/checkpoints/step_$(printf %06d "${PHASE1_STEPS:-30}")" latent.mode=pause \
+  --json "$out/phase2.json") 2>&1 | grep -v "Loading weights\|Writing model" | tee "$out/phase2.txt" | tail -16 \
+  || failed=$((failed + 1))
 exit "$failed"
