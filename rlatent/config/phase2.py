@@ -215,3 +215,9 @@ class OutputConfig(Section):
     """Parent directory of run directories."""
     name: str | None = None
     """Run directory name under `dir`; null = config file stem + timestamp."""
+    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
+    """Where the scalars of metrics.jsonl also go, as TRL's `report_to`: TensorBoard (the run's `tensorboard/`)
+    and Weights & Biases (one W&B run per run directory, resumed with it; `pip install -e '.[wandb]'`, then
+    `wandb login` or WANDB_MODE=offline). [] = metrics.jsonl only."""
+    wandb_project: str = "rlatent"
+    """The W&B project runs log to (with `report_to` holding "wandb"); WANDB_ENTITY picks the team."""

@@ -5,7 +5,8 @@ Layout (one place names every path, so trainers and the CLI never build them):
     RUN/
       config.yaml          resolved config, written once at start
       metrics.jsonl        one JSON object per logged step
-      tensorboard/         the same scalars as TensorBoard events
+      tensorboard/         the same scalars as TensorBoard events (`output.report_to`)
+      wandb/, wandb_id     the W&B run's local files and id, where `output.report_to` holds "wandb"
       checkpoints/step_000123/   complete checkpoints (written atomically)
       plots/*.png          curves per phase: a dashboard and the other metrics (`rlatent.io.plots`)
       samples/             evaluation samples
@@ -25,9 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from torch.utils.tensorboard import SummaryWriter
-
 from rlatent.io.atomic import atomic_write_text
+from rlatent.io.trackers import open_trackers
 from rlatent.errors import RlatentError
 
 _CHECKPOINT_NAME = re.compile(r"step_(\d+)")
@@ -159,7 +159,8 @@ def _finite_or_none(value: float) -> float | None:
 
 
 class MetricsLogger:
-    """Appends scalars to metrics.jsonl and TensorBoard.
+    """Appends scalars to metrics.jsonl and to the trackers `report_to` names (`rlatent.io.trackers`:
+    TensorBoard, W&B; `wandb_project` and `config` are W&B's).
 
     Opening an existing metrics.jsonl (a resumed run) appends to it. A last
     line without a newline is the fragment of a write cut off by a kill; it is
@@ -169,11 +170,13 @@ class MetricsLogger:
     every (phase, step) appears once. `dropped` counts them.
     """
 
-    def __init__(self, run_dir: RunDir, keep: Callable[[dict], bool] | None = None) -> None:
+    def __init__(self, run_dir: RunDir, keep: Callable[[dict], bool] | None = None,
+                 report_to: tuple[str, ...] | list[str] = ("tensorboard",), wandb_project: str = "rlatent",
+                 config: dict | None = None) -> None:
         self.dropped = _rewrite_metrics(run_dir.metrics_path, keep)
         self.last_step: dict[str, int] = {}  # phase -> the last step logged by this logger
+        self._trackers = open_trackers(report_to, run_dir.path, run_dir.tensorboard_dir, wandb_project, config)
         self._file = run_dir.metrics_path.open("a", encoding="utf-8")
-        self._writer = SummaryWriter(log_dir=str(run_dir.tensorboard_dir))
 
     def log(self, step: int, metrics: dict[str, float], phase: str) -> None:
         """Record `metrics` at `step` under `phase` (e.g. "sft", "grpo", "eval")."""
@@ -185,12 +188,13 @@ class MetricsLogger:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         self.last_step[phase] = step
-        for name, value in metrics.items():
-            self._writer.add_scalar(f"{phase}/{name}", float(value), step)
+        for tracker in self._trackers:
+            tracker.log(phase, step, metrics)
 
     def close(self) -> None:
         self._file.close()
-        self._writer.close()
+        for tracker in self._trackers:
+            tracker.close()
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -121,7 +121,8 @@ def run_phases(command: str, cfg: RunConfig | None, config_path: str | None, res
     print(f"run directory: {run.path}" + (f" (resuming from {latest})" if latest else ""))
     training = Training(command, cfg, phases, run, model, tokenizer, data, latest, done)
     try:
-        with MetricsLogger(run, records_to_keep(done, cfg) if resume is not None else None) as logger:
+        with MetricsLogger(run, records_to_keep(done, cfg) if resume is not None else None, cfg.output.report_to,
+                           cfg.output.wandb_project, cfg.model_dump(mode="json")) as logger:
             training.open(logger)
             examples = training.phase1() if "sft" in phases else None
             if "grpo" in phases:
