@@ -49,11 +49,13 @@ def wandb_records(path: Path) -> list[bytes]:
 
 
 def wandb_history(run_path: Path) -> list[dict]:
-    """Every `log` call of every W&B run file under `run_path`, in order, as {key: value}."""
+    """Every `log` call of every W&B run file under `run_path`, in the order written, as {key: value}. The
+    files are taken oldest first by modification time: W&B names a run's directory by the second it started,
+    adding "-1" when a resume starts in the same second, and that name sorts before the first one's."""
     from wandb.proto import wandb_internal_pb2
 
     rows = []
-    for path in sorted(run_path.glob("wandb/offline-run-*/run-*.wandb")):
+    for path in sorted(run_path.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime_ns):
         for data in wandb_records(path):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
