@@ -159,6 +159,31 @@ def test_seeds_are_paired_with_their_own_partner_and_pooled(tmp_path, capsys):
     assert "| 0 | 12 | 0.333 | 0.667 |" in capsys.readouterr().out
 
 
+def test_rows_trained_on_differently_written_marks_say_whose_seen_arithmetic_the_split_is(tmp_path, capsys):
+    # one mark of two operations against the same problems' stepwise chain: the stepwise row has seen its
+    # single operations far more often, so the seen/unseen split depends on whose training defines it
+    task = ("data.synthetic.multi_op=1", "data.synthetic.min_steps=1", "data.synthetic.max_steps=1",
+            "data.synthetic.num_train=1000")
+    one_mark = make_run(tmp_path, "one_mark", 0, [1, 0] * 6, overrides=task)
+    stepwise = make_run(tmp_path, "stepwise", 0, [1] * 12, overrides=(*task, "data.split_steps=4"))
+    flags = {}
+    for name, run in (("one_mark", one_mark), ("stepwise", stepwise)):
+        cfg = load_config(run / "config.yaml")
+        flags[name] = seen_arithmetic(load_split(cfg.data, "train")[0], load_split(cfg.data, "test", 12)[0])
+    differing = sum(x != y for x, y in zip(flags["one_mark"], flags["stepwise"]))
+    assert differing > 0
+    out = tmp_path / "out.json"
+    assert compare(f"one_mark={one_mark}", f"stepwise={stepwise}", "--json", out) == 0
+    [result] = json.loads(out.read_text())["comparisons"]
+    assert result["arithmetic"]["seen"]["pairs"] == sum(flags["one_mark"])  # A's split
+    assert result["notes"] == [f"seen/unseen arithmetic is by one_mark's training problems; by stepwise's, "
+                               f"{differing} of the 12 questions would be classed the other way (the runs' marks differ)"]
+    assert f"note: {result['notes'][0]}" in capsys.readouterr().out
+    # rows trained on the same marks: no note
+    assert compare(f"a={one_mark}", f"b={make_run(tmp_path, 'same', 0, [1] * 12, overrides=task)}", "--json", out) == 0
+    assert json.loads(out.read_text())["comparisons"][0]["notes"] == []
+
+
 def test_a_seed_paired_with_another_seed_is_refused(tmp_path, capsys):
     a0, a1 = make_run(tmp_path, "a0", 0, [1] * 12), make_run(tmp_path, "a1", 1, [1] * 12)
     b0, b1 = make_run(tmp_path, "b0", 0, [0] * 12), make_run(tmp_path, "b1", 1, [0] * 12)

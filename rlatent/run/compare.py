@@ -155,10 +155,27 @@ def seen_by_question(graded: Graded) -> dict[str, bool]:
 
 def _seen_flags(a: Graded, b: Graded, questions: list[str], notes: list[str]) -> list[bool] | None:
     """Per paired question, seen arithmetic by A's run (B's where A is a samples file); None with a note when
-    neither is a run or its problems cannot be rebuilt."""
+    neither is a run or its problems cannot be rebuilt.
+
+    Rows trained on differently written marks (the stepwise chain's `data.split_steps` against one mark of
+    two operations) have seen different arithmetic; the split stays A's, and a note says how many questions
+    B's own training would class otherwise, so a reader knows whose "seen" the table shows."""
     source = a if a.run is not None else b if b.run is not None else None
     if source is None:
         return None
+    flags = _flags_of(source, questions, notes)
+    if flags is None or source is b or b.run is None:
+        return flags
+    other = _flags_of(b, questions, [])
+    differing = None if other is None else sum(x != y for x, y in zip(flags, other))
+    if differing:
+        notes.append(f"seen/unseen arithmetic is by {a.label}'s training problems; by {b.label}'s, {differing} of "
+                     f"the {len(questions)} questions would be classed the other way (the runs' marks differ)")
+    return flags
+
+
+def _flags_of(source: Graded, questions: list[str], notes: list[str]) -> list[bool] | None:
+    """Per question, whether `source`'s run trained on its arithmetic; None with a note when it cannot say."""
     try:
         seen = seen_by_question(source)
     except RlatentError as error:
