@@ -212,6 +212,27 @@ def test_learned_projections_match_sampler(tiny_model_dir, trunk, proj):
     assert slots.mean() < 3 * model.embedding_norm
 
 
+@pytest.mark.parametrize("proj", ["soft", "gated"])
+def test_sampler_runs_the_lm_head_once_a_step(tiny_model_dir, proj, monkeypatch):
+    """A projection that reads the LM head's logits takes the ones the sampler computed to draw the token from
+    the same state: one LM-head call per decode step, and the same trajectories as computing them again."""
+    model, tokenizer = build_model(tiny_model_dir, "shared", proj=proj)
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    shared = sample_batch(model, tokenizer, seed=3)
+    handle.remove()
+    steps = len(calls)
+    assert steps > 0 and shared.batch.latent_mask.any()
+    assert steps == shared.forward_passes  # one call per state that emits: the prefill's last, then each step's
+    own = model.latent_inputs
+    monkeypatch.setattr(model, "latent_inputs", lambda hidden, logits=None: own(hidden))  # the head again
+    again = sample_batch(model, tokenizer, seed=3)
+    for name in ("input_ids", "latent_mask", "lengths"):
+        assert torch.equal(getattr(shared.batch, name), getattr(again.batch, name)), name
+    assert torch.equal(shared.slot_inputs, again.slot_inputs)
+    assert torch.equal(shared.token_logprobs, again.token_logprobs)
+
+
 def test_pause_plus_starts_as_the_pause_control(tiny_model_dir):
     """Untrained, a `pause_plus` latent is the pause control's input whatever the state, and the read of
     the state still gets a gradient: training can let the state in."""

@@ -57,11 +57,6 @@ def chosen_logprobs(scaled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return scaled.gather(1, tokens[:, None])[:, 0] - scaled.logsumexp(-1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(N, V) logits, (N,) chosen tokens -> (N,) log-prob of each token at temperature T (the sampler's call)."""
-    return chosen_logprobs(scaled_logits(logits, temperature), tokens)
-
-
 def token_actions(model: LatentModel, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H) states before each token, (N,) tokens -> (N,) log-probs at temperature T (with gradient) and (N,)

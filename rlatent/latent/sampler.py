@@ -64,7 +64,7 @@ from rlatent.config import EvalConfig, GRPOConfig, LatentConfig
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.decisions import BlockRules, Counters, Decisions, sample_tokens, stop_reached
 from rlatent.latent.decoders import HFDecoder, SlotDecoder
-from rlatent.latent.policy import gaussian_logprob, precise_dtype, scaled_logits, token_logprobs
+from rlatent.latent.policy import chosen_logprobs, gaussian_logprob, precise_dtype, scaled_logits
 from rlatent.latent.trajectory import Trajectories
 from rlatent.model.latent_model import LatentModel
 
@@ -339,7 +339,7 @@ class _Engine:
         decisions = self.rules.decide(self.model, state, counters)
         out.record_decisions(row, pos, decisions)
         go_latent = decisions.go_latent
-        token, following = self.emit_token(row, pos, state, go_latent)
+        token, following, logits = self.emit_token(row, pos, state, go_latent)
         after = counters.after(go_latent)
         self.counters[order] = after
         ended = self.retire_finished(row, following, token, ~go_latent, after.tokens)
@@ -347,24 +347,25 @@ class _Engine:
         self.slot_row[order] = row
         if not self.host_looks():
             return False
-        self.feed_next(row, following, state, token, go_latent, counters.block_length, ended)
+        self.feed_next(row, following, state, logits, token, go_latent, counters.block_length, ended)
         return True
 
-    def emit_token(self, row, pos, state, go_latent) -> tuple[torch.Tensor, torch.Tensor]:
+    def emit_token(self, row, pos, state, go_latent) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A token from each row's state, written at the next position of the rows that continue in language
-        (a latent slot for the others); returns the tokens (A,) and the next positions (A,)."""
+        (a latent slot for the others); returns the tokens (A,), the next positions (A,) and the logits (A, V),
+        which `feed_next`'s projection reads again."""
         out, settings = self.out, self.settings
         logits = self.model.token_logits(state)  # (A, V)
-        token = sample_tokens(scaled_logits(logits, settings.logprob_temperature), settings.temperature,
-                              settings.top_p)
-        logprob = token_logprobs(logits, token, settings.logprob_temperature)
+        scaled = scaled_logits(logits, settings.logprob_temperature)
+        token = sample_tokens(scaled, settings.temperature, settings.top_p)
+        logprob = chosen_logprobs(scaled, token)
         following = (pos + 1).clamp(max=self.capacity - 1)  # (only a finished row's slot would run past the end)
         speaks = ~go_latent
         out.ids[row, following] = torch.where(speaks, token, self.pad_id)
         out.token_lp[row, following] = torch.where(speaks, logprob.to(out.token_lp.dtype), 0.0)
         out.latent[row, following] = go_latent
         out.lengths[row] = following + 1
-        return token, following
+        return token, following, logits
 
     def retire_finished(self, row, following, token, speaks, tokens) -> torch.Tensor:
         """(A,) the rows that end here: they emitted EOS or a stop sequence (finished), or ran out of tokens."""
@@ -374,7 +375,7 @@ class _Engine:
         out.finished[row] = out.finished[row] | (ended & done)
         return ended
 
-    def feed_next(self, row, following, state, token, go_latent, index_in_block, ended) -> None:
+    def feed_next(self, row, following, state, logits, token, go_latent, index_in_block, ended) -> None:
         """Compute the next position of every slot: a token's embedding, or a latent input (a pause slot's by
         its `index_in_block`; else `proj(h)`, with exploration noise and its log-density). `row` is the spare
         row where a row ended."""
@@ -382,7 +383,7 @@ class _Engine:
         if model.latent_mode.slot_input == "pause":
             latent_input = model.pause_inputs(torch.where(go_latent, index_in_block, 0))
         else:
-            latent_input = model.latent_inputs(state)
+            latent_input = model.latent_inputs(state, logits)
             if settings.latent_noise_std > 0:
                 mean = latent_input
                 if self.sync_every == 1:  # draws for the rows that go on only (the host looks at them every step)

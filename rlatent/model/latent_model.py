@@ -221,8 +221,12 @@ class LatentModel(nn.Module):
         """(..., H) -> (...,) logit of closing the block at each latent slot."""
         return self.stop_head(hidden.to(self.head_dtype))
 
-    def latent_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden state at the previous position (..., H) -> input embedding of a latent slot."""
+    def latent_inputs(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden state at the previous position (..., H) -> input embedding of a latent slot. `logits`:
+        `token_logits(hidden)` when the caller has computed them already (the sampler, to draw a token from
+        the same state), so that a projection that reads them (`soft`, `gated`) does not run the LM head again."""
+        if logits is not None and getattr(self.proj, "reads_logits", False):
+            return self.proj(hidden.to(self.head_dtype), logits).to(self.dtype)
         return self.proj(hidden.to(self.head_dtype)).to(self.dtype)
 
     def pause_inputs(self, index_in_block: torch.Tensor) -> torch.Tensor:

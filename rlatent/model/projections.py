@@ -85,17 +85,20 @@ class SoftTokens(nn.Module):
     0.9999989); phase 1 logs that number for these latents (`soft_max_weight`, `rlatent.sft.diagnostics.latent_norms`).
     """
 
+    reads_logits = True
+    """`forward` takes the LM head's logits of `hidden` when the caller already has them (`LatentModel.latent_inputs`)."""
+
     def __init__(self, tokens: TokenSpace, top_k: int, temperature: float):
         super().__init__()
         self.tokens, self.top_k, self.temperature = tokens, top_k, temperature
 
-    def top_tokens(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_tokens(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., H) -> the mixture's weights (..., k) and token ids (..., k)."""
-        top = self.tokens.logits(hidden).topk(self.top_k, dim=-1)
+        top = (self.tokens.logits(hidden) if logits is None else logits).topk(self.top_k, dim=-1)
         return torch.softmax(top.values.to(hidden.dtype) / self.temperature, dim=-1), top.indices
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.top_tokens(hidden)
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        weights, ids = self.top_tokens(hidden, logits)
         return (weights[..., None] * self.tokens.embed(ids).to(hidden.dtype)).sum(-2)
 
 
@@ -114,8 +117,12 @@ class GatedToken(nn.Module):
         nn.init.constant_(self.gate.bias, math.log(9.0))
         self.norm_match = NormMatch(target_norm)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        token = self.tokens.embed(self.tokens.logits(hidden).argmax(-1)).to(hidden.dtype)
+    reads_logits = True
+    """As `SoftTokens.reads_logits`."""
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.tokens.logits(hidden) if logits is None else logits
+        token = self.tokens.embed(logits.argmax(-1)).to(hidden.dtype)
         gate = torch.sigmoid(self.gate(hidden))
         return gate * token + (1 - gate) * self.norm_match(hidden)
 
