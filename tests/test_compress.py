@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rlatent.config import load_config
 from rlatent.data.examples import block_chains, block_spans, build_example
@@ -20,7 +21,8 @@ from rlatent.latent.batch import collate
 from rlatent.latent.forward import forward
 from rlatent.model.latent_model import LatentModel, LatentSettings
 from rlatent.run.cli import main
-from rlatent.sft.compress import INPUT_ONLY, chain_inputs, chain_pieces, compress_example, compress_loss
+from rlatent.sft.compress import (INPUT_ONLY, chain_inputs, chain_pieces, compress_example, compress_loss,
+                                  decoder_loss)
 from rlatent.sft.losses import token_losses
 
 CONFIG = "configs/tiny.yaml"
@@ -119,11 +121,48 @@ def test_one_token_pieces_read_as_the_written_chain(tiny_latent_model):
             assert compress_loss(model, batch, forced).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("proj", ["norm_match", "soft"])
+def test_the_decoder_writes_each_slots_piece_from_its_latent_alone(tiny_model_dir, proj):
+    """SIM-CoT's loss of a batch (rows of different lengths, slots with pieces of different lengths, fillers)
+    is, slot by slot, the model's own next-token loss of the sequence [latent, piece[:-1]] against the piece,
+    averaged over the piece; its gradient reaches the states the latents are made from."""
+    settings = LatentSettings(base_model=str(tiny_model_dir), mode="latent", k=5, proj=proj)
+    model, tokenizer = LatentModel.from_settings(settings, torch.float64, torch.device("cpu"))
+    model.eval()
+    problems = generate_problems(3, seed=5, min_steps=1, max_steps=2, multi_op=1.0, allow_zero=False)
+    examples = [compress_example(p, build_example(p, tokenizer, k, "replace"), tokenizer, None, 2)
+                for p, k in zip(problems, (2, 5, 30))]  # several tokens a slot, about one, fillers
+    batch = collate(examples, tokenizer.pad_token_id)
+    out = forward(model, batch)
+    assert (batch.chain_ids[batch.latent_mask][:, 0] <= INPUT_ONLY).any()  # some filler slots
+    assert len({int(n) for n in (batch.chain_ids[batch.latent_mask] >= 0).sum(1)}) > 2  # pieces of 0, 1, 2+ tokens
+    expected = torch.zeros((), dtype=torch.float64)
+    for row, position in batch.latent_mask.nonzero().tolist():
+        piece = [t for t in batch.chain_ids[row, position].tolist() if t >= 0]
+        if not piece:
+            continue
+        latent = model.latent_inputs(out.hidden[row, position - 1])
+        inputs = torch.cat([latent[None], model.embed(torch.tensor(piece[:-1], dtype=torch.long))])[None]
+        hidden = model.backbone(inputs_embeds=inputs).last_hidden_state[0]
+        expected = expected + F.cross_entropy(model.token_logits(hidden).double(), torch.tensor(piece))
+    loss = decoder_loss(model, batch, out)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    hidden = out.hidden.detach().requires_grad_()
+    decoder_loss(model, batch, replace(out, hidden=hidden)).backward()
+    before = (batch.latent_mask & (batch.chain_ids[..., 0] >= 0))[:, 1:]  # before each slot with a piece
+    assert hidden.grad[:, :-1][before].abs().sum(-1).gt(0).all()
+    assert not hidden.grad[:, :-1][~before].any()  # fillers and the text: nothing
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["latent.mode=none"], "sft.compress needs slots standing for the removed expressions"),
     (["latent.placement=insert"], "sft.compress needs slots standing for the removed expressions"),
     (["latent.proj=mlp"], "sft.compress needs slots standing for the removed expressions"),
     (["sft.distill.weight=1"], "sft.compress and sft.distill are alternatives"),
+    (["sft.compress.weight=0", "sft.compress.decoder_weight=1", "sft.distill.weight=1"],
+     "sft.compress and sft.distill are alternatives"),
+    (["sft.compress.weight=0", "sft.compress.decoder_weight=1", "latent.mode=pause"],
+     "sft.compress.decoder_weight decodes each fed-back latent"),
     (["sft.compress.split_steps=true", "latent.k=1"], "sft.compress.split_steps needs"),
 ])
 def test_config_errors(repo_root, overrides, message):
@@ -148,3 +187,13 @@ def test_a_compressed_chain_run_trains(repo_root, tiny_model_dir, tmp_path, forc
     assert len(train) == 2 and all(r["compress_loss"] > 0 for r in train)
     assert len(fed) == (2 if forcing == "true" else 0)
     assert [r for r in records if r["phase"] == "eval" and "latent_gain_shuffle" in r]
+
+
+def test_a_sim_cot_run_trains(repo_root, tiny_model_dir, tmp_path):
+    """The SIM-CoT row: state latents (`norm_match`) with the decoder loss alone, at two chain tokens a slot."""
+    assert main(["sft", CONFIG, f"model.name_or_path={tiny_model_dir}", "sft.steps=2", "sft.compress.weight=0",
+                 "sft.compress.decoder_weight=1", "sft.compress.tokens_per_latent=2", "sft.compress.split_steps=true",
+                 "latent.mode=latent", "latent.placement=replace", "latent.k=3", "latent.proj=norm_match",
+                 "data.synthetic.multi_op=1", "eval.limit=2", f"output.dir={tmp_path}", "output.name=run"]) == 0
+    train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["phase"] == "train"]
+    assert len(train) == 2 and all(r["decoder_loss"] > 0 and "compress_loss" not in r for r in train)

@@ -67,10 +67,14 @@ class RunConfig(Section):
                              f"'replace') fed back token mixtures (latent.mode 'latent' with proj 'soft') or pause "
                              f"inputs (latent.mode 'pause': the chain-supervised pause control), got mode "
                              f"{self.latent.mode!r}, placement {self.latent.placement!r}, proj {self.latent.proj!r}")
+        if compress.decoder_weight > 0 and not (mode.recurrent and self.latent.placement == "replace"):
+            raise ValueError(f"sft.compress.decoder_weight decodes each fed-back latent into the piece of the chain "
+                             f"its slot stands for: it needs latent.mode 'latent' with placement 'replace', got mode "
+                             f"{self.latent.mode!r}, placement {self.latent.placement!r}")
         if compress.random_factor and compress.tokens_per_latent is None:
             raise ValueError("sft.compress.random_factor draws each problem's factor up to "
                              "sft.compress.tokens_per_latent: set it (e.g. 4)")
-        if compress.weight > 0 and self.sft.distill.weight > 0:
+        if (compress.weight > 0 or compress.decoder_weight > 0) and self.sft.distill.weight > 0:
             raise ValueError("sft.compress and sft.distill are alternatives (teacher-forced slot inputs or matched "
                              "states): set one weight to 0")
         if compress.split_steps and compress.weight > 0 and self.latent.k < 2:

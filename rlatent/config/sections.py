@@ -321,6 +321,13 @@ class CompressConfig(Section):
     each standing for c consecutive tokens of its chain, so blocks follow their marks' lengths (CoLaR's factor).
     null: every block has `latent.k` slots and its chain is cut into `k` near-equal pieces. Blocks keep these
     sizes with `weight: 0` (the latent row without the chain loss, at the same slots)."""
+    decoder_weight: float = Field(0.0, ge=0)
+    """0 = off. SIM-CoT's step-level supervision (Wei et al. 2025, arXiv 2509.20317): the model, given only a
+    slot's latent input as its first position, writes the slot's piece of the chain in order (teacher-forced
+    cross-entropy, `rlatent.sft.compress.decoder_loss`); training only, evaluation never runs it. Unlike
+    `weight` it asks for the piece's order, which a `soft` mixture cannot hold, so it suits a state projection
+    (`latent.proj: norm_match`, `mlp`) with `weight: 0`: the SIM-CoT row, whose slots are fed their own states
+    (the exact recurrent forward) and supervised only through what they decode to."""
     random_factor: bool = False
     """CoLaR's random compression factor: each training problem draws its own c, uniform in 1 ..
     `tokens_per_latent` (seeded by the problem, the same at every stage and on resume), so the slots learn to

@@ -215,8 +215,8 @@ def phase1_examples(cfg: RunConfig, tokenizer, data: RunData):
     staged = staged_examples(data.train, tokenizer, cfg.latent, cfg.data.max_length, Curriculum.from_config(cfg.sft),
                              teachers=cfg.sft.distill.weight > 0,
                              split_steps=cfg.sft.distill.split_steps or compress.split_steps,
-                             chains=compress.weight > 0, tokens_per_latent=compress.tokens_per_latent,
-                             random_factor=compress.random_factor)
+                             chains=compress.weight > 0 or compress.decoder_weight > 0,
+                             tokens_per_latent=compress.tokens_per_latent, random_factor=compress.random_factor)
     evaluation = held_out_examples(data.evaluation, tokenizer, cfg)
     for split, examples, problems in (("train", staged.stages, data.train), ("eval", evaluation, data.evaluation)):
         if not all(examples):

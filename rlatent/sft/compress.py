@@ -33,6 +33,12 @@ loss asks each state for its slot's piece.
 The loss is summed over slots and divided by the slots of the whole optimizer
 step.
 
+A piece's mean embedding, and a mixture of token embeddings, hold which tokens a
+slot stands for, not their order. SIM-CoT (Wei et al. 2025, arXiv 2509.20317)
+supervises each latent through an auxiliary decoder that writes the latent's
+step out in order; `decoder_loss` does this with the model itself as the decoder
+(`sft.compress.decoder_weight`), on the slot's fed-back input alone.
+
 Measured (docs/results.md, two operations in one step, SmolLM2-135M): at
 about one token of the stepwise chain a slot (k = 16) the block answers 25.0
 and 31.0 % right (two seeds) against 5.0 % for the pause control; at
@@ -51,6 +57,7 @@ from rlatent.data.gsm8k import Problem
 from rlatent.errors import DataError
 from rlatent.latent.batch import LatentBatch
 from rlatent.latent.forward import ForwardOutput
+from rlatent.latent.policy import precise_dtype
 from rlatent.model.latent_model import LatentModel
 
 
@@ -114,3 +121,31 @@ def compress_loss(model: LatentModel, batch: LatentBatch, out: ForwardOutput) ->
     valid = pieces >= 0
     picked = log_probs.gather(1, pieces.clamp_min(0)) * valid
     return -(picked.sum(1) / valid.sum(1).clamp_min(1)).sum()
+
+
+def decoder_loss(model: LatentModel, batch: LatentBatch, out: ForwardOutput) -> torch.Tensor:
+    """SIM-CoT's step-level loss: summed over latent slots, the mean cross-entropy of the slot's piece of the
+    chain written by the model from the slot's latent input alone (a sequence of its own: the latent at
+    position 0, then the piece's tokens teacher-forced, no question before it). The latent is recomputed with
+    gradient from `out`'s state before the slot, what the recurrent forward fed there, so the loss trains the
+    states the latents are made of as well as the weights that decode them. Filler slots (`chain_pieces`) add
+    nothing. One batched forward over slots x (longest piece) positions."""
+    rows, positions = batch.latent_mask.nonzero(as_tuple=True)
+    pieces = batch.chain_ids[rows, positions]  # (N, C): -1 after each piece, fillers <= INPUT_ONLY
+    targets = pieces >= 0  # a prefix of each row: position j writes token j
+    written = targets[:, 0]
+    if not bool(written.any()):
+        return out.hidden.sum() * 0.0
+    rows, positions, pieces, targets = rows[written], positions[written], pieces[written], targets[written]
+    tokens = pieces.clamp_min(0)
+    latent = model.latent_inputs(out.hidden[rows, positions - 1])  # (N, H)
+    inputs = torch.cat([latent[:, None], model.embed(tokens[:, :-1]).to(latent.dtype)], 1)  # (N, C, H)
+    width = inputs.shape[1]
+    position_ids = torch.arange(width, device=inputs.device).expand(len(rows), width)
+    hidden, _ = model.trunk(inputs, targets.long(), position_ids, position_ids == 0)
+    logits = model.token_logits(hidden[targets])
+    log_probs = torch.log_softmax(logits.to(precise_dtype(logits.dtype)), dim=-1)
+    picked = log_probs.gather(1, tokens[targets][:, None])[:, 0]
+    slot_of = torch.arange(len(rows), device=inputs.device)[:, None].expand_as(targets)[targets]
+    per_slot = picked.new_zeros(len(rows)).index_add(0, slot_of, picked)
+    return -(per_slot / targets.sum(1)).sum()

@@ -28,7 +28,7 @@ from rlatent.latent.forward import forward
 from rlatent.model.latent_model import LatentModel
 from rlatent.optim import build_optimizer
 from rlatent.io.run_dir import MetricsLogger, RunDir, read_metrics
-from rlatent.sft.compress import chain_inputs, compress_loss
+from rlatent.sft.compress import chain_inputs, compress_loss, decoder_loss
 from rlatent.sft.curriculum import Curriculum
 from rlatent.sft.distill import distill_counts, distill_terms
 from rlatent.sft.diagnostics import latent_diagnostics
@@ -153,10 +153,12 @@ class SFTTrainer:
         if teachers is not None:
             totals.update(distill_loss=0.0, teacher_lm_loss=0.0)
             distill_totals = distill_counts(micro_batches, teachers)
-        compress = sft.compress.weight > 0
+        compress, decode = sft.compress.weight > 0, sft.compress.decoder_weight > 0
         if compress:
             totals["compress_loss"] = 0.0
-            slots = sum(int(batch.latent_mask.sum()) for batch in micro_batches)
+        if decode:
+            totals["decoder_loss"] = 0.0
+        slots = sum(int(batch.latent_mask.sum()) for batch in micro_batches)
         tokens = 0
         for index, batch in enumerate(micro_batches):
             anchors = None if teachers is None else batch.anchor_mask  # set by `distill_pair`
@@ -169,10 +171,15 @@ class SFTTrainer:
                           pass_cost=self.cfg.latent.pass_cost, anchors=anchors)
             loss = sft_loss(self.model, batch, out, sft.lambda_start, sft.lambda_stop, sft.start_pos_weight, counts)
             total, parts = loss.total, [loss.total, loss.lm, loss.start, loss.stop]
+            chain_parts = []
             if compress:
-                chain = compress_loss(self.model, batch, out) / max(slots, 1)
-                total = total + sft.compress.weight * chain
-                parts = [total, loss.lm, loss.start, loss.stop, chain]
+                chain_parts.append(compress_loss(self.model, batch, out) / max(slots, 1))
+                total = total + sft.compress.weight * chain_parts[-1]
+            if decode:
+                chain_parts.append(decoder_loss(self.model, batch, out) / max(slots, 1))
+                total = total + sft.compress.decoder_weight * chain_parts[-1]
+            if chain_parts:
+                parts = [total, loss.lm, loss.start, loss.stop, *chain_parts]
             if teachers is not None:
                 distill, teacher_lm = distill_terms(self.model, batch, out, teachers[index], distill_totals)
                 total = total + sft.distill.weight * distill + sft.distill.teacher_weight * teacher_lm
