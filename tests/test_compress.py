@@ -190,10 +190,13 @@ def test_a_compressed_chain_run_trains(repo_root, tiny_model_dir, tmp_path, forc
 
 
 def test_a_sim_cot_run_trains(repo_root, tiny_model_dir, tmp_path):
-    """The SIM-CoT row: state latents (`norm_match`) with the decoder loss alone, at two chain tokens a slot."""
+    """The SIM-CoT row: state latents (`norm_match`) with the decoder loss alone, at two chain tokens a slot,
+    through a curriculum whose first stage converts no mark (no slots, no loss)."""
     assert main(["sft", CONFIG, f"model.name_or_path={tiny_model_dir}", "sft.steps=2", "sft.compress.weight=0",
+                 "sft.curriculum.stages=1", "sft.curriculum.steps_per_stage=1",
                  "sft.compress.decoder_weight=1", "sft.compress.tokens_per_latent=2", "sft.compress.split_steps=true",
                  "latent.mode=latent", "latent.placement=replace", "latent.k=3", "latent.proj=norm_match",
                  "data.synthetic.multi_op=1", "eval.limit=2", f"output.dir={tmp_path}", "output.name=run"]) == 0
     train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["phase"] == "train"]
-    assert len(train) == 2 and all(r["decoder_loss"] > 0 and "compress_loss" not in r for r in train)
+    assert len(train) == 2 and "compress_loss" not in train[0]
+    assert [r["decoder_loss"] > 0 for r in train] == [False, True]

@@ -131,6 +131,8 @@ def decoder_loss(model: LatentModel, batch: LatentBatch, out: ForwardOutput) -> 
     states the latents are made of as well as the weights that decode them. Filler slots (`chain_pieces`) add
     nothing. One batched forward over slots x (longest piece) positions."""
     rows, positions = batch.latent_mask.nonzero(as_tuple=True)
+    if not len(rows):  # a curriculum stage that converts no mark yet
+        return out.hidden.sum() * 0.0
     pieces = batch.chain_ids[rows, positions]  # (N, C): -1 after each piece, fillers <= INPUT_ONLY
     targets = pieces >= 0  # a prefix of each row: position j writes token j
     written = targets[:, 0]
