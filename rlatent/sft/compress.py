@@ -37,7 +37,9 @@ A piece's mean embedding, and a mixture of token embeddings, hold which tokens a
 slot stands for, not their order. SIM-CoT (Wei et al. 2025, arXiv 2509.20317)
 supervises each latent through an auxiliary decoder that writes the latent's
 step out in order; `decoder_loss` does this with the model itself as the decoder
-(`sft.compress.decoder_weight`), on the slot's fed-back input alone.
+(`sft.compress.decoder_weight`), on the slot's fed-back input alone. On state
+latents at two tokens a slot it gave 7.0 % on the two-operation task (seed 10),
+no better than the mixtures (experiments/2026-12-07-compression-levers.md).
 
 Measured (docs/results.md, two operations in one step, SmolLM2-135M): at
 about one token of the stepwise chain a slot (k = 16) the block answers 25.0
