@@ -109,6 +109,9 @@ class GatedToken(nn.Module):
     the manifold) and learns how much of the state to let through.
     """
 
+    reads_logits = True
+    """As `SoftTokens.reads_logits`."""
+
     def __init__(self, tokens: TokenSpace, hidden_size: int, target_norm: float):
         super().__init__()
         self.tokens = tokens
@@ -116,9 +119,6 @@ class GatedToken(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, math.log(9.0))
         self.norm_match = NormMatch(target_norm)
-
-    reads_logits = True
-    """As `SoftTokens.reads_logits`."""
 
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.tokens.logits(hidden) if logits is None else logits
